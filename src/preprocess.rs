@@ -1,0 +1,194 @@
+//! The one path from a crop to a model's inputs (upright window, channels, normalisation,
+//! standardised morphometrics). The trainer, the evaluator and the daemon all call it.
+
+use image::RgbImage;
+
+use crate::morphometry;
+use crate::pose::{self, Cut, HeadRegion, Jitter};
+use crate::spec::{FEATURES_WITH_FLAG, ModelSpec, PoseMode};
+
+/// A crop made ready for a model.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// `channels * size * size` values, channel-major, normalised.
+    pub pixels: Vec<f32>,
+    /// Standardised features (empty when the model takes none).
+    pub features: Vec<f32>,
+    /// The head found in the crop, if any.
+    pub head: Option<HeadRegion>,
+}
+
+/// Where the window goes in a crop and the raw (unstandardised) features of its head.
+#[derive(Debug, Clone)]
+pub struct Located {
+    pub cut: Cut,
+    pub raw_features: Vec<f32>,
+    pub head: Option<HeadRegion>,
+}
+
+/// Find the head in a crop and decide the cut. A crop with no recognisable head (debris,
+/// a blank field) is cut at its centre without rotation and flagged in the features, the
+/// same way in training and in serving.
+pub fn locate(img: &RgbImage, spec: &ModelSpec) -> Located {
+    let window = spec.crop.window_px;
+    let centre = (img.width() as f32 / 2.0, img.height() as f32 / 2.0);
+    let head = pose::find_head_in_crop(img, spec.crop.contrast).ok();
+    let cut = match (&head, spec.crop.pose) {
+        (Some(h), PoseMode::Upright) => Cut::upright(h, window),
+        (Some(h), PoseMode::Head) => Cut::unrotated(h.centroid, window),
+        _ => Cut::unrotated(centre, window),
+    };
+    let raw_features = match &head {
+        Some(h) => {
+            let mut f = vec![1.0];
+            f.extend(morphometry::shape_features(
+                img,
+                h,
+                spec.crop.contrast,
+                window,
+            ));
+            f
+        }
+        None => vec![0.0; FEATURES_WITH_FLAG],
+    };
+    Located {
+        cut,
+        raw_features,
+        head,
+    }
+}
+
+/// Crop → model inputs, with no augmentation: the serving path.
+pub fn prepare_crop(img: &RgbImage, spec: &ModelSpec) -> Prepared {
+    let loc = locate(img, spec);
+    let window = pose::cut_window(img, &loc.cut, spec.input.size_px, &Jitter::default());
+    Prepared {
+        pixels: to_tensor(&window, spec),
+        features: standardise(&loc.raw_features, spec),
+        head: loc.head,
+    }
+}
+
+/// A full-field head (found by the daemon's segmentation) → model inputs. `um_per_px` is the
+/// scale of `frame`; the window is resized so the head appears at the training scale.
+pub fn prepare_head(
+    frame: &RgbImage,
+    head: &HeadRegion,
+    spec: &ModelSpec,
+    um_per_px: Option<f32>,
+) -> Prepared {
+    let scale = match (spec.crop.um_per_px, um_per_px) {
+        (Some(train), Some(here)) if here > 0.0 => train / here,
+        _ => 1.0,
+    };
+    let window = spec.crop.window_px * scale;
+    let cut = match spec.crop.pose {
+        PoseMode::Upright => Cut::upright(head, window),
+        PoseMode::Centre | PoseMode::Head => Cut::unrotated(head.centroid, window),
+    };
+    let crop = pose::cut_window(frame, &cut, spec.input.size_px, &Jitter::default());
+    let features = if spec.features.is_some() {
+        let mut f = vec![1.0];
+        f.extend(morphometry::shape_features(
+            frame,
+            head,
+            spec.crop.contrast,
+            window,
+        ));
+        standardise(&f, spec)
+    } else {
+        Vec::new()
+    };
+    Prepared {
+        pixels: to_tensor(&crop, spec),
+        features,
+        head: Some(head.clone()),
+    }
+}
+
+/// Standardise raw features with the spec's mean/std (empty when the model takes none).
+pub fn standardise(raw: &[f32], spec: &ModelSpec) -> Vec<f32> {
+    match &spec.features {
+        None => Vec::new(),
+        Some(f) => raw
+            .iter()
+            .zip(f.mean.iter().zip(&f.std))
+            .map(|(v, (m, s))| ((v - m) / s).clamp(-8.0, 8.0))
+            .collect(),
+    }
+}
+
+/// The left-right mirror image of a channel-major square tensor (test-time fusion).
+pub fn mirror_tensor(pixels: &[f32], size_px: u32) -> Vec<f32> {
+    let s = size_px as usize;
+    let mut out = pixels.to_vec();
+    for row in out.chunks_mut(s) {
+        row.reverse();
+    }
+    debug_assert_eq!(pixels.len() % (s * s).max(1), 0);
+    out
+}
+
+/// An upright window (already `size_px` square) → normalised channel-major values.
+pub fn to_tensor(window: &RgbImage, spec: &ModelSpec) -> Vec<f32> {
+    let n = (window.width() * window.height()) as usize;
+    let c = spec.input.channels as usize;
+    let mut out = vec![0f32; c * n];
+    for (i, p) in window.pixels().enumerate() {
+        if c == 1 {
+            let l = (0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32) / 255.0;
+            out[i] = (l - spec.input.mean[0]) / spec.input.std[0];
+        } else {
+            for ch in 0..3 {
+                out[ch * n + i] = (p[ch] as f32 / 255.0 - spec.input.mean[ch]) / spec.input.std[ch];
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::tests::example;
+    use image::Rgb;
+
+    #[test]
+    fn tensor_layout_and_normalisation() {
+        let spec = example();
+        let mut img = RgbImage::from_pixel(32, 32, Rgb([255, 0, 128]));
+        img.put_pixel(1, 0, Rgb([0, 255, 0]));
+        let t = to_tensor(&img, &spec);
+        assert_eq!(t.len(), 3 * 32 * 32);
+        assert!((t[0] - 2.0).abs() < 1e-6); // (1 - 0.5) / 0.25
+        assert!((t[1] + 2.0).abs() < 1e-6); // pixel 1, red 0
+        assert!((t[1024] + 2.0).abs() < 1e-6); // green plane, pixel 0
+        assert!((t[1025] - 2.0).abs() < 1e-6);
+        let mut grey = spec.clone();
+        grey.input.channels = 1;
+        grey.input.mean = vec![0.0];
+        grey.input.std = vec![1.0];
+        assert_eq!(to_tensor(&img, &grey).len(), 1024);
+        let m = mirror_tensor(&t, 32);
+        assert_eq!(m[31], t[0]);
+        assert_eq!(m[1024 + 30], t[1025]);
+        assert_eq!(mirror_tensor(&m, 32), t);
+    }
+
+    #[test]
+    fn crop_without_head_is_centred_and_flagged() {
+        let mut spec = example();
+        spec.features = Some(crate::spec::FeatureSpec {
+            set: morphometry::FEATURE_SET.into(),
+            count: FEATURES_WITH_FLAG,
+            mean: vec![0.0; FEATURES_WITH_FLAG],
+            std: vec![1.0; FEATURES_WITH_FLAG],
+        });
+        let blank = RgbImage::from_pixel(50, 70, Rgb([200, 200, 200]));
+        let p = prepare_crop(&blank, &spec);
+        assert!(p.head.is_none());
+        assert_eq!(p.features.len(), FEATURES_WITH_FLAG);
+        assert!(p.features.iter().all(|v| *v == 0.0));
+        assert_eq!(p.pixels.len(), 3 * 32 * 32);
+    }
+}

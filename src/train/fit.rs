@@ -1,0 +1,428 @@
+//! Training: data made ready once (heads located, features measured), batches augmented on the
+//! fly, the optimisation loop with warm-up + cosine schedule and early stopping, and prediction.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::prelude::*;
+use image::RgbImage;
+use indicatif::ProgressBar;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::augment;
+use super::config::{Balance, Experiment, Optimizer};
+use super::net::Net;
+use crate::dataset::{self, Dataset, Skipped};
+use crate::pose::{self, Jitter};
+use crate::preprocess::{self, Located};
+use crate::spec::{FeatureSpec, ModelSpec};
+
+/// A training image with its head located and its raw features measured.
+pub struct Item {
+    pub path: PathBuf,
+    pub label: usize,
+    pub split: Option<String>,
+    pub img: RgbImage,
+    pub loc: Located,
+}
+
+/// Decode and locate every image (in parallel); unreadable images are returned as skipped.
+pub fn load_items(ds: &Dataset, spec: &ModelSpec, bar: &ProgressBar) -> (Vec<Item>, Vec<Skipped>) {
+    bar.set_length(ds.samples.len() as u64);
+    bar.set_message("decoding and locating heads");
+    let results: Vec<Result<Item, Skipped>> = ds
+        .samples
+        .par_iter()
+        .map(|s| {
+            let r = dataset::load_rgb(&s.path)
+                .map(|img| {
+                    let loc = preprocess::locate(&img, spec);
+                    Item {
+                        path: s.path.clone(),
+                        label: s.label,
+                        split: s.split.clone(),
+                        img,
+                        loc,
+                    }
+                })
+                .map_err(|e| Skipped {
+                    path: s.path.clone(),
+                    reason: e.to_string(),
+                });
+            bar.inc(1);
+            r
+        })
+        .collect();
+    let mut items = Vec::new();
+    let mut skipped = Vec::new();
+    for r in results {
+        match r {
+            Ok(i) => items.push(i),
+            Err(s) => {
+                tracing::warn!(path = %s.path.display(), reason = %s.reason, "image skipped");
+                skipped.push(s)
+            }
+        }
+    }
+    bar.finish_and_clear();
+    (items, skipped)
+}
+
+/// Fit normalisation (pixel mean/std per channel, feature mean/std) on the training items only.
+pub fn fit_normalisation(items: &[Item], idx: &[usize], spec: &mut ModelSpec) {
+    let c = spec.input.channels as usize;
+    spec.input.mean = vec![0.0; c];
+    spec.input.std = vec![1.0; c];
+    let mut sum = vec![0f64; c];
+    let mut sq = vec![0f64; c];
+    let mut n = 0f64;
+    for &i in idx.iter().step_by((idx.len() / 400).max(1)) {
+        let w = window(&items[i], spec, &Jitter::default());
+        let t = preprocess::to_tensor(&w, spec);
+        let per = t.len() / c;
+        for ch in 0..c {
+            for v in &t[ch * per..(ch + 1) * per] {
+                sum[ch] += *v as f64;
+                sq[ch] += (*v as f64).powi(2);
+            }
+        }
+        n += per as f64;
+    }
+    for ch in 0..c {
+        let m = sum[ch] / n.max(1.0);
+        let var = (sq[ch] / n.max(1.0) - m * m).max(1e-6);
+        spec.input.mean[ch] = m as f32;
+        spec.input.std[ch] = var.sqrt() as f32;
+    }
+    if let Some(fs) = spec.features.as_mut() {
+        let k = fs.count;
+        let mut m = vec![0f64; k];
+        let mut s2 = vec![0f64; k];
+        for &i in idx {
+            for (j, v) in items[i].loc.raw_features.iter().enumerate().take(k) {
+                m[j] += *v as f64;
+                s2[j] += (*v as f64).powi(2);
+            }
+        }
+        let n = idx.len().max(1) as f64;
+        fs.mean = m.iter().map(|v| (v / n) as f32).collect();
+        fs.std = (0..k)
+            .map(|j| ((s2[j] / n - (m[j] / n).powi(2)).max(0.0).sqrt() as f32).max(1e-3))
+            .collect();
+    }
+}
+
+fn window(item: &Item, spec: &ModelSpec, j: &Jitter) -> RgbImage {
+    pose::cut_window(&item.img, &item.loc.cut, spec.input.size_px, j)
+}
+
+/// Model inputs for a set of items, augmented when `aug` is given.
+fn inputs(
+    items: &[Item],
+    idx: &[usize],
+    spec: &ModelSpec,
+    aug: Option<(&super::config::AugmentConfig, u64)>,
+) -> (Vec<f32>, Vec<f32>) {
+    let per: Vec<(Vec<f32>, Vec<f32>)> = idx
+        .par_iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            let item = &items[i];
+            let img = match aug {
+                Some((cfg, seed)) => {
+                    let mut rng =
+                        ChaCha8Rng::seed_from_u64(seed ^ ((k as u64 + 1) * 0x9E37_79B9_7F4A_7C15));
+                    let (j, _) = augment::draw_jitter(cfg, &mut rng);
+                    let mut w = window(item, spec, &j);
+                    augment::photometric(&mut w, cfg, &mut rng);
+                    w
+                }
+                None => window(item, spec, &Jitter::default()),
+            };
+            (
+                preprocess::to_tensor(&img, spec),
+                preprocess::standardise(&item.loc.raw_features, spec),
+            )
+        })
+        .collect();
+    let mut px = Vec::new();
+    let mut fs = Vec::new();
+    for (p, f) in per {
+        px.extend(p);
+        fs.extend(f);
+    }
+    (px, fs)
+}
+
+fn tensors(
+    px: Vec<f32>,
+    fs: Vec<f32>,
+    n: usize,
+    spec: &ModelSpec,
+    device: &Device,
+) -> (Tensor<4>, Option<Tensor<4>>) {
+    let s = spec.input.size_px as usize;
+    let c = spec.input.channels as usize;
+    let x = Tensor::<4>::from_data(TensorData::new(px, [n, c, s, s]), device);
+    let f = spec.features.as_ref().map(|f: &FeatureSpec| {
+        Tensor::<4>::from_data(TensorData::new(fs, [n, f.count, 1, 1]), device)
+    });
+    (x, f)
+}
+
+/// Logits of a trained (validation-mode) model for the given items, without augmentation,
+/// fused with the mirror image when the spec asks for it (as the ONNX reader does).
+pub fn predict(model: &Net, items: &[Item], idx: &[usize], spec: &ModelSpec) -> Vec<Vec<f32>> {
+    predict_with(model, items, idx, spec, spec.test_time_mirror)
+}
+
+/// Logits with or without test-time mirror fusion.
+pub fn predict_with(
+    model: &Net,
+    items: &[Item],
+    idx: &[usize],
+    spec: &ModelSpec,
+    mirror: bool,
+) -> Vec<Vec<f32>> {
+    let device = Device::flex();
+    let k = spec.classes.len();
+    let mut out = Vec::with_capacity(idx.len());
+    for chunk in idx.chunks(64) {
+        let (px, fs) = inputs(items, chunk, spec, None);
+        let mirrored = mirror.then(|| preprocess::mirror_tensor(&px, spec.input.size_px));
+        let (x, f) = tensors(px, fs.clone(), chunk.len(), spec, &device);
+        let mut v: Vec<f32> = model.forward(x, f).into_data().iter::<f32>().collect();
+        if let Some(m) = mirrored {
+            let (x, f) = tensors(m, fs, chunk.len(), spec, &device);
+            let w: Vec<f32> = model.forward(x, f).into_data().iter::<f32>().collect();
+            for (a, b) in v.iter_mut().zip(w) {
+                *a = (*a + b) / 2.0;
+            }
+        }
+        out.extend(v.chunks(k).map(<[f32]>::to_vec));
+    }
+    out
+}
+
+pub fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap_or(0)
+}
+
+/// One epoch's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    pub seconds: f64,
+}
+
+/// A fitted model (validation mode) and how it got there.
+pub struct Fitted {
+    pub model: Net,
+    pub history: Vec<EpochLog>,
+    /// Epoch whose weights were kept (1-based).
+    pub best_epoch: usize,
+    pub images_per_second: f64,
+}
+
+/// Learning rate at a fractional epoch: linear warm-up, then cosine decay to zero.
+pub fn lr_at(exp: &Experiment, epoch_f: f64) -> f64 {
+    let t = &exp.train;
+    let warm = t.warmup_epochs as f64;
+    if epoch_f < warm {
+        return t.lr * (epoch_f + 1.0 / 8.0).min(warm) / warm;
+    }
+    let span = (t.epochs as f64 - warm).max(1.0);
+    let p = ((epoch_f - warm) / span).clamp(0.0, 1.0);
+    t.lr * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+}
+
+/// Train on `train_idx`; when `val_idx` is not empty it drives early stopping and the choice
+/// of the kept weights (lowest validation loss).
+pub fn fit(
+    exp: &Experiment,
+    items: &[Item],
+    train_idx: &[usize],
+    val_idx: &[usize],
+    spec: &ModelSpec,
+    seed: u64,
+    bar: &ProgressBar,
+) -> Fitted {
+    let device = Device::flex().autodiff();
+    device.seed(seed);
+    let k = spec.classes.len();
+    let n_feat = spec.features.as_ref().map_or(0, |f| f.count);
+    let mut model = Net::new(&device, &exp.model, spec.input.channels as usize, n_feat, k);
+    let t = &exp.train;
+    let mut optim: ModuleOptimizer = match t.optimizer {
+        Optimizer::Adamw => AdamWConfig::new()
+            .with_weight_decay(t.weight_decay)
+            .with_epsilon(1e-8)
+            .init(),
+        Optimizer::Sgd => SgdConfig::new()
+            .with_momentum(Some(
+                MomentumConfig::new()
+                    .with_momentum(t.momentum)
+                    .with_dampening(0.0)
+                    .with_nesterov(true),
+            ))
+            .with_weight_decay(Some(WeightDecayConfig::new(t.weight_decay)))
+            .init(),
+    };
+    let mut counts = vec![0usize; k];
+    for &i in train_idx {
+        counts[items[i].label] += 1;
+    }
+    let weights = match t.balance {
+        Balance::Weights => {
+            let n = train_idx.len() as f32;
+            Some(
+                counts
+                    .iter()
+                    .map(|&c| n / (k as f32 * c.max(1) as f32))
+                    .collect::<Vec<f32>>(),
+            )
+        }
+        _ => None,
+    };
+    let smoothing = (t.label_smoothing > 0.0).then_some(t.label_smoothing);
+    let loss_fn = CrossEntropyLossConfig::new()
+        .with_weights(weights)
+        .with_smoothing(smoothing)
+        .init(&device);
+    let eval_loss = CrossEntropyLossConfig::new().init(&Device::flex());
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(7));
+    let by_class: Vec<Vec<usize>> = (0..k)
+        .map(|c| {
+            train_idx
+                .iter()
+                .copied()
+                .filter(|&i| items[i].label == c)
+                .collect()
+        })
+        .collect();
+
+    let mut history = Vec::new();
+    let mut best: Option<(f64, usize, Net)> = None;
+    let mut since_best = 0;
+    let mut images = 0usize;
+    let started = Instant::now();
+    bar.set_length(t.epochs as u64);
+    bar.set_position(0);
+    for epoch in 0..t.epochs {
+        let t0 = Instant::now();
+        let mut order: Vec<usize> = match t.balance {
+            Balance::Sampling => (0..train_idx.len())
+                .map(|_| {
+                    let nonempty: Vec<&Vec<usize>> =
+                        by_class.iter().filter(|v| !v.is_empty()).collect();
+                    let cls = nonempty[rng.random_range(0..nonempty.len())];
+                    cls[rng.random_range(0..cls.len())]
+                })
+                .collect(),
+            _ => train_idx.to_vec(),
+        };
+        order.shuffle(&mut rng);
+        let batches: Vec<&[usize]> = order
+            .chunks(t.batch_size)
+            .filter(|b| b.len() >= 2)
+            .collect();
+        let nb = batches.len().max(1);
+        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+        let mut lr = t.lr;
+        for (b, chunk) in batches.into_iter().enumerate() {
+            lr = lr_at(exp, epoch as f64 + b as f64 / nb as f64);
+            let (px, fs) = inputs(items, chunk, spec, Some((&exp.augment, rng.random())));
+            let (x, f) = tensors(px, fs, chunk.len(), spec, &device);
+            let labels: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
+            let y = Tensor::<1, Int>::from_data(
+                TensorData::new(labels.clone(), [chunk.len()]),
+                &device,
+            );
+            let logits = model.forward(x, f);
+            let loss = loss_fn.forward(logits.clone(), y);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(lr, model, grads);
+            loss_sum += loss.into_scalar::<f32>() as f64 * chunk.len() as f64;
+            let preds: Vec<i64> = logits.argmax(1).into_data().iter::<i64>().collect();
+            correct += preds.iter().zip(&labels).filter(|(p, l)| p == l).count();
+            seen += chunk.len();
+        }
+        images += seen;
+        let mut log = EpochLog {
+            epoch: epoch + 1,
+            lr,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_accuracy: correct as f64 / seen.max(1) as f64,
+            val_loss: None,
+            val_accuracy: None,
+            seconds: 0.0,
+        };
+        if !val_idx.is_empty() {
+            let valid = model.valid();
+            let logits = predict(&valid, items, val_idx, spec);
+            let labels: Vec<i64> = val_idx.iter().map(|&i| items[i].label as i64).collect();
+            let acc = logits
+                .iter()
+                .zip(&labels)
+                .filter(|(l, y)| argmax(l) as i64 == **y)
+                .count() as f64
+                / labels.len() as f64;
+            let flat: Vec<f32> = logits.concat();
+            let dev = Device::flex();
+            let lt = Tensor::<2>::from_data(TensorData::new(flat, [labels.len(), k]), &dev);
+            let yt = Tensor::<1, Int>::from_data(TensorData::new(labels, [val_idx.len()]), &dev);
+            let vl = eval_loss.forward(lt, yt).into_scalar::<f32>() as f64;
+            log.val_loss = Some(vl);
+            log.val_accuracy = Some(acc);
+            if best.as_ref().is_none_or(|(b, _, _)| vl < *b) {
+                best = Some((vl, epoch + 1, valid));
+                since_best = 0;
+            } else {
+                since_best += 1;
+            }
+        }
+        log.seconds = t0.elapsed().as_secs_f64();
+        bar.set_message(format!(
+            "loss {:.3} acc {:.3}{}",
+            log.train_loss,
+            log.train_accuracy,
+            log.val_accuracy
+                .map_or(String::new(), |a| format!(" val_acc {a:.3}"))
+        ));
+        bar.inc(1);
+        tracing::debug!(?log, "epoch");
+        history.push(log);
+        if t.patience > 0 && since_best >= t.patience {
+            break;
+        }
+    }
+    let ips = images as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    let last = history.len();
+    let (model, best_epoch) = match best {
+        Some((_, e, m)) => (m, e),
+        None => (model.valid(), last),
+    };
+    Fitted {
+        model,
+        history,
+        best_epoch,
+        images_per_second: ips,
+    }
+}

@@ -1,0 +1,157 @@
+//! Pictures next to each model: the training curves and the confusion matrix, as PNG.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::fit::EpochLog;
+use crate::metrics::Scores;
+
+fn err<E: std::fmt::Debug>(e: E) -> String {
+    format!("{e:?}")
+}
+
+/// Loss (train, validation) and accuracy (train, validation) against epoch.
+pub fn training_curves(history: &[EpochLog], title: &str, path: &Path) -> Result<(), String> {
+    let root = BitMapBackend::new(path, (1100, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (left, right) = root.split_horizontally(550);
+    let n = history.len().max(2) as f64;
+    let max_loss = history
+        .iter()
+        .flat_map(|h| [Some(h.train_loss), h.val_loss])
+        .flatten()
+        .fold(0.1f64, f64::max)
+        * 1.05;
+    let series = |f: &dyn Fn(&EpochLog) -> Option<f64>| -> Vec<(f64, f64)> {
+        history
+            .iter()
+            .filter_map(|h| f(h).map(|v| (h.epoch as f64, v)))
+            .collect()
+    };
+    for (area, caption, ymax, train, val) in [
+        (
+            &left,
+            format!("{title}: loss"),
+            max_loss,
+            series(&|h| Some(h.train_loss)),
+            series(&|h| h.val_loss),
+        ),
+        (
+            &right,
+            format!("{title}: accuracy"),
+            1.0,
+            series(&|h| Some(h.train_accuracy)),
+            series(&|h| h.val_accuracy),
+        ),
+    ] {
+        let mut chart = ChartBuilder::on(area)
+            .caption(caption, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(1f64..n, 0f64..ymax)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(err)?;
+        chart
+            .draw_series(LineSeries::new(train, BLUE.stroke_width(2)))
+            .map_err(err)?
+            .label("train (augmented)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE.stroke_width(2)));
+        if !val.is_empty() {
+            chart
+                .draw_series(LineSeries::new(val, RED.stroke_width(2)))
+                .map_err(err)?
+                .label("validation")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(err)?;
+    }
+    root.present().map_err(err)
+}
+
+/// The confusion matrix as a heat map, counts and row percentages in each cell.
+pub fn confusion(scores: &Scores, title: &str, path: &Path) -> Result<(), String> {
+    let k = scores.classes.len();
+    let cell = 110i32;
+    let (left, top) = (150i32, 70i32);
+    let w = (left + cell * k as i32 + 30) as u32;
+    let h = (top + cell * k as i32 + 70) as u32;
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let font = ("sans-serif", 16).into_font();
+    let bold = ("sans-serif", 18).into_font();
+    root.draw(&Text::new(
+        format!(
+            "{title}  (accuracy {:.1}%, n {})",
+            scores.accuracy * 100.0,
+            scores.n
+        ),
+        (10, 12),
+        bold.clone(),
+    ))
+    .map_err(err)?;
+    root.draw(&Text::new("predicted →", (left, top - 40), font.clone()))
+        .map_err(err)?;
+    root.draw(&Text::new("truth ↓", (10, top - 40), font.clone()))
+        .map_err(err)?;
+    for (t, row) in scores.confusion.iter().enumerate() {
+        let support: usize = row.iter().sum();
+        root.draw(&Text::new(
+            scores.classes[t].clone(),
+            (10, top + cell * t as i32 + cell / 2 - 8),
+            font.clone(),
+        ))
+        .map_err(err)?;
+        for (p, &v) in row.iter().enumerate() {
+            let share = v as f64 / support.max(1) as f64;
+            let shade = (255.0 * (1.0 - 0.8 * share)) as u8;
+            let colour = RGBColor(shade, shade, 255);
+            let x0 = left + cell * p as i32;
+            let y0 = top + cell * t as i32;
+            root.draw(&Rectangle::new(
+                [(x0, y0), (x0 + cell, y0 + cell)],
+                colour.filled(),
+            ))
+            .map_err(err)?;
+            root.draw(&Rectangle::new(
+                [(x0, y0), (x0 + cell, y0 + cell)],
+                BLACK.stroke_width(1),
+            ))
+            .map_err(err)?;
+            let ink = if share > 0.6 { WHITE } else { BLACK };
+            root.draw(&Text::new(
+                format!("{v}"),
+                (x0 + cell / 2 - 12, y0 + cell / 2 - 18),
+                bold.clone().color(&ink),
+            ))
+            .map_err(err)?;
+            root.draw(&Text::new(
+                format!("{:.0}%", share * 100.0),
+                (x0 + cell / 2 - 14, y0 + cell / 2 + 6),
+                font.clone().color(&ink),
+            ))
+            .map_err(err)?;
+        }
+    }
+    for (p, c) in scores.classes.iter().enumerate() {
+        root.draw(&Text::new(
+            c.clone(),
+            (left + cell * p as i32 + 6, top + cell * k as i32 + 10),
+            font.clone(),
+        ))
+        .map_err(err)?;
+    }
+    root.present().map_err(err)
+}

@@ -1,0 +1,92 @@
+//! Helpers shared by the integration tests: where the shared datasets are, and a fixture
+//! loader for the sperm-parsing full fields.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// `../shared/datasets` beside the project.
+pub fn datasets() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets")
+}
+
+/// One head of a sperm-parsing frame with its ground-truth head→tail direction.
+pub struct TruthHead {
+    pub frame: PathBuf,
+    pub centroid: (f32, f32),
+    pub bbox: (u32, u32, u32, u32),
+    /// Unit vector from the head's centroid toward its midpiece, if the midpiece is visible.
+    pub tail_dir: Option<(f32, f32)>,
+}
+
+/// Heads of the `val` frames, with the direction to the nearest midpiece pixels (part label 4)
+/// that lie closer to this head than to any other.
+pub fn parsing_val_heads(max_frames: usize) -> Vec<TruthHead> {
+    let root = datasets().join("sperm-parsing");
+    let text = std::fs::read_to_string(root.join("heads.csv")).expect("heads.csv");
+    let mut rows: Vec<(String, f32, f32, u32, u32, u32, u32)> = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        if f[0] != "val" {
+            continue;
+        }
+        let n = |i: usize| f[i].parse::<f32>().expect("number");
+        rows.push((
+            f[1].to_string(),
+            n(8),
+            n(9),
+            n(4) as u32,
+            n(5) as u32,
+            n(6) as u32,
+            n(7) as u32,
+        ));
+    }
+    let mut frames: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    frames.dedup();
+    frames.truncate(max_frames);
+    let mut out = Vec::new();
+    for frame in frames {
+        let stem = frame.trim_end_matches(".jpg");
+        let parts = image::open(root.join("val/parts").join(format!("{stem}.png")))
+            .expect("parts png")
+            .to_luma8();
+        let heads: Vec<_> = rows.iter().filter(|r| r.0 == frame).collect();
+        for h in &heads {
+            let (cx, cy) = (h.1, h.2);
+            let reach = ((h.5 - h.3).max(h.6 - h.4) as f32) * 1.2;
+            let (mut sx, mut sy, mut n) = (0f32, 0f32, 0f32);
+            let x0 = (cx - reach).max(0.0) as u32;
+            let y0 = (cy - reach).max(0.0) as u32;
+            let x1 = ((cx + reach) as u32).min(parts.width() - 1);
+            let y1 = ((cy + reach) as u32).min(parts.height() - 1);
+            for y in y0..=y1 {
+                for x in x0..=x1 {
+                    if parts.get_pixel(x, y)[0] != 4 {
+                        continue;
+                    }
+                    let d = |a: f32, b: f32| (x as f32 - a).powi(2) + (y as f32 - b).powi(2);
+                    let mine = d(cx, cy);
+                    if mine > reach * reach || heads.iter().any(|o| d(o.1, o.2) < mine) {
+                        continue;
+                    }
+                    sx += x as f32;
+                    sy += y as f32;
+                    n += 1.0;
+                }
+            }
+            let tail_dir = (n >= 15.0).then(|| {
+                let (dx, dy) = (sx / n - cx, sy / n - cy);
+                let l = (dx * dx + dy * dy).sqrt().max(1e-6);
+                (dx / l, dy / l)
+            });
+            out.push(TruthHead {
+                frame: root.join("val/frames").join(&frame),
+                centroid: (cx, cy),
+                bbox: (h.3, h.4, h.5, h.6),
+                tail_dir,
+            });
+        }
+    }
+    out
+}

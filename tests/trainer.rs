@@ -1,0 +1,171 @@
+//! The trainer end to end on a small HuSHeM subset: the real binary trains, cross-validates and
+//! exports; the ONNX file then goes through ONNX Runtime and must give burn's logits (parity),
+//! carry its spec (metadata round trip), and score the same through `spermscope-eval`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![cfg(feature = "train")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use spermscope::dataset;
+use spermscope::model::{Model, RuntimeOptions};
+use spermscope::preprocess;
+use spermscope::spec::ModelSpec;
+
+fn experiment(dir: &Path, features: bool) -> PathBuf {
+    let hushem = common::datasets().join("hushem");
+    let text = format!(
+        r#"
+name = "smoke"
+[data]
+dataset = "{}"
+normal_class = "normal"
+[crop]
+pose = "upright"
+contrast = "dark"
+window_px = 96.0
+size_px = 32
+channels = 3
+[model]
+widths = [8, 16]
+convs_per_block = 1
+residual = true
+dropout = 0.1
+features = {features}
+feature_hidden = 8
+test_time_mirror = {features}
+[train]
+epochs = 3
+batch_size = 16
+val_fraction = 0.2
+patience = 0
+[cv]
+folds = 2
+protocol = "stratified"
+seeds = [5]
+"#,
+        hushem.display()
+    );
+    let p = dir.join("smoke.toml");
+    std::fs::write(&p, text).expect("write experiment");
+    p
+}
+
+fn train(dir: &Path, features: bool) -> serde_json::Value {
+    let cfg = experiment(dir, features);
+    let out = dir.join("out");
+    let run = Command::new(env!("CARGO_BIN_EXE_spermscope-train"))
+        .args([
+            "--config",
+            cfg.to_str().expect("utf8"),
+            "--folds",
+            "--limit",
+            "40",
+            "-q",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("run spermscope-train");
+    assert!(
+        run.status.success(),
+        "trainer failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("cross-validation, 2 folds x 1 seeds"),
+        "{stdout}"
+    );
+    for f in [
+        "smoke.onnx",
+        "smoke.metrics.json",
+        "smoke.curves.png",
+        "smoke.confusion.png",
+    ] {
+        let p = out.join(f);
+        assert!(
+            p.is_file() && p.metadata().expect("meta").len() > 100,
+            "{f} missing"
+        );
+    }
+    let json = std::fs::read_to_string(out.join("smoke.metrics.json")).expect("metrics");
+    serde_json::from_str(&json).expect("metrics json")
+}
+
+fn parity(dir: &Path, report: &serde_json::Value) {
+    let fin = &report["final_model"];
+    let mut model =
+        Model::load(&dir.join("out/smoke.onnx"), &RuntimeOptions::default()).expect("load");
+    // Metadata round trip: the spec read back through ONNX Runtime is the one trained with.
+    let trained: ModelSpec = serde_json::from_value(fin["spec"].clone()).expect("spec");
+    assert_eq!(model.spec, trained);
+    let items: Vec<PathBuf> = serde_json::from_value(fin["parity_items"].clone()).expect("items");
+    let want: Vec<Vec<f32>> = serde_json::from_value(fin["parity_logits"].clone()).expect("logits");
+    assert!(
+        items.len() >= 10,
+        "parity needs real images, got {}",
+        items.len()
+    );
+    let batch: Vec<_> = items
+        .iter()
+        .map(|p| preprocess::prepare_crop(&dataset::load_rgb(p).expect("image"), &model.spec))
+        .collect();
+    let got = model.logits(&batch).expect("run");
+    let mut worst = 0f32;
+    for (g, w) in got.iter().zip(&want) {
+        for (a, b) in g.iter().zip(w) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    println!(
+        "parity: {} crops, largest |ort - burn| logit difference {worst:.2e}",
+        items.len()
+    );
+    assert!(worst <= 1e-4, "ort and burn logits differ by {worst}");
+}
+
+#[test]
+fn trainer_smoke_export_and_parity_with_features() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = train(dir.path(), true);
+    parity(dir.path(), &report);
+
+    // The evaluator goes through the same preprocessing and ONNX Runtime path: on the same
+    // images it must reproduce the accuracy burn measured for the final model.
+    let eval = Command::new(env!("CARGO_BIN_EXE_spermscope-eval"))
+        .args(["--json", "--limit", "40", "--model"])
+        .arg(dir.path().join("out/smoke.onnx"))
+        .arg("--dataset")
+        .arg(common::datasets().join("hushem"))
+        .output()
+        .expect("run spermscope-eval");
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&eval.stdout).expect("one json object");
+    let burn_acc = report["final_model"]["all_data"]["accuracy"]
+        .as_f64()
+        .expect("accuracy");
+    let ort_acc = v["accuracy"].as_f64().expect("accuracy");
+    assert_eq!(v["n"].as_u64(), Some(40));
+    assert!(
+        (burn_acc - ort_acc).abs() < 1e-9,
+        "burn {burn_acc} vs eval {ort_acc}"
+    );
+    for key in ["macro_f1", "classes", "confusion", "crops_per_second"] {
+        assert!(v.get(key).is_some(), "eval json lacks {key}");
+    }
+}
+
+#[test]
+fn trainer_smoke_export_and_parity_pixels_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = train(dir.path(), false);
+    parity(dir.path(), &report);
+}
