@@ -7,6 +7,7 @@ pub mod model;
 pub mod morphometry;
 pub mod pose;
 pub mod preprocess;
+pub mod segment;
 pub mod spec;
 
 #[cfg(feature = "train")]

@@ -108,7 +108,7 @@ pub fn stain_map(img: &RgbImage, contrast: Contrast) -> GrayImage {
 }
 
 /// Box-blur a grey image with a 3x3 kernel, to steady the threshold on noisy crops.
-fn blur3(img: &GrayImage) -> GrayImage {
+pub(crate) fn blur3(img: &GrayImage) -> GrayImage {
     let (w, h) = img.dimensions();
     let mut out = GrayImage::new(w, h);
     for y in 0..h {
@@ -207,12 +207,12 @@ pub fn find_head_in_crop(img: &RgbImage, contrast: Contrast) -> Result<HeadRegio
 }
 
 /// Share of the Otsu level (above background) at which head pixels start.
-const HEAD_LEVEL: f32 = 0.6;
+pub(crate) const HEAD_LEVEL: f32 = 0.6;
 /// Share of the Otsu level (above background) at which tail pixels start.
-const TAIL_LEVEL: f32 = 0.3;
+pub(crate) const TAIL_LEVEL: f32 = 0.3;
 
 /// The grey level below which `q` of the pixels lie.
-fn percentile(img: &GrayImage, q: f32) -> u8 {
+pub(crate) fn percentile(img: &GrayImage, q: f32) -> u8 {
     let mut hist = [0usize; 256];
     for p in img.pixels() {
         hist[p[0] as usize] += 1;

@@ -168,4 +168,13 @@ fn trainer_smoke_export_and_parity_pixels_only() {
     let dir = tempfile::tempdir().expect("tempdir");
     let report = train(dir.path(), false);
     parity(dir.path(), &report);
+
+    // A fixed seed makes a run repeatable: the same folds, the same weights, the same logits.
+    let again = tempfile::tempdir().expect("tempdir");
+    let second = train(again.path(), false);
+    assert_eq!(report["cv"]["fold_accuracy"], second["cv"]["fold_accuracy"]);
+    assert_eq!(
+        report["final_model"]["parity_logits"],
+        second["final_model"]["parity_logits"]
+    );
 }

@@ -1,0 +1,159 @@
+//! Full-field head finding: every head in a stained microscope frame, with the same stain
+//! levels and the same measurement as the crop path in `pose`, plus area and shape filters and
+//! a flag for heads cut by the frame border.
+
+use image::{GrayImage, Luma, RgbImage};
+use imageproc::contrast::otsu_level;
+use imageproc::distance_transform::Norm;
+use imageproc::morphology::open;
+use imageproc::region_labelling::{Connectivity, connected_components};
+
+use crate::pose::{self, Contrast, HEAD_LEVEL, HeadRegion, TAIL_LEVEL};
+
+/// Settings of the classical segmenter, in pixels of the frame.
+#[derive(Debug, Clone)]
+pub struct SegmentSettings {
+    pub contrast: Contrast,
+    /// Smallest and largest head area accepted.
+    pub min_area_px: usize,
+    pub max_area_px: usize,
+    /// Radius of the opening that removes tails and midpieces.
+    pub open_radius_px: u8,
+    /// Largest length/width ratio of a head.
+    pub max_elongation: f32,
+    /// Smallest area/convex-hull share; below it the region is taken as touching heads.
+    pub min_solidity: f32,
+    /// How far above Otsu's level (as a share of Otsu's level above background) the darkest
+    /// fifth of a head's pixels must reach.
+    pub nucleus_margin: f32,
+}
+
+impl Default for SegmentSettings {
+    fn default() -> Self {
+        Self {
+            contrast: Contrast::Dark,
+            min_area_px: 600,
+            max_area_px: 16000,
+            open_radius_px: 5,
+            max_elongation: 3.5,
+            min_solidity: 0.8,
+            nucleus_margin: 0.6,
+        }
+    }
+}
+
+/// A head found in a frame.
+#[derive(Debug, Clone)]
+pub struct FoundHead {
+    pub head: HeadRegion,
+    /// `[x0, y0, x1, y1]` inclusive pixel bounds.
+    pub bbox: [u32; 4],
+    /// The head touches the frame border: reported, not classified.
+    pub at_edge: bool,
+    /// Area / convex hull area.
+    pub solidity: f32,
+    /// The region looks like two or more touching heads.
+    pub touching: bool,
+}
+
+/// Find every head in a frame.
+pub fn find_heads(frame: &RgbImage, s: &SegmentSettings) -> Vec<FoundHead> {
+    let (w, h) = frame.dimensions();
+    if w < 16 || h < 16 {
+        return Vec::new();
+    }
+    let stain = pose::blur3(&pose::stain_map(frame, s.contrast));
+    let level = otsu_level(&stain);
+    let bg = pose::percentile(&stain, 0.3) as f32;
+    let span = (level as f32 - bg).max(1.0);
+    let raw = pose::threshold_above(&stain, (bg + HEAD_LEVEL * span) as u8);
+    let tail_mask = pose::threshold_above(&stain, (bg + TAIL_LEVEL * span) as u8);
+    let opened = open(&raw, Norm::L2, s.open_radius_px);
+    let labels = connected_components(&opened, Connectivity::Eight, Luma([0u8]));
+
+    let mut regions: Vec<Vec<(u32, u32)>> = Vec::new();
+    for (x, y, l) in labels.enumerate_pixels() {
+        let l = l[0] as usize;
+        if l == 0 {
+            continue;
+        }
+        if regions.len() < l {
+            regions.resize(l, Vec::new());
+        }
+        regions[l - 1].push((x, y));
+    }
+    let mut out = Vec::new();
+    for px in regions {
+        if px.len() < s.min_area_px || px.len() > s.max_area_px {
+            continue;
+        }
+        // A head holds a dark nucleus: its darker pixels pass Otsu's level. Pale round cells
+        // and debris only pass the lower head level.
+        let mut vals: Vec<u8> = px.iter().map(|&(x, y)| stain.get_pixel(x, y)[0]).collect();
+        vals.sort_unstable();
+        let q80 = vals[(vals.len() - 1) * 4 / 5];
+        if (q80 as f32) < level as f32 + s.nucleus_margin * span {
+            continue;
+        }
+        let (x0, y0, x1, y1) = px
+            .iter()
+            .fold((u32::MAX, u32::MAX, 0, 0), |(a, b, c, d), &(x, y)| {
+                (a.min(x), b.min(y), c.max(x), d.max(y))
+            });
+        let at_edge = x0 == 0 || y0 == 0 || x1 == w - 1 || y1 == h - 1;
+        // Measure in a local window (head plus room for the tail search), exactly as a crop.
+        let side = (x1 - x0).max(y1 - y0) as f32;
+        let m = (side * 1.3) as u32 + 4;
+        let (lx0, ly0) = (x0.saturating_sub(m), y0.saturating_sub(m));
+        let (lx1, ly1) = ((x1 + m).min(w - 1), (y1 + m).min(h - 1));
+        let (lw, lh) = (lx1 - lx0 + 1, ly1 - ly0 + 1);
+        let mut local = GrayImage::new(lw, lh);
+        for &(x, y) in &px {
+            local.put_pixel(x - lx0, y - ly0, Luma([255]));
+        }
+        pose::fill_holes(&mut local);
+        let tail_local = image::imageops::crop_imm(&tail_mask, lx0, ly0, lw, lh).to_image();
+        let stain_local = image::imageops::crop_imm(&stain, lx0, ly0, lw, lh).to_image();
+        let mut head = pose::measure(&local, &tail_local, &stain_local);
+        for p in head.pixels.iter_mut() {
+            p.0 += lx0;
+            p.1 += ly0;
+        }
+        head.centroid = (head.centroid.0 + lx0 as f32, head.centroid.1 + ly0 as f32);
+        if head.major_px / head.minor_px.max(1.0) > s.max_elongation {
+            continue;
+        }
+        let solidity = solidity(&head);
+        out.push(FoundHead {
+            touching: solidity < s.min_solidity,
+            head,
+            bbox: [x0, y0, x1, y1],
+            at_edge,
+            solidity,
+        });
+    }
+    out
+}
+
+fn solidity(head: &HeadRegion) -> f32 {
+    use imageproc::geometry::convex_hull;
+    use imageproc::point::Point;
+    let pts: Vec<Point<i32>> = head
+        .pixels
+        .iter()
+        .map(|&(x, y)| Point::new(x as i32, y as i32))
+        .collect();
+    let hull = convex_hull(pts);
+    if hull.len() < 3 {
+        return 1.0;
+    }
+    let mut a = 0f64;
+    let mut perim = 0f64;
+    for i in 0..hull.len() {
+        let j = (i + 1) % hull.len();
+        a += hull[i].x as f64 * hull[j].y as f64 - hull[j].x as f64 * hull[i].y as f64;
+        perim += (((hull[i].x - hull[j].x).pow(2) + (hull[i].y - hull[j].y).pow(2)) as f64).sqrt();
+    }
+    // Pixel-centre hull: add half the perimeter so a filled convex region scores about 1.
+    (head.area_px() as f64 / (a.abs() / 2.0 + perim / 2.0 + 1.0)).min(1.0) as f32
+}
