@@ -61,6 +61,19 @@ fn perimeter_px(head: &HeadRegion) -> f32 {
         .max(1.0)
 }
 
+/// Area over convex-hull area (hull through pixel centres, grown by half its perimeter so a
+/// filled convex region scores about 1), at most 1.
+pub fn solidity(head: &HeadRegion) -> f32 {
+    let hull: Vec<Point<i32>> = convex_hull(
+        boundary(head)
+            .into_iter()
+            .map(|(x, y)| Point::new(x as i32, y as i32))
+            .collect::<Vec<_>>(),
+    );
+    let hull_area = polygon_area(&hull).max(1.0) + perimeter_hull(&hull) / 2.0;
+    (head.area_px().max(1) as f32 / hull_area as f32).min(1.0)
+}
+
 /// The outline descriptor of feature set `head_shape_v1`: boundary pixels (those with a
 /// 4-neighbour outside the head) times 0.95, plus one. Kept as it is so models trained on it
 /// keep their meaning; `perimeter_px` is the accurate length for reports.
@@ -117,19 +130,12 @@ pub fn shape_features(
     let minor = head.minor_px.max(1.0);
 
     // Size and shape.
-    let hull: Vec<Point<i32>> = convex_hull(
-        boundary(head)
-            .into_iter()
-            .map(|(x, y)| Point::new(x as i32, y as i32))
-            .collect::<Vec<_>>(),
-    );
-    let hull_area = polygon_area(&hull).max(1.0) + perimeter_hull(&hull) / 2.0;
     f.push(n / (window_px * window_px) * 10.0);
     f.push(outline_descriptor_px(head) / window_px);
     f.push(major / window_px);
     f.push(minor / window_px);
     f.push(minor / major);
-    f.push((n / hull_area as f32).min(1.0));
+    f.push(solidity(head));
 
     // Hu moments of the filled head.
     for h in hu_moments(head) {

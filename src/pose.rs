@@ -108,7 +108,7 @@ pub fn stain_map(img: &RgbImage, contrast: Contrast) -> GrayImage {
 }
 
 /// Box-blur a grey image with a 3x3 kernel, to steady the threshold on noisy crops.
-pub(crate) fn blur3(img: &GrayImage) -> GrayImage {
+fn blur3(img: &GrayImage) -> GrayImage {
     let (w, h) = img.dimensions();
     let mut out = GrayImage::new(w, h);
     for y in 0..h {
@@ -139,25 +139,16 @@ pub fn find_head_in_crop(img: &RgbImage, contrast: Contrast) -> Result<HeadRegio
     if w < 8 || h < 8 {
         return Err(PoseError::Empty);
     }
-    let stain = blur3(&stain_map(img, contrast));
-    let level = otsu_level(&stain);
-    let (lo, hi) = stain
+    let t = Thresholded::new(img, contrast);
+    let (lo, hi) = t
+        .stain
         .pixels()
         .fold((255u8, 0u8), |(lo, hi), p| (lo.min(p[0]), hi.max(p[0])));
     if hi.saturating_sub(lo) < 12 {
         return Err(PoseError::NoContrast);
     }
-    // Otsu splits the darkest stain (nucleus) from the rest; the acrosome and the tail take up
-    // less stain, so the head is cut at a level between background and Otsu's, and the tail is
-    // looked for at a lower level still.
-    let bg = percentile(&stain, 0.3) as f32;
-    let span = (level as f32 - bg).max(1.0);
-    let head_level = (bg + HEAD_LEVEL * span) as u8;
-    let tail_level = (bg + TAIL_LEVEL * span) as u8;
-    let raw = threshold_above(&stain, head_level);
-    let tail_mask = threshold_above(&stain, tail_level);
     let k = ((w.min(h) as f32 / 45.0).round() as u8).clamp(2, 4);
-    let opened = open(&raw, Norm::L2, k);
+    let opened = open(&t.head, Norm::L2, k);
     let labels = connected_components(&opened, Connectivity::Eight, Luma([0u8]));
 
     // Per-label area and centroid.
@@ -203,16 +194,52 @@ pub fn find_head_in_crop(img: &RgbImage, contrast: Contrast) -> Result<HeadRegio
         }
     }
     fill_holes(&mut mask);
-    Ok(measure(&mask, &tail_mask, &stain))
+    Ok(measure(&mask, &t.tail, &t.stain))
 }
 
 /// Share of the Otsu level (above background) at which head pixels start.
-pub(crate) const HEAD_LEVEL: f32 = 0.6;
+const HEAD_LEVEL: f32 = 0.6;
 /// Share of the Otsu level (above background) at which tail pixels start.
-pub(crate) const TAIL_LEVEL: f32 = 0.3;
+const TAIL_LEVEL: f32 = 0.3;
+
+/// The stain map of an image and the head and tail masks cut from it; crops (`find_head_in_crop`)
+/// and full fields (`segment`) threshold the same way.
+pub(crate) struct Thresholded {
+    /// Smoothed stain intensity.
+    pub stain: GrayImage,
+    /// Otsu's level of the stain map.
+    pub otsu: u8,
+    /// Otsu's level above the background level (at least 1).
+    pub span: f32,
+    /// Pixels above the head level.
+    pub head: GrayImage,
+    /// Pixels above the (lower) tail level.
+    pub tail: GrayImage,
+}
+
+impl Thresholded {
+    /// Otsu splits the darkest stain (nucleus) from the rest; the acrosome and the tail take up
+    /// less stain, so the head is cut at a level between background and Otsu's, and the tail is
+    /// looked for at a lower level still.
+    pub(crate) fn new(img: &RgbImage, contrast: Contrast) -> Self {
+        let stain = blur3(&stain_map(img, contrast));
+        let otsu = otsu_level(&stain);
+        let bg = percentile(&stain, 0.3) as f32;
+        let span = (otsu as f32 - bg).max(1.0);
+        let head = threshold_above(&stain, (bg + HEAD_LEVEL * span) as u8);
+        let tail = threshold_above(&stain, (bg + TAIL_LEVEL * span) as u8);
+        Self {
+            stain,
+            otsu,
+            span,
+            head,
+            tail,
+        }
+    }
+}
 
 /// The grey level below which `q` of the pixels lie.
-pub(crate) fn percentile(img: &GrayImage, q: f32) -> u8 {
+fn percentile(img: &GrayImage, q: f32) -> u8 {
     let mut hist = [0usize; 256];
     for p in img.pixels() {
         hist[p[0] as usize] += 1;

@@ -2,13 +2,15 @@
 //! levels and the same measurement as the crop path in `pose`, plus area and shape filters and
 //! a flag for heads cut by the frame border.
 
+use std::collections::{HashMap, HashSet};
+
 use image::{GrayImage, Luma, RgbImage};
-use imageproc::contrast::otsu_level;
 use imageproc::distance_transform::Norm;
 use imageproc::morphology::open;
 use imageproc::region_labelling::{Connectivity, connected_components};
 
-use crate::pose::{self, Contrast, HEAD_LEVEL, HeadRegion, TAIL_LEVEL};
+use crate::morphometry;
+use crate::pose::{self, Contrast, HeadRegion, Thresholded};
 
 /// Settings of the classical segmenter, in pixels of the frame.
 #[derive(Debug, Clone)]
@@ -62,13 +64,8 @@ pub fn find_heads(frame: &RgbImage, s: &SegmentSettings) -> Vec<FoundHead> {
     if w < 16 || h < 16 {
         return Vec::new();
     }
-    let stain = pose::blur3(&pose::stain_map(frame, s.contrast));
-    let level = otsu_level(&stain);
-    let bg = pose::percentile(&stain, 0.3) as f32;
-    let span = (level as f32 - bg).max(1.0);
-    let raw = pose::threshold_above(&stain, (bg + HEAD_LEVEL * span) as u8);
-    let tail_mask = pose::threshold_above(&stain, (bg + TAIL_LEVEL * span) as u8);
-    let opened = open(&raw, Norm::L2, s.open_radius_px);
+    let t = Thresholded::new(frame, s.contrast);
+    let opened = open(&t.head, Norm::L2, s.open_radius_px);
     let labels = connected_components(&opened, Connectivity::Eight, Luma([0u8]));
 
     let mut regions: Vec<Vec<(u32, u32)>> = Vec::new();
@@ -89,10 +86,13 @@ pub fn find_heads(frame: &RgbImage, s: &SegmentSettings) -> Vec<FoundHead> {
         }
         // A head holds a dark nucleus: its darker pixels pass Otsu's level. Pale round cells
         // and debris only pass the lower head level.
-        let mut vals: Vec<u8> = px.iter().map(|&(x, y)| stain.get_pixel(x, y)[0]).collect();
+        let mut vals: Vec<u8> = px
+            .iter()
+            .map(|&(x, y)| t.stain.get_pixel(x, y)[0])
+            .collect();
         vals.sort_unstable();
         let q80 = vals[(vals.len() - 1) * 4 / 5];
-        if (q80 as f32) < level as f32 + s.nucleus_margin * span {
+        if (q80 as f32) < t.otsu as f32 + s.nucleus_margin * t.span {
             continue;
         }
         let (x0, y0, x1, y1) = px
@@ -112,8 +112,8 @@ pub fn find_heads(frame: &RgbImage, s: &SegmentSettings) -> Vec<FoundHead> {
             local.put_pixel(x - lx0, y - ly0, Luma([255]));
         }
         pose::fill_holes(&mut local);
-        let tail_local = image::imageops::crop_imm(&tail_mask, lx0, ly0, lw, lh).to_image();
-        let stain_local = image::imageops::crop_imm(&stain, lx0, ly0, lw, lh).to_image();
+        let tail_local = image::imageops::crop_imm(&t.tail, lx0, ly0, lw, lh).to_image();
+        let stain_local = image::imageops::crop_imm(&t.stain, lx0, ly0, lw, lh).to_image();
         let mut head = pose::measure(&local, &tail_local, &stain_local);
         for p in head.pixels.iter_mut() {
             p.0 += lx0;
@@ -123,7 +123,7 @@ pub fn find_heads(frame: &RgbImage, s: &SegmentSettings) -> Vec<FoundHead> {
         if head.major_px / head.minor_px.max(1.0) > s.max_elongation {
             continue;
         }
-        let solidity = solidity(&head);
+        let solidity = morphometry::solidity(&head);
         out.push(FoundHead {
             touching: solidity < s.min_solidity,
             head,
@@ -135,25 +135,61 @@ pub fn find_heads(frame: &RgbImage, s: &SegmentSettings) -> Vec<FoundHead> {
     out
 }
 
-fn solidity(head: &HeadRegion) -> f32 {
-    use imageproc::geometry::convex_hull;
-    use imageproc::point::Point;
-    let pts: Vec<Point<i32>> = head
-        .pixels
-        .iter()
-        .map(|&(x, y)| Point::new(x as i32, y as i32))
-        .collect();
-    let hull = convex_hull(pts);
-    if hull.len() < 3 {
-        return 1.0;
+/// Detections matched against an instance mask (0 background, 1..n one id per true head): a
+/// detection counts when its centroid lies inside a true head and their IoU is at least 0.5,
+/// each true head matched at most once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaskMatch {
+    pub true_heads: usize,
+    pub found: usize,
+    pub matched: usize,
+}
+
+impl MaskMatch {
+    pub fn score(found: &[FoundHead], truth: &GrayImage) -> MaskMatch {
+        let mut area: HashMap<u8, usize> = HashMap::new();
+        for p in truth.pixels() {
+            if p[0] > 0 {
+                *area.entry(p[0]).or_default() += 1;
+            }
+        }
+        let mut used = HashSet::new();
+        let mut matched = 0;
+        for d in found {
+            let (cx, cy) = (d.head.centroid.0 as u32, d.head.centroid.1 as u32);
+            let id = truth.get_pixel(cx, cy)[0];
+            let Some(&true_area) = area.get(&id) else {
+                continue;
+            };
+            let inter = d
+                .head
+                .pixels
+                .iter()
+                .filter(|&&(x, y)| truth.get_pixel(x, y)[0] == id)
+                .count();
+            let iou = inter as f64 / (d.head.area_px() + true_area - inter) as f64;
+            if iou >= 0.5 && used.insert(id) {
+                matched += 1;
+            }
+        }
+        MaskMatch {
+            true_heads: area.len(),
+            found: found.len(),
+            matched,
+        }
     }
-    let mut a = 0f64;
-    let mut perim = 0f64;
-    for i in 0..hull.len() {
-        let j = (i + 1) % hull.len();
-        a += hull[i].x as f64 * hull[j].y as f64 - hull[j].x as f64 * hull[i].y as f64;
-        perim += (((hull[i].x - hull[j].x).pow(2) + (hull[i].y - hull[j].y).pow(2)) as f64).sqrt();
+
+    pub fn add(&mut self, other: MaskMatch) {
+        self.true_heads += other.true_heads;
+        self.found += other.found;
+        self.matched += other.matched;
     }
-    // Pixel-centre hull: add half the perimeter so a filled convex region scores about 1.
-    (head.area_px() as f64 / (a.abs() / 2.0 + perim / 2.0 + 1.0)).min(1.0) as f32
+
+    pub fn precision(&self) -> f64 {
+        self.matched as f64 / self.found.max(1) as f64
+    }
+
+    pub fn recall(&self) -> f64 {
+        self.matched as f64 / self.true_heads.max(1) as f64
+    }
 }
