@@ -77,6 +77,18 @@ pub fn find_runtime(configured: Option<&Path>) -> Result<PathBuf, ModelError> {
     if let Some(p) = configured {
         return Ok(p.to_path_buf());
     }
+    for root in install_roots() {
+        let dir = root.join(SETUP_DIR);
+        if let Some(lib) = runtime_in(&dir) {
+            return Ok(lib);
+        }
+    }
+    Err(ModelError::RuntimeNotFound)
+}
+
+/// Folders that may hold the project's files (`.ort/`, `models/`), nearest first: the working
+/// directory and its parents, the executable's folders, then the source tree.
+pub fn install_roots() -> Vec<PathBuf> {
     let mut roots: Vec<PathBuf> = Vec::new();
     if let Ok(cwd) = std::env::current_dir() {
         roots.extend(cwd.ancestors().map(Path::to_path_buf));
@@ -85,13 +97,7 @@ pub fn find_runtime(configured: Option<&Path>) -> Result<PathBuf, ModelError> {
         roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
     }
     roots.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    for root in roots {
-        let dir = root.join(SETUP_DIR);
-        if let Some(lib) = runtime_in(&dir) {
-            return Ok(lib);
-        }
-    }
-    Err(ModelError::RuntimeNotFound)
+    roots
 }
 
 fn runtime_in(dir: &Path) -> Option<PathBuf> {

@@ -17,7 +17,7 @@ const PROFILE_BINS: usize = 10;
 const FOURIER_HARMONICS: usize = 8;
 
 /// Head size in physical units, for records and reports.
-#[derive(Debug, Clone, Copy, serde::Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, PartialEq)]
 pub struct HeadSize {
     pub length_um: f32,
     pub width_um: f32,

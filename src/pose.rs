@@ -73,9 +73,9 @@ pub fn stain_map(img: &RgbImage, contrast: Contrast) -> GrayImage {
     let mut out = GrayImage::new(w, h);
     match contrast {
         Contrast::Dark => {
-            for (x, y, p) in img.enumerate_pixels() {
+            for (o, p) in out.iter_mut().zip(img.as_raw().chunks_exact(3)) {
                 let l = 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32;
-                out.put_pixel(x, y, Luma([(255.0 - l).clamp(0.0, 255.0) as u8]));
+                *o = (255.0 - l).clamp(0.0, 255.0) as u8;
             }
         }
         Contrast::Any => {
@@ -107,24 +107,37 @@ pub fn stain_map(img: &RgbImage, contrast: Contrast) -> GrayImage {
     out
 }
 
-/// Box-blur a grey image with a 3x3 kernel, to steady the threshold on noisy crops.
+/// Box-blur a grey image with a 3x3 kernel (the mean of the neighbours inside the image), to
+/// steady the threshold on noisy crops.
 fn blur3(img: &GrayImage) -> GrayImage {
-    let (w, h) = img.dimensions();
-    let mut out = GrayImage::new(w, h);
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let src = img.as_raw();
+    let mut out = GrayImage::new(w as u32, h as u32);
+    if w == 0 || h == 0 {
+        return out;
+    }
+    // Column sums over three rows, then sums across three columns.
+    let mut col = vec![0u32; w];
+    let dst: &mut [u8] = &mut out;
     for y in 0..h {
-        for x in 0..w {
-            let mut s = 0u32;
-            let mut n = 0u32;
-            for dy in -1i32..=1 {
-                for dx in -1i32..=1 {
-                    let (xx, yy) = (x as i32 + dx, y as i32 + dy);
-                    if xx >= 0 && yy >= 0 && (xx as u32) < w && (yy as u32) < h {
-                        s += img.get_pixel(xx as u32, yy as u32)[0] as u32;
-                        n += 1;
-                    }
-                }
+        let (y0, y1) = (y.saturating_sub(1), (y + 1).min(h - 1));
+        let rows = (y1 - y0 + 1) as u32;
+        col.fill(0);
+        for yy in y0..=y1 {
+            for (c, &v) in col.iter_mut().zip(&src[yy * w..(yy + 1) * w]) {
+                *c += v as u32;
             }
-            out.put_pixel(x, y, Luma([(s / n) as u8]));
+        }
+        let row = &mut dst[y * w..(y + 1) * w];
+        if w >= 3 {
+            for x in 1..w - 1 {
+                row[x] = ((col[x - 1] + col[x] + col[x + 1]) / (rows * 3)) as u8;
+            }
+        }
+        for x in [0, w - 1] {
+            let (x0, x1) = (x.saturating_sub(1), (x + 1).min(w - 1));
+            let s: u32 = col[x0..=x1].iter().sum();
+            row[x] = (s / (rows * (x1 - x0 + 1) as u32)) as u8;
         }
     }
     out
@@ -258,51 +271,54 @@ fn percentile(img: &GrayImage, q: f32) -> u8 {
 /// Binary image of the pixels strictly above `level`.
 pub fn threshold_above(img: &GrayImage, level: u8) -> GrayImage {
     let mut out = GrayImage::new(img.width(), img.height());
-    for (x, y, p) in img.enumerate_pixels() {
-        if p[0] > level {
-            out.put_pixel(x, y, Luma([255]));
-        }
+    for (o, &p) in out.iter_mut().zip(img.as_raw()) {
+        *o = if p > level { 255 } else { 0 };
     }
     out
 }
 
 /// Fill background regions that do not touch the image border.
 pub fn fill_holes(mask: &mut GrayImage) {
-    let (w, h) = mask.dimensions();
-    let mut outside = vec![false; (w * h) as usize];
-    let mut stack: Vec<(u32, u32)> = Vec::new();
+    let (w, h) = (mask.width() as usize, mask.height() as usize);
+    if w == 0 || h == 0 {
+        return;
+    }
+    let px: &mut [u8] = mask;
+    // Flood the background from the border; what it cannot reach is a hole.
+    let mut outside = vec![false; w * h];
+    let mut stack: Vec<usize> = Vec::new();
+    let visit = |i: usize, outside: &mut Vec<bool>, stack: &mut Vec<usize>| {
+        if !outside[i] && px[i] == 0 {
+            outside[i] = true;
+            stack.push(i);
+        }
+    };
     for x in 0..w {
-        stack.push((x, 0));
-        stack.push((x, h - 1));
+        visit(x, &mut outside, &mut stack);
+        visit((h - 1) * w + x, &mut outside, &mut stack);
     }
     for y in 0..h {
-        stack.push((0, y));
-        stack.push((w - 1, y));
+        visit(y * w, &mut outside, &mut stack);
+        visit(y * w + w - 1, &mut outside, &mut stack);
     }
-    while let Some((x, y)) = stack.pop() {
-        let i = (y * w + x) as usize;
-        if outside[i] || mask.get_pixel(x, y)[0] != 0 {
-            continue;
-        }
-        outside[i] = true;
+    while let Some(i) = stack.pop() {
+        let (x, y) = (i % w, i / w);
         if x > 0 {
-            stack.push((x - 1, y));
+            visit(i - 1, &mut outside, &mut stack);
         }
         if y > 0 {
-            stack.push((x, y - 1));
+            visit(i - w, &mut outside, &mut stack);
         }
         if x + 1 < w {
-            stack.push((x + 1, y));
+            visit(i + 1, &mut outside, &mut stack);
         }
         if y + 1 < h {
-            stack.push((x, y + 1));
+            visit(i + w, &mut outside, &mut stack);
         }
     }
-    for y in 0..h {
-        for x in 0..w {
-            if !outside[(y * w + x) as usize] {
-                mask.put_pixel(x, y, Luma([255]));
-            }
+    for (p, out) in px.iter_mut().zip(&outside) {
+        if !out {
+            *p = 255;
         }
     }
 }

@@ -69,8 +69,17 @@ pub fn prepare_crop(img: &RgbImage, spec: &ModelSpec) -> Prepared {
     }
 }
 
+/// How much larger than the model's window a training crop is, about: SMIDS crops are 150-205 px
+/// around a 140 px window, HuSHeM crops 131 px around a 96 px window.
+pub const CROP_CONTEXT: f32 = 1.3;
+
 /// A full-field head (found by the daemon's segmentation) → model inputs. `um_per_px` is the
 /// scale of `frame`; the window is resized so the head appears at the training scale.
+///
+/// The head is looked at as the training crops showed it: a crop-sized patch of the frame
+/// around it goes through the crop path (`locate`: head finding, pose, features), so a head
+/// in a field and the same head in a crop give the model the same inputs. When the crop path
+/// finds another region than the segmenter's head, the segmenter's head is used.
 pub fn prepare_head(
     frame: &RgbImage,
     head: &HeadRegion,
@@ -82,16 +91,21 @@ pub fn prepare_head(
         _ => 1.0,
     };
     let window = spec.crop.window_px * scale;
+    let (patch, local, (ox, oy)) = head_patch(frame, head, window * CROP_CONTEXT);
+    let refined = pose::find_head_in_crop(&patch, spec.crop.contrast)
+        .ok()
+        .filter(|h| same_head(h, &local));
+    let used = refined.unwrap_or(local);
     let cut = match spec.crop.pose {
-        PoseMode::Upright => Cut::upright(head, window),
-        PoseMode::Centre | PoseMode::Head => Cut::unrotated(head.centroid, window),
+        PoseMode::Upright => Cut::upright(&used, window),
+        PoseMode::Centre | PoseMode::Head => Cut::unrotated(used.centroid, window),
     };
-    let crop = pose::cut_window(frame, &cut, spec.input.size_px, &Jitter::default());
+    let crop = pose::cut_window(&patch, &cut, spec.input.size_px, &Jitter::default());
     let features = if spec.features.is_some() {
         let mut f = vec![1.0];
         f.extend(morphometry::shape_features(
-            frame,
-            head,
+            &patch,
+            &used,
             spec.crop.contrast,
             window,
         ));
@@ -99,11 +113,61 @@ pub fn prepare_head(
     } else {
         Vec::new()
     };
+    // Back to frame coordinates for the record.
+    let mut in_frame = used;
+    in_frame.centroid = (
+        in_frame.centroid.0 + ox as f32,
+        in_frame.centroid.1 + oy as f32,
+    );
+    for p in in_frame.pixels.iter_mut() {
+        p.0 += ox;
+        p.1 += oy;
+    }
     Prepared {
         pixels: to_tensor(&crop, spec),
         features,
-        head: Some(head.clone()),
+        head: Some(in_frame),
     }
+}
+
+/// The crop path found the segmenter's head, not a neighbour: close centroids, similar size.
+fn same_head(found: &HeadRegion, seg: &HeadRegion) -> bool {
+    let d = (found.centroid.0 - seg.centroid.0).hypot(found.centroid.1 - seg.centroid.1);
+    let ratio = found.area_px() as f32 / seg.area_px().max(1) as f32;
+    d <= 0.25 * seg.major_px.max(4.0) && (0.5..=2.0).contains(&ratio)
+}
+
+/// A square patch of about `side` px of the frame centred on the head (cut at the frame's
+/// border, and grown to hold the whole head), the head in the patch's coordinates, and the
+/// patch's offset in the frame.
+fn head_patch(
+    frame: &RgbImage,
+    head: &HeadRegion,
+    side: f32,
+) -> (RgbImage, HeadRegion, (u32, u32)) {
+    let (w, h) = frame.dimensions();
+    let half = (side / 2.0).max(1.0);
+    let (cx, cy) = head.centroid;
+    let (bx0, by0, bx1, by1) = head
+        .pixels
+        .iter()
+        .fold((u32::MAX, u32::MAX, 0, 0), |(a, b, c, d), &(x, y)| {
+            (a.min(x), b.min(y), c.max(x), d.max(y))
+        });
+    let x0 = ((cx - half).max(0.0) as u32).min(bx0);
+    let y0 = ((cy - half).max(0.0) as u32).min(by0);
+    let x1 = ((cx + half) as u32).max(bx1).min(w.saturating_sub(1));
+    let y1 = ((cy + half) as u32).max(by1).min(h.saturating_sub(1));
+    let patch = image::imageops::crop_imm(frame, x0, y0, x1 + 1 - x0, y1 + 1 - y0).to_image();
+    let local = HeadRegion {
+        pixels: head.pixels.iter().map(|&(x, y)| (x - x0, y - y0)).collect(),
+        centroid: (cx - x0 as f32, cy - y0 as f32),
+        tail_dir: head.tail_dir,
+        major_px: head.major_px,
+        minor_px: head.minor_px,
+        polarity: head.polarity,
+    };
+    (patch, local, (x0, y0))
 }
 
 /// Standardise raw features with the spec's mean/std (empty when the model takes none).

@@ -1,0 +1,340 @@
+//! `spermscope`: the daemon's command line (run, replay, validate, report). Argument handling
+//! and exit codes only; the work is in the library.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use spermscope::config::{ConfigError, RawConfig, Settings, SourceKind};
+use spermscope::pipeline::{self, Outcome, StartError};
+use spermscope::publish::Record;
+use spermscope::report::{Report, Seen, Tally};
+use spermscope::service;
+use spermscope::telemetry::Telemetry;
+
+/// sysexits EX_CONFIG: the configuration (or a model it names) cannot be used.
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Sperm morphology daemon: heads found, turned upright, classified"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon on the source its config names, until the source ends or SIGTERM/SIGINT.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a config (and the model and source it names) without starting; exit 0 or 78.
+    Validate {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Replay recorded frames (a folder or glob) through the pipeline. With no config, the
+    /// embedded defaults and the bundled SMIDS model are used.
+    Replay(ReplayArgs),
+    /// Build the sample report(s) from a records file (JSON Lines), one per sample.
+    Report {
+        records: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Classes kept out of % normal forms (not sperm).
+        #[arg(long, default_value = "non-sperm", value_delimiter = ',')]
+        exclude: Vec<String>,
+        /// Cells needed for a valid assessment.
+        #[arg(long, default_value_t = 200)]
+        min_cells: usize,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ReplayArgs {
+    /// Folder of frames (name order) or a glob such as 'run1/*.png'.
+    path: PathBuf,
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Append records here instead of printing them.
+    #[arg(long)]
+    records: Option<PathBuf>,
+    /// Write the sample report as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write the run's accounting and latency figures as JSON here.
+    #[arg(long)]
+    summary: Option<PathBuf>,
+    /// Pace the replay at this many frames per second (0: as fast as possible).
+    #[arg(long)]
+    fps: Option<f32>,
+    /// Decode every frame before starting (throughput without decoding).
+    #[arg(long)]
+    preload: bool,
+    /// Start over after the last frame.
+    #[arg(long = "loop")]
+    repeat: bool,
+    /// Behave as a live camera: drop the oldest queued frame when behind.
+    #[arg(long)]
+    live: bool,
+    /// Sample id for the records and the report.
+    #[arg(long)]
+    sample: Option<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => load(&config).and_then(|s| run(s, true)),
+        Command::Validate { config } => validate(&config),
+        Command::Replay(args) => replay_settings(args).and_then(|s| run(s, false)),
+        Command::Report {
+            records,
+            json,
+            exclude,
+            min_cells,
+        } => offline_report(&records, json, &exclude, min_cells).map_err(Failure::Other),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// How a command failed: a config problem (exit 78) or anything else (exit 1).
+enum Failure {
+    Config(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+fn config_failure(e: ConfigError) -> Failure {
+    Failure::Config(anyhow::Error::new(e))
+}
+
+fn start_failure(e: StartError) -> Failure {
+    let config = e.is_config();
+    let e = anyhow::Error::new(e).context("cannot start");
+    if config {
+        Failure::Config(e)
+    } else {
+        Failure::Other(e)
+    }
+}
+
+fn load(path: &Path) -> Result<Settings, Failure> {
+    let raw = RawConfig::load(path).map_err(config_failure)?;
+    raw.resolve(path.parent()).map_err(config_failure)
+}
+
+fn validate(path: &Path) -> Result<(), Failure> {
+    let settings = load(path)?;
+    let (classifier, _) = pipeline::load_classifier(&settings).map_err(start_failure)?;
+    spermscope::source::open(&settings.source).map_err(|e| start_failure(StartError::Source(e)))?;
+    let m = classifier.model();
+    println!(
+        "config {} is valid: model {} ({} classes, {}), source {:?}",
+        path.display(),
+        m.spec.name,
+        m.spec.classes.len(),
+        m.provider,
+        settings.source
+    );
+    Ok(())
+}
+
+fn replay_settings(f: ReplayArgs) -> Result<Settings, Failure> {
+    let (mut raw, base) = match &f.config {
+        Some(c) => (RawConfig::load(c).map_err(config_failure)?, c.parent()),
+        None => (RawConfig::default(), None),
+    };
+    raw.source.kind = SourceKind::Replay;
+    // The command line's paths are taken from the working directory, not the config's folder.
+    let cwd = std::env::current_dir().map_err(|e| Failure::Other(e.into()))?;
+    let abs = |p: &Path| cwd.join(p);
+    raw.source.replay.path = Some(abs(&f.path));
+    if let Some(fps) = f.fps {
+        raw.source.replay.fps = fps;
+    }
+    raw.source.replay.preload |= f.preload;
+    raw.source.replay.repeat |= f.repeat;
+    raw.source.live |= f.live;
+    if let Some(s) = f.sample {
+        raw.sample.id = s;
+    }
+    match f.records {
+        Some(r) => raw.publish.file = Some(abs(&r)),
+        None if raw.publish.file.is_none() => raw.publish.stdout = true,
+        None => {}
+    }
+    if let Some(r) = f.report {
+        raw.report.file = Some(abs(&r));
+    }
+    if let Some(s) = f.summary {
+        raw.report.summary_file = Some(abs(&s));
+    }
+    raw.resolve(base).map_err(config_failure)
+}
+
+fn run(settings: Settings, daemon: bool) -> Result<(), Failure> {
+    let stop = service::stop_flag()
+        .context("cannot install signal handlers")
+        .map_err(Failure::Other)?;
+    let telemetry = Arc::new(Telemetry::new());
+    let report_file = settings.report_file.clone();
+    let summary_file = settings.summary_file.clone();
+    let print = settings.report_print;
+    let ready = pipeline::prepare(settings, telemetry).map_err(start_failure)?;
+    tracing::info!("starting: {}", ready.describe());
+    if let Some(a) = ready.socket_addr() {
+        tracing::info!(socket = %a, "serving records");
+    }
+    let outcome = pipeline::run(ready, stop)
+        .context("pipeline failed")
+        .map_err(Failure::Other)?;
+    finish(
+        &outcome,
+        report_file.as_deref(),
+        summary_file.as_deref(),
+        print,
+        daemon,
+    )
+    .map_err(Failure::Other)
+}
+
+fn finish(
+    o: &Outcome,
+    report_file: Option<&Path>,
+    summary_file: Option<&Path>,
+    print: bool,
+    daemon: bool,
+) -> anyhow::Result<()> {
+    let c = &o.counts;
+    tracing::info!(
+        stopped_by_signal = o.stopped,
+        frames_seen = c.frames_seen_total,
+        frames_published = c.frames_published_total,
+        frames_dropped = c.frames_dropped(),
+        cells_found = c.cells_found_total,
+        cells_published = c.cells_published_total,
+        cells_dropped = c.cells_dropped(),
+        "run finished"
+    );
+    if !c.balanced() {
+        tracing::error!(?c, "frame or cell accounting does not add up");
+    }
+    if let Some(p) = report_file {
+        let json = serde_json::to_string_pretty(&o.report)?;
+        std::fs::write(p, json + "\n")
+            .with_context(|| format!("cannot write the report to {}", p.display()))?;
+    }
+    if let Some(p) = summary_file {
+        let json = serde_json::to_string_pretty(o)?;
+        std::fs::write(p, json + "\n")
+            .with_context(|| format!("cannot write the run summary to {}", p.display()))?;
+    }
+    if print {
+        eprint!("\n{}", o.report.text());
+        eprintln!("{}", throughput(o));
+    } else if !daemon {
+        eprintln!("{}", throughput(o));
+    }
+    Ok(())
+}
+
+/// The benchmark lines: frames/s, cells/s and per-stage latency percentiles.
+fn throughput(o: &Outcome) -> String {
+    let mut s = format!(
+        "throughput {:.1} frames/s, {:.1} cells/s ({} frames, {} cells in {:.2} s)\nlatency ms    {:>8} {:>8} {:>8}",
+        o.frames_per_sec,
+        o.cells_per_sec,
+        o.counts.frames_published_total,
+        o.counts.cells_published_total,
+        o.elapsed_secs,
+        "p50",
+        "p99",
+        "max"
+    );
+    for (stage, l) in &o.latency {
+        s.push_str(&format!(
+            "\n  {stage:<11} {:>8.2} {:>8.2} {:>8.2}",
+            l.p50_ms, l.p99_ms, l.max_ms
+        ));
+    }
+    s
+}
+
+fn offline_report(
+    path: &Path,
+    json: bool,
+    exclude: &[String],
+    min_cells: usize,
+) -> anyhow::Result<()> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open records file {}", path.display()))?;
+    let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: Record = serde_json::from_str(&line).with_context(|| {
+            format!("{} line {}: not a spermscope record", path.display(), i + 1)
+        })?;
+        let t = tallies
+            .entry(r.sample.clone())
+            .or_insert_with(|| Tally::new(&r.sample));
+        if let Some(m) = &r.model {
+            t.models
+                .entry(m.name.clone())
+                .or_insert_with(|| m.sha256.clone());
+        }
+        t.add(Seen {
+            at_edge: r.at_edge,
+            touching: r.touching,
+            class: r.class.as_deref(),
+            normal: r.normal,
+        });
+    }
+    if tallies.is_empty() {
+        anyhow::bail!("records file {} holds no records", path.display());
+    }
+    let reports: Vec<Report> = tallies
+        .values()
+        .map(|t| t.report(exclude, min_cells))
+        .collect();
+    if json {
+        if let [one] = reports.as_slice() {
+            println!("{}", serde_json::to_string_pretty(one)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&reports)?);
+        }
+    } else {
+        for r in &reports {
+            println!("{}", r.text());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,643 @@
+//! The daemon's configuration in two phases: raw TOML structs checked without I/O, then
+//! resolved into the settings the pipeline runs on. Startup, `validate` and reload share it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::model::Provider;
+use crate::pose::Contrast;
+use crate::segment::SegmentSettings;
+
+/// Model the embedded defaults use, relative to the project root.
+pub const DEFAULT_MODEL: &str = "models/smids-3class.onnx";
+
+/// Why a configuration cannot be used. Every variant names the key or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path} cannot be read: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("config file {path} is not valid: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("config key {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// The whole file as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub sample: RawSample,
+    pub source: RawSource,
+    pub segment: RawSegment,
+    pub classify: RawClassify,
+    pub publish: RawPublish,
+    pub report: RawReport,
+    pub pipeline: RawPipeline,
+}
+
+/// The sample being analysed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSample {
+    /// Sample id written into every record and the report.
+    pub id: String,
+}
+
+impl Default for RawSample {
+    fn default() -> Self {
+        Self {
+            id: "sample".into(),
+        }
+    }
+}
+
+/// Which kind of frame source feeds the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// Recorded frames from a folder or glob.
+    #[default]
+    Replay,
+    /// Synthetic fields pasted from a labelled crop dataset (tests and benchmarks).
+    Montage,
+}
+
+/// Where frames come from, and the optics they were taken with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSource {
+    /// `replay` or `montage`.
+    pub kind: SourceKind,
+    /// Size of one frame pixel in micrometres (calibrate with a stage micrometer). The default
+    /// fits the sperm-parsing fields (heads of about 3800 px at about 10.5 µm²).
+    pub um_per_px: f32,
+    /// Behave as a live camera: when the pipeline is behind, drop the oldest queued frame and
+    /// count it, instead of waiting.
+    pub live: bool,
+    pub replay: RawReplay,
+    pub montage: RawMontage,
+}
+
+impl Default for RawSource {
+    fn default() -> Self {
+        Self {
+            kind: SourceKind::Replay,
+            um_per_px: 0.053,
+            live: false,
+            replay: RawReplay::default(),
+            montage: RawMontage::default(),
+        }
+    }
+}
+
+/// Recorded frames.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawReplay {
+    /// A folder (every file in it, in name order) or a glob pattern such as `run1/*.png`.
+    pub path: Option<PathBuf>,
+    /// Frames per second to pace the replay at; 0 replays as fast as the pipeline takes them.
+    pub fps: f32,
+    /// Start again from the first frame after the last one.
+    pub repeat: bool,
+    /// Decode every frame before the run starts (benchmarks without decoding).
+    pub preload: bool,
+}
+
+/// Synthetic montage fields.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMontage {
+    /// Class-per-folder crop dataset to paste from.
+    pub dataset: Option<PathBuf>,
+    /// Number of fields to make.
+    pub frames: usize,
+    /// Crops pasted per field.
+    pub cells_per_frame: usize,
+    pub width_px: u32,
+    pub height_px: u32,
+    /// Seed of the placement.
+    pub seed: u64,
+}
+
+impl Default for RawMontage {
+    fn default() -> Self {
+        Self {
+            dataset: None,
+            frames: 50,
+            cells_per_frame: 8,
+            width_px: 1280,
+            height_px: 1024,
+            seed: 1,
+        }
+    }
+}
+
+/// Full-field head finding.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSegment {
+    /// `dark` for stained preparations (heads darker than the background), `any` for
+    /// unstained, grayscale or phase-contrast input.
+    pub contrast: Contrast,
+    /// Smallest head area accepted, µm².
+    pub min_head_area_um2: f32,
+    /// Largest head area accepted, µm².
+    pub max_head_area_um2: f32,
+    /// Radius of the opening that separates heads from midpieces and tails, µm.
+    pub open_radius_um: f32,
+    /// Largest length/width ratio of a head.
+    pub max_elongation: f32,
+    /// Smallest area / convex hull share; below it a region is flagged as touching heads.
+    pub min_solidity: f32,
+    /// How far past Otsu's level (as a share of the stain span) a head's darker fifth must be.
+    pub nucleus_margin: f32,
+}
+
+impl Default for RawSegment {
+    fn default() -> Self {
+        let px = SegmentSettings::default();
+        let um = RawSource::default().um_per_px;
+        Self {
+            contrast: px.contrast,
+            min_head_area_um2: round2(px.min_area_px as f32 * um * um),
+            max_head_area_um2: round2(px.max_area_px as f32 * um * um),
+            open_radius_um: round2(px.open_radius_px as f32 * um),
+            max_elongation: px.max_elongation,
+            min_solidity: px.min_solidity,
+            nucleus_margin: px.nucleus_margin,
+        }
+    }
+}
+
+fn round2(v: f32) -> f32 {
+    (v * 100.0).round() / 100.0
+}
+
+/// The classifier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawClassify {
+    /// ONNX model exported by spermscope-train; relative paths are taken from the config
+    /// file's folder. Default: the bundled SMIDS model.
+    pub model: Option<PathBuf>,
+    /// Scale (µm per pixel) of the images the model was trained on, when its metadata does not
+    /// say; crops are resized from `source.um_per_px` to it. Unset: no resizing.
+    pub model_um_per_px: Option<f32>,
+    /// Execution provider: `cpu`, `cuda` (start-up fails if CUDA cannot be registered) or
+    /// `auto` (CUDA when it registers, else CPU with a warning).
+    pub provider: Provider,
+    /// ONNX Runtime intra-op threads; 0 lets the runtime choose.
+    pub threads: usize,
+    /// ONNX Runtime library; unset: `ORT_DYLIB_PATH`, then `.ort/` from `scripts/setup`.
+    pub ort_dylib_path: Option<PathBuf>,
+    /// Most crops in one inference batch.
+    pub max_batch: usize,
+    /// How long a batch may wait for the next frame's heads, ms; 0 batches one frame at a time.
+    pub batch_wait_ms: u64,
+    /// Below this top probability a cell is recorded as `uncertain` (its probabilities are
+    /// still written).
+    pub uncertain_below: f32,
+}
+
+impl Default for RawClassify {
+    fn default() -> Self {
+        Self {
+            model: None,
+            model_um_per_px: None,
+            provider: Provider::Cpu,
+            threads: 1,
+            ort_dylib_path: None,
+            max_batch: 64,
+            batch_wait_ms: 0,
+            uncertain_below: 0.5,
+        }
+    }
+}
+
+/// Where records go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPublish {
+    /// Write records to standard output.
+    pub stdout: bool,
+    /// Append records to this JSON Lines file.
+    pub file: Option<PathBuf>,
+    /// Serve records to any number of subscribers: `unix:/path/to.sock` or
+    /// `tcp:127.0.0.1:PORT` (loopback only).
+    pub socket: Option<String>,
+    /// Records queued per subscriber before a slow one is dropped.
+    pub subscriber_queue: usize,
+}
+
+impl Default for RawPublish {
+    fn default() -> Self {
+        Self {
+            stdout: false,
+            file: None,
+            socket: None,
+            subscriber_queue: 4096,
+        }
+    }
+}
+
+/// The per-sample report.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawReport {
+    /// Write the report as JSON here at the end of the run.
+    pub file: Option<PathBuf>,
+    /// Write the run's figures (frame and cell accounting, drops by reason, stage latency
+    /// percentiles, throughput) as JSON here at the end of the run.
+    pub summary_file: Option<PathBuf>,
+    /// Print the readable report to standard error at the end of the run.
+    pub print: bool,
+    /// Class counted as a normal form; unset: the model's own normal class.
+    pub normal_class: Option<String>,
+    /// Classes that are not sperm (kept out of the % normal forms).
+    pub exclude_classes: Vec<String>,
+    /// Cells needed for a valid assessment (WHO 6th edition: 200).
+    pub min_cells: usize,
+}
+
+impl Default for RawReport {
+    fn default() -> Self {
+        Self {
+            file: None,
+            summary_file: None,
+            print: true,
+            normal_class: None,
+            exclude_classes: vec!["non-sperm".into()],
+            min_cells: 200,
+        }
+    }
+}
+
+/// Queues between stages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPipeline {
+    /// Frames each channel between stages holds.
+    pub queue_frames: usize,
+    /// Seconds between status lines in the log.
+    pub status_interval_secs: f32,
+}
+
+impl Default for RawPipeline {
+    fn default() -> Self {
+        Self {
+            queue_frames: 4,
+            status_interval_secs: 10.0,
+        }
+    }
+}
+
+/// Where a socket sink listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketAddrSpec {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+/// Frame source settings after validation.
+#[derive(Debug, Clone)]
+pub enum SourceSettings {
+    Replay {
+        path: PathBuf,
+        fps: f32,
+        repeat: bool,
+        preload: bool,
+    },
+    Montage {
+        dataset: PathBuf,
+        frames: usize,
+        cells_per_frame: usize,
+        width_px: u32,
+        height_px: u32,
+        seed: u64,
+    },
+}
+
+/// Everything the pipeline runs on, resolved from a `RawConfig`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub sample_id: String,
+    pub source: SourceSettings,
+    pub live: bool,
+    pub um_per_px: f32,
+    pub segment: SegmentSettings,
+    pub model_path: PathBuf,
+    pub model_um_per_px: Option<f32>,
+    pub provider: Provider,
+    pub threads: usize,
+    pub ort_dylib_path: Option<PathBuf>,
+    pub max_batch: usize,
+    pub batch_wait_ms: u64,
+    pub uncertain_below: f32,
+    pub stdout: bool,
+    pub records_file: Option<PathBuf>,
+    pub socket: Option<SocketAddrSpec>,
+    pub subscriber_queue: usize,
+    pub report_file: Option<PathBuf>,
+    pub summary_file: Option<PathBuf>,
+    pub report_print: bool,
+    pub normal_class: Option<String>,
+    pub exclude_classes: Vec<String>,
+    pub min_cells: usize,
+    pub queue_frames: usize,
+    pub status_interval_secs: f32,
+}
+
+impl RawConfig {
+    /// Parse TOML text; unknown keys and wrong types are refused with their name.
+    pub fn parse(text: &str, origin: &Path) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            reason: e.to_string().trim().replace('\n', " "),
+        })
+    }
+
+    /// Read and parse a file.
+    pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Check every value; no I/O. `base` is the folder relative paths are taken from (the
+    /// config file's folder); `None` for the embedded defaults.
+    pub fn resolve(&self, base: Option<&Path>) -> Result<Settings, ConfigError> {
+        let rel = |p: &Path| match base {
+            Some(b) if p.is_relative() => b.join(p),
+            _ => p.to_path_buf(),
+        };
+        if self.sample.id.trim().is_empty() {
+            return Err(invalid("sample.id", "must not be empty"));
+        }
+        if self.sample.id.chars().any(char::is_control) {
+            return Err(invalid("sample.id", "must not hold control characters"));
+        }
+        let s = &self.source;
+        positive("source.um_per_px", s.um_per_px)?;
+        let source = match s.kind {
+            SourceKind::Replay => {
+                let r = &s.replay;
+                let Some(path) = &r.path else {
+                    return Err(invalid(
+                        "source.replay.path",
+                        "is required when source.kind = \"replay\"",
+                    ));
+                };
+                if !(r.fps.is_finite() && r.fps >= 0.0) {
+                    return Err(invalid("source.replay.fps", "must be 0 or more"));
+                }
+                SourceSettings::Replay {
+                    path: rel(path),
+                    fps: r.fps,
+                    repeat: r.repeat,
+                    preload: r.preload,
+                }
+            }
+            SourceKind::Montage => {
+                let m = &s.montage;
+                let Some(dataset) = &m.dataset else {
+                    return Err(invalid(
+                        "source.montage.dataset",
+                        "is required when source.kind = \"montage\"",
+                    ));
+                };
+                if m.frames == 0 {
+                    return Err(invalid("source.montage.frames", "must be at least 1"));
+                }
+                if m.width_px < 64 || m.height_px < 64 {
+                    return Err(invalid(
+                        "source.montage.width_px",
+                        "fields must be at least 64x64 px",
+                    ));
+                }
+                SourceSettings::Montage {
+                    dataset: rel(dataset),
+                    frames: m.frames,
+                    cells_per_frame: m.cells_per_frame,
+                    width_px: m.width_px,
+                    height_px: m.height_px,
+                    seed: m.seed,
+                }
+            }
+        };
+        let um = s.um_per_px;
+        let g = &self.segment;
+        positive("segment.min_head_area_um2", g.min_head_area_um2)?;
+        positive("segment.max_head_area_um2", g.max_head_area_um2)?;
+        if g.max_head_area_um2 <= g.min_head_area_um2 {
+            return Err(invalid(
+                "segment.max_head_area_um2",
+                "must be larger than segment.min_head_area_um2",
+            ));
+        }
+        if !(g.open_radius_um.is_finite() && g.open_radius_um >= 0.0) {
+            return Err(invalid("segment.open_radius_um", "must be 0 or more"));
+        }
+        let open_px = (g.open_radius_um / um).round();
+        if open_px > 60.0 {
+            return Err(invalid(
+                "segment.open_radius_um",
+                format!("is {open_px} px at source.um_per_px = {um}; at most 60 px"),
+            ));
+        }
+        if !(g.max_elongation.is_finite() && g.max_elongation >= 1.0) {
+            return Err(invalid("segment.max_elongation", "must be 1 or more"));
+        }
+        if !(0.0..=1.0).contains(&g.min_solidity) {
+            return Err(invalid("segment.min_solidity", "must lie in [0, 1]"));
+        }
+        if !(g.nucleus_margin.is_finite() && (-1.0..=2.0).contains(&g.nucleus_margin)) {
+            return Err(invalid("segment.nucleus_margin", "must lie in [-1, 2]"));
+        }
+        let px2 = um * um;
+        let segment = SegmentSettings {
+            contrast: g.contrast,
+            min_area_px: (g.min_head_area_um2 / px2).round().max(1.0) as usize,
+            max_area_px: (g.max_head_area_um2 / px2).round() as usize,
+            open_radius_px: open_px as u8,
+            max_elongation: g.max_elongation,
+            min_solidity: g.min_solidity,
+            nucleus_margin: g.nucleus_margin,
+        };
+        let c = &self.classify;
+        if let Some(v) = c.model_um_per_px {
+            positive("classify.model_um_per_px", v)?;
+        }
+        if c.max_batch == 0 || c.max_batch > 4096 {
+            return Err(invalid("classify.max_batch", "must lie in 1..=4096"));
+        }
+        if c.threads > 256 {
+            return Err(invalid("classify.threads", "must be at most 256"));
+        }
+        if c.batch_wait_ms > 10_000 {
+            return Err(invalid("classify.batch_wait_ms", "must be at most 10000"));
+        }
+        if !(0.0..=1.0).contains(&c.uncertain_below) {
+            return Err(invalid("classify.uncertain_below", "must lie in [0, 1]"));
+        }
+        let model_path = match &c.model {
+            Some(p) => rel(p),
+            None => default_model_path(),
+        };
+        let p = &self.publish;
+        let socket = p.socket.as_deref().map(parse_socket).transpose()?;
+        if p.subscriber_queue == 0 {
+            return Err(invalid("publish.subscriber_queue", "must be at least 1"));
+        }
+        let r = &self.report;
+        if r.min_cells == 0 {
+            return Err(invalid("report.min_cells", "must be at least 1"));
+        }
+        if let Some(n) = &r.normal_class
+            && r.exclude_classes.contains(n)
+        {
+            return Err(invalid(
+                "report.exclude_classes",
+                format!("holds the normal class '{n}'"),
+            ));
+        }
+        let q = &self.pipeline;
+        if q.queue_frames == 0 || q.queue_frames > 1024 {
+            return Err(invalid("pipeline.queue_frames", "must lie in 1..=1024"));
+        }
+        if !(q.status_interval_secs.is_finite() && q.status_interval_secs > 0.0) {
+            return Err(invalid("pipeline.status_interval_secs", "must be above 0"));
+        }
+        Ok(Settings {
+            sample_id: self.sample.id.clone(),
+            source,
+            live: s.live,
+            um_per_px: um,
+            segment,
+            model_path,
+            model_um_per_px: c.model_um_per_px,
+            provider: c.provider,
+            threads: c.threads,
+            ort_dylib_path: c.ort_dylib_path.as_deref().map(rel),
+            max_batch: c.max_batch,
+            batch_wait_ms: c.batch_wait_ms,
+            uncertain_below: c.uncertain_below,
+            stdout: p.stdout,
+            records_file: p.file.as_deref().map(rel),
+            socket,
+            subscriber_queue: p.subscriber_queue,
+            report_file: r.file.as_deref().map(rel),
+            summary_file: r.summary_file.as_deref().map(rel),
+            report_print: r.print,
+            normal_class: r.normal_class.clone(),
+            exclude_classes: r.exclude_classes.clone(),
+            min_cells: r.min_cells,
+            queue_frames: q.queue_frames,
+            status_interval_secs: q.status_interval_secs,
+        })
+    }
+}
+
+fn positive(key: &'static str, v: f32) -> Result<(), ConfigError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("must be a number above 0, not {v}")))
+    }
+}
+
+fn parse_socket(s: &str) -> Result<SocketAddrSpec, ConfigError> {
+    const KEY: &str = "publish.socket";
+    if let Some(p) = s.strip_prefix("unix:") {
+        if p.is_empty() {
+            return Err(invalid(KEY, "unix: needs a path"));
+        }
+        return Ok(SocketAddrSpec::Unix(PathBuf::from(p)));
+    }
+    if let Some(a) = s.strip_prefix("tcp:") {
+        let addr: SocketAddr = a
+            .parse()
+            .map_err(|e| invalid(KEY, format!("'{a}' is not an address and port: {e}")))?;
+        if !addr.ip().is_loopback() {
+            return Err(invalid(
+                KEY,
+                format!("{addr} is not a loopback address; records are served on localhost only"),
+            ));
+        }
+        return Ok(SocketAddrSpec::Tcp(addr));
+    }
+    Err(invalid(KEY, format!("'{s}' must start with unix: or tcp:")))
+}
+
+/// The bundled model: beside the working directory, the executable or the source tree.
+pub fn default_model_path() -> PathBuf {
+    crate::model::install_roots()
+        .iter()
+        .map(|r| r.join(DEFAULT_MODEL))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_replay(extra: &str) -> String {
+        format!("[source.replay]\npath = \"frames\"\n{extra}")
+    }
+
+    #[test]
+    fn defaults_resolve_to_the_segmenter_defaults() {
+        let raw = RawConfig::parse(&with_replay(""), Path::new("t.toml")).unwrap();
+        let s = raw.resolve(Some(Path::new("/etc/x"))).unwrap();
+        let d = SegmentSettings::default();
+        assert_eq!(s.segment.open_radius_px, d.open_radius_px);
+        assert!((s.segment.min_area_px as i64 - d.min_area_px as i64).abs() <= 3);
+        assert!((s.segment.max_area_px as i64 - d.max_area_px as i64).abs() <= 40);
+        match s.source {
+            SourceSettings::Replay { path, .. } => assert_eq!(path, Path::new("/etc/x/frames")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = RawConfig::parse("[segment]\nmin_area = 3\n", Path::new("t.toml")).unwrap_err();
+        assert!(e.to_string().contains("min_area"), "{e}");
+        let raw = RawConfig::parse(
+            &with_replay("[classify]\nuncertain_below = 1.5\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let e = raw.resolve(None).unwrap_err();
+        assert!(e.to_string().contains("classify.uncertain_below"), "{e}");
+        let raw = RawConfig::parse(
+            &with_replay("[publish]\nsocket = \"tcp:0.0.0.0:9000\"\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let e = raw.resolve(None).unwrap_err();
+        assert!(e.to_string().contains("loopback"), "{e}");
+        let raw = RawConfig::parse("", Path::new("t.toml")).unwrap();
+        let e = raw.resolve(None).unwrap_err();
+        assert!(e.to_string().contains("source.replay.path"), "{e}");
+    }
+
+    #[test]
+    fn example_config_parses_and_resolves() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+        let raw = RawConfig::load(&path).unwrap();
+        raw.resolve(path.parent()).unwrap();
+    }
+}

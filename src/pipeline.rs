@@ -1,0 +1,555 @@
+//! The wiring: stage threads joined by bounded channels (source → segment → pose → classify →
+//! publish), backpressure, accounting and shutdown. Stage logic lives in the stage modules;
+//! this is the one place that knows how they connect.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
+
+use crate::classify::Classifier;
+use crate::config::Settings;
+use crate::frame::{Cell, Frame, StageTimes, Unclassified, Work};
+use crate::model::{Model, ModelError, RuntimeOptions};
+use crate::morphometry::{HeadSize, head_size};
+use crate::preprocess::prepare_head;
+use crate::publish::{Record, SinkError, Sinks};
+use crate::report::{Report, Seen, Tally};
+use crate::segment::{SegmentSettings, find_heads};
+use crate::source::{self, FrameSource, Pull, SourceError};
+use crate::spec::ModelSpec;
+use crate::telemetry::{CellDropReason, Counts, Event, FrameDropReason, Latency, Stage, Telemetry};
+
+/// Why the pipeline cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("model {model} is not suitable: {reason}")]
+    Unsuitable { model: String, reason: String },
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+impl StartError {
+    /// A problem with what the configuration names (exit 78), not with the host.
+    pub fn is_config(&self) -> bool {
+        !matches!(self, StartError::Sink(_))
+    }
+}
+
+/// Why a running pipeline failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("a pipeline thread could not start: {0}")]
+    Spawn(std::io::Error),
+    #[error("pipeline stage {0} stopped unexpectedly")]
+    StageFailed(&'static str),
+}
+
+/// Everything opened and loaded, ready to run.
+pub struct Ready {
+    settings: Settings,
+    source: Box<dyn FrameSource>,
+    classifier: Classifier,
+    spec: Arc<ModelSpec>,
+    sinks: Sinks,
+    telemetry: Arc<Telemetry>,
+}
+
+/// Load a model as the settings ask and check that the daemon can use it.
+pub fn load_classifier(settings: &Settings) -> Result<(Classifier, Arc<ModelSpec>), StartError> {
+    let opts = RuntimeOptions {
+        ort_dylib_path: settings.ort_dylib_path.clone(),
+        provider: settings.provider,
+        threads: settings.threads,
+    };
+    let model = Model::load(&settings.model_path, &opts)?;
+    let unsuitable = |reason: String| StartError::Unsuitable {
+        model: settings.model_path.display().to_string(),
+        reason,
+    };
+    let spec = &model.spec;
+    if let Some(n) = &settings.normal_class
+        && !spec.classes.contains(n)
+    {
+        return Err(unsuitable(format!(
+            "report.normal_class '{n}' is not one of its classes {:?}",
+            spec.classes
+        )));
+    }
+    if settings.normal_class.is_none() && spec.normal_class.is_none() {
+        return Err(unsuitable(
+            "it names no normal class; set report.normal_class".into(),
+        ));
+    }
+    let mut spec = spec.clone();
+    if let Some(n) = &settings.normal_class {
+        spec.normal_class = Some(n.clone());
+    }
+    if spec.crop.um_per_px.is_none() {
+        spec.crop.um_per_px = settings.model_um_per_px;
+    }
+    let spec = Arc::new(spec);
+    let mut classifier = Classifier::new(model, settings.uncertain_below);
+    classifier.set_normal_class(spec.normal_class.clone());
+    Ok((classifier, spec))
+}
+
+/// Check what the settings name and open it all: model first (a bad model is refused before
+/// any frame is read), then the source, then the sinks.
+pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, StartError> {
+    let (classifier, spec) = load_classifier(&settings)?;
+    let source = source::open(&settings.source)?;
+    let sinks = Sinks::open(
+        settings.stdout,
+        settings.records_file.as_ref(),
+        settings.socket.as_ref(),
+        settings.subscriber_queue,
+        telemetry.clone(),
+    )?;
+    Ok(Ready {
+        settings,
+        source,
+        classifier,
+        spec,
+        sinks,
+        telemetry,
+    })
+}
+
+impl Ready {
+    pub fn describe(&self) -> String {
+        let m = self.classifier.model();
+        format!(
+            "{}; model {} ({}, {}), sample {}",
+            self.source.describe(),
+            m.spec.name,
+            m.path.display(),
+            m.provider,
+            self.settings.sample_id
+        )
+    }
+
+    pub fn socket_addr(&self) -> Option<String> {
+        self.sinks.socket_addr()
+    }
+}
+
+/// What a finished run leaves.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub report: Report,
+    pub counts: Counts,
+    pub latency: BTreeMap<&'static str, Latency>,
+    pub elapsed_secs: f64,
+    pub frames_per_sec: f64,
+    pub cells_per_sec: f64,
+    /// The run ended on a stop request rather than at the end of the source.
+    pub stopped: bool,
+}
+
+fn spawn<T: Send + 'static>(
+    name: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, RunError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(RunError::Spawn)
+}
+
+/// Run until the source ends or `stop` is set; every stage drains before this returns.
+pub fn run(ready: Ready, stop: Arc<AtomicBool>) -> Result<Outcome, RunError> {
+    let Ready {
+        settings,
+        source,
+        classifier,
+        spec,
+        sinks,
+        telemetry: tel,
+    } = ready;
+    let q = settings.queue_frames;
+    let (to_segment, segment_in) = bounded::<Work>(q);
+    let (to_pose, pose_in) = bounded::<Work>(q);
+    let (to_classify, classify_in) = bounded::<Work>(q);
+    let (to_publish, publish_in) = bounded::<Work>(q);
+    let started = Instant::now();
+
+    let source_h = {
+        let (tel, stop) = (tel.clone(), stop.clone());
+        // A live source makes room by taking the oldest frame off its own queue.
+        let oldest = settings.live.then(|| segment_in.clone());
+        spawn("source", move || {
+            source_stage(source, to_segment, oldest, &stop, &tel)
+        })?
+    };
+    let segment_h = {
+        let (tel, s) = (tel.clone(), settings.segment.clone());
+        spawn("segment", move || {
+            segment_stage(segment_in, to_pose, &s, &tel)
+        })?
+    };
+    let pose_h = {
+        let (tel, spec, um) = (tel.clone(), spec.clone(), settings.um_per_px);
+        spawn("pose", move || {
+            pose_stage(pose_in, to_classify, &spec, um, &tel)
+        })?
+    };
+    let classify_h = {
+        let tel = tel.clone();
+        let (max_batch, wait) = (
+            settings.max_batch,
+            Duration::from_millis(settings.batch_wait_ms),
+        );
+        spawn("classify", move || {
+            classify_stage(classify_in, to_publish, classifier, max_batch, wait, &tel)
+        })?
+    };
+    let publish_h = {
+        let tel = tel.clone();
+        let tally = Tally::new(&settings.sample_id);
+        spawn("publish", move || {
+            publish_stage(publish_in, sinks, tally, &tel)
+        })?
+    };
+
+    // Supervise: a status line now and then until the last stage has drained.
+    let interval = Duration::from_secs_f32(settings.status_interval_secs);
+    let mut next_status = Instant::now() + interval;
+    while !publish_h.is_finished() {
+        std::thread::sleep(Duration::from_millis(20));
+        if Instant::now() >= next_status {
+            next_status += interval;
+            let c = tel.counts();
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(
+                frames = c.frames_published_total,
+                cells = c.cells_published_total,
+                frames_dropped = c.frames_dropped(),
+                fps = format!("{:.1}", c.frames_published_total as f64 / secs.max(1e-9)),
+                "status"
+            );
+        }
+    }
+    let join =
+        |name: &'static str, h: JoinHandle<()>| h.join().map_err(|_| RunError::StageFailed(name));
+    join("source", source_h)?;
+    join("segment", segment_h)?;
+    join("pose", pose_h)?;
+    join("classify", classify_h)?;
+    let tally = publish_h
+        .join()
+        .map_err(|_| RunError::StageFailed("publish"))?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let counts = tel.counts();
+    Ok(Outcome {
+        report: tally.report(&settings.exclude_classes, settings.min_cells),
+        frames_per_sec: counts.frames_published_total as f64 / elapsed.max(1e-9),
+        cells_per_sec: counts.cells_published_total as f64 / elapsed.max(1e-9),
+        latency: tel.latencies(),
+        counts,
+        elapsed_secs: elapsed,
+        stopped: stop.load(Ordering::SeqCst),
+    })
+}
+
+/// Count a frame (and its cells) that could not go on because the next stage is gone.
+fn lost(tel: &Telemetry, w: &Work) {
+    tel.event(Event::FramesDropped {
+        reason: FrameDropReason::PipelineClosed,
+        n: 1,
+    });
+    if !w.cells.is_empty() {
+        tel.event(Event::CellsDropped {
+            reason: CellDropReason::FrameDropped,
+            n: w.cells.len() as u64,
+        });
+    }
+}
+
+fn source_stage(
+    mut src: Box<dyn FrameSource>,
+    tx: Sender<Work>,
+    oldest: Option<Receiver<Work>>,
+    stop: &AtomicBool,
+    tel: &Telemetry,
+) {
+    let mut seq = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let pulled = src.pull();
+        let (name, image, decode_ms) = match pulled {
+            Pull::End => break,
+            Pull::Unreadable { name, reason } => {
+                seq += 1;
+                tel.event(Event::FrameSeen);
+                tel.event(Event::FramesDropped {
+                    reason: FrameDropReason::Undecodable,
+                    n: 1,
+                });
+                tracing::warn!(frame = %name, %reason, "frame skipped: it cannot be decoded");
+                continue;
+            }
+            Pull::Frame {
+                name,
+                image,
+                decode_ms,
+            } => (name, image, decode_ms),
+        };
+        seq += 1;
+        tel.event(Event::FrameSeen);
+        if decode_ms > 0.0 {
+            tel.latency(Stage::Decode, decode_ms);
+        }
+        let work = Work {
+            frame: Frame {
+                seq,
+                name,
+                // The frame counts as captured when its decoding began.
+                timestamp: SystemTime::now(),
+                captured: Instant::now() - Duration::from_secs_f32(decode_ms / 1e3),
+                image: Arc::new(image),
+            },
+            cells: Vec::new(),
+            times: StageTimes {
+                decode_ms,
+                ..StageTimes::default()
+            },
+            model: None,
+        };
+        let sent = match &oldest {
+            None => tx.send(work).map_err(|e| e.into_inner()),
+            Some(queue) => send_dropping_oldest(&tx, queue, work, tel),
+        };
+        if let Err(w) = sent {
+            lost(tel, &w);
+            break;
+        }
+    }
+}
+
+/// Live sources never wait: when the queue is full the oldest queued frame is dropped.
+fn send_dropping_oldest(
+    tx: &Sender<Work>,
+    queue: &Receiver<Work>,
+    mut work: Work,
+    tel: &Telemetry,
+) -> Result<(), Work> {
+    loop {
+        match tx.try_send(work) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Disconnected(w)) => return Err(w),
+            Err(TrySendError::Full(w)) => {
+                work = w;
+                if queue.try_recv().is_ok() {
+                    tel.event(Event::FramesDropped {
+                        reason: FrameDropReason::QueueFull,
+                        n: 1,
+                    });
+                    tracing::debug!("frame dropped: pipeline behind a live source");
+                }
+            }
+        }
+    }
+}
+
+fn segment_stage(
+    rx: Receiver<Work>,
+    tx: Sender<Work>,
+    settings: &SegmentSettings,
+    tel: &Telemetry,
+) {
+    for mut w in rx {
+        let t = Instant::now();
+        let found = find_heads(&w.frame.image, settings);
+        w.cells = found
+            .into_iter()
+            .enumerate()
+            .map(|(index, f)| Cell {
+                index,
+                angle_deg: f.head.angle_deg(),
+                centroid: f.head.centroid,
+                bbox: f.bbox,
+                unclassified: if f.at_edge {
+                    Some(Unclassified::AtEdge)
+                } else if f.touching {
+                    Some(Unclassified::Touching)
+                } else {
+                    None
+                },
+                size: HeadSize::default(),
+                head: Some(f.head),
+                prepared: None,
+                verdict: None,
+                dropped: None,
+            })
+            .collect();
+        w.times.segment_ms = t.elapsed().as_secs_f32() * 1e3;
+        tel.latency(Stage::Segment, w.times.segment_ms);
+        tel.event(Event::CellsFound {
+            n: w.cells.len() as u64,
+        });
+        tracing::debug!(frame = w.frame.seq, cells = w.cells.len(), "segmented");
+        if let Err(e) = tx.send(w) {
+            lost(tel, &e.into_inner());
+        }
+    }
+}
+
+fn pose_stage(
+    rx: Receiver<Work>,
+    tx: Sender<Work>,
+    spec: &ModelSpec,
+    um_per_px: f32,
+    tel: &Telemetry,
+) {
+    for mut w in rx {
+        let t = Instant::now();
+        let image = w.frame.image.clone();
+        for c in &mut w.cells {
+            let Some(head) = c.head.take() else {
+                continue;
+            };
+            if c.unclassified.is_some() {
+                c.size = head_size(&head, um_per_px);
+                continue;
+            }
+            let mut p = prepare_head(&image, &head, spec, Some(um_per_px));
+            // Pose and sizes of the head as the classifier saw it (the crop path's).
+            let seen = p.head.take().unwrap_or(head);
+            c.angle_deg = seen.angle_deg();
+            c.size = head_size(&seen, um_per_px);
+            c.prepared = Some(p);
+        }
+        w.times.pose_ms = t.elapsed().as_secs_f32() * 1e3;
+        tel.latency(Stage::Pose, w.times.pose_ms);
+        if let Err(e) = tx.send(w) {
+            lost(tel, &e.into_inner());
+        }
+    }
+}
+
+fn classify_stage(
+    rx: Receiver<Work>,
+    tx: Sender<Work>,
+    mut classifier: Classifier,
+    max_batch: usize,
+    wait: Duration,
+    tel: &Telemetry,
+) {
+    let pending = |w: &Work| w.cells.iter().filter(|c| c.prepared.is_some()).count();
+    while let Ok(first) = rx.recv() {
+        let mut n = pending(&first);
+        let mut batch = vec![first];
+        if !wait.is_zero() {
+            let deadline = Instant::now() + wait;
+            while n < max_batch {
+                match rx.recv_deadline(deadline) {
+                    Ok(w) => {
+                        n += pending(&w);
+                        batch.push(w);
+                    }
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }
+        let t = Instant::now();
+        classify_batch(&mut classifier, &mut batch, max_batch);
+        let ms = t.elapsed().as_secs_f32() * 1e3;
+        for mut w in batch {
+            w.times.classify_ms = ms;
+            w.model = Some(classifier.id().clone());
+            tel.latency(Stage::Classify, ms);
+            if let Err(e) = tx.send(w) {
+                lost(tel, &e.into_inner());
+            }
+        }
+    }
+}
+
+/// Classify every prepared cell of the frames, `max_batch` at a time. A failed batch drops its
+/// cells with a reason; the frames go on.
+fn classify_batch(classifier: &mut Classifier, frames: &mut [Work], max_batch: usize) {
+    let mut slots: Vec<&mut Cell> = frames
+        .iter_mut()
+        .flat_map(|w| w.cells.iter_mut())
+        .filter(|c| c.prepared.is_some())
+        .collect();
+    for chunk in slots.chunks_mut(max_batch) {
+        let inputs: Vec<_> = chunk.iter().filter_map(|c| c.prepared.as_ref()).collect();
+        match classifier.classify(&inputs) {
+            Ok(verdicts) => {
+                for (c, v) in chunk.iter_mut().zip(verdicts) {
+                    c.verdict = Some(v);
+                    c.prepared = None;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, cells = chunk.len(), "inference failed; cells dropped");
+                for c in chunk.iter_mut() {
+                    c.dropped = Some(CellDropReason::InferenceError);
+                    c.prepared = None;
+                }
+            }
+        }
+    }
+}
+
+fn publish_stage(rx: Receiver<Work>, mut sinks: Sinks, mut tally: Tally, tel: &Telemetry) -> Tally {
+    for w in rx {
+        let t = Instant::now();
+        let latency_ms = w.frame.captured.elapsed().as_secs_f32() * 1e3;
+        if let Some(m) = &w.model {
+            tally
+                .models
+                .entry(m.id.name.clone())
+                .or_insert_with(|| m.id.sha256.clone());
+        }
+        let mut lines = Vec::with_capacity(w.cells.len());
+        let mut dropped: BTreeMap<CellDropReason, u64> = BTreeMap::new();
+        let mut classes: BTreeMap<&str, u64> = BTreeMap::new();
+        for c in &w.cells {
+            if let Some(reason) = c.dropped {
+                *dropped.entry(reason).or_default() += 1;
+                continue;
+            }
+            let r = Record::of(&tally.sample, &w, c, latency_ms);
+            tally.add(Seen {
+                at_edge: r.at_edge,
+                touching: r.touching,
+                class: r.class.as_deref(),
+                normal: r.normal,
+            });
+            if let Some(v) = &c.verdict {
+                *classes.entry(v.class.as_str()).or_default() += 1;
+            }
+            lines.push(r.to_line());
+        }
+        sinks.write(&lines);
+        for (reason, n) in dropped {
+            tel.event(Event::CellsDropped { reason, n });
+        }
+        for (class, n) in classes {
+            tel.event(Event::CellsClassified {
+                class: class.to_string(),
+                n,
+            });
+        }
+        tel.event(Event::CellsPublished {
+            n: lines.len() as u64,
+        });
+        tel.event(Event::FramePublished);
+        tel.latency(Stage::Publish, t.elapsed().as_secs_f32() * 1e3);
+        tel.latency(
+            Stage::EndToEnd,
+            w.frame.captured.elapsed().as_secs_f32() * 1e3,
+        );
+    }
+    sinks.close();
+    tally
+}

@@ -1,0 +1,247 @@
+//! The per-sample report: cells per class, % normal forms with a 95% Wilson interval beside
+//! the WHO 6th edition lower reference limit, and whether enough cells were assessed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::classify::UNCERTAIN;
+
+/// WHO laboratory manual, 6th edition (2021): lower reference limit of normal forms, %.
+pub const WHO_LOWER_REFERENCE_PCT: f64 = 4.0;
+/// z for a two-sided 95% interval.
+const Z95: f64 = 1.959_963_985;
+
+/// Running counts for one sample.
+#[derive(Debug, Clone, Default)]
+pub struct Tally {
+    pub sample: String,
+    /// Models that classified the cells (name → sha256).
+    pub models: BTreeMap<String, String>,
+    pub cells_recorded: u64,
+    pub at_edge: u64,
+    pub touching: u64,
+    pub per_class: BTreeMap<String, u64>,
+    /// Classified cells whose class is the model's normal class.
+    pub normal: u64,
+}
+
+/// One cell as the tally sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen<'a> {
+    pub at_edge: bool,
+    pub touching: bool,
+    pub class: Option<&'a str>,
+    pub normal: Option<bool>,
+}
+
+impl Tally {
+    pub fn new(sample: &str) -> Self {
+        Self {
+            sample: sample.to_string(),
+            ..Self::default()
+        }
+    }
+
+    pub fn add(&mut self, c: Seen<'_>) {
+        self.cells_recorded += 1;
+        if c.at_edge {
+            self.at_edge += 1;
+        } else if c.touching {
+            self.touching += 1;
+        }
+        if let Some(class) = c.class {
+            *self.per_class.entry(class.to_string()).or_default() += 1;
+            if c.normal == Some(true) {
+                self.normal += 1;
+            }
+        }
+    }
+
+    /// The report, with `exclude` classes (not sperm) kept out of the assessed cells.
+    pub fn report(&self, exclude: &[String], min_cells: usize) -> Report {
+        let uncertain = self.per_class.get(UNCERTAIN).copied().unwrap_or(0);
+        let excluded: u64 = exclude.iter().filter_map(|c| self.per_class.get(c)).sum();
+        let classified: u64 = self.per_class.values().sum();
+        let assessed = classified - uncertain - excluded;
+        let (pct, ci) = if assessed > 0 {
+            let (lo, hi) = wilson(self.normal, assessed);
+            (
+                Some(100.0 * self.normal as f64 / assessed as f64),
+                Some([100.0 * lo, 100.0 * hi]),
+            )
+        } else {
+            (None, None)
+        };
+        Report {
+            sample: self.sample.clone(),
+            models: self.models.clone(),
+            cells_recorded: self.cells_recorded,
+            cells_at_edge: self.at_edge,
+            cells_touching: self.touching,
+            cells_classified: classified,
+            cells_uncertain: uncertain,
+            cells_not_sperm: excluded,
+            cells_assessed: assessed,
+            per_class: self.per_class.clone(),
+            normal_forms: self.normal,
+            normal_forms_pct: pct,
+            normal_forms_ci95_pct: ci,
+            who_lower_reference_pct: WHO_LOWER_REFERENCE_PCT,
+            below_who_reference: pct.map(|p| p < WHO_LOWER_REFERENCE_PCT),
+            min_cells: min_cells as u64,
+            min_cells_met: assessed >= min_cells as u64,
+        }
+    }
+}
+
+/// 95% Wilson score interval of `k` successes in `n` trials, as shares.
+pub fn wilson(k: u64, n: u64) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (k, n) = (k as f64, n as f64);
+    let p = k / n;
+    let z2 = Z95 * Z95;
+    let denom = 1.0 + z2 / n;
+    let centre = (p + z2 / (2.0 * n)) / denom;
+    let half = Z95 / denom * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+/// The report as written to JSON.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Report {
+    pub sample: String,
+    pub models: BTreeMap<String, String>,
+    /// Every record of the sample.
+    pub cells_recorded: u64,
+    pub cells_at_edge: u64,
+    pub cells_touching: u64,
+    /// Cells given a class (uncertain included).
+    pub cells_classified: u64,
+    pub cells_uncertain: u64,
+    pub cells_not_sperm: u64,
+    /// The denominator of % normal forms.
+    pub cells_assessed: u64,
+    pub per_class: BTreeMap<String, u64>,
+    pub normal_forms: u64,
+    pub normal_forms_pct: Option<f64>,
+    pub normal_forms_ci95_pct: Option<[f64; 2]>,
+    pub who_lower_reference_pct: f64,
+    pub below_who_reference: Option<bool>,
+    pub min_cells: u64,
+    pub min_cells_met: bool,
+}
+
+impl Report {
+    /// A summary a person reads.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "sample {}", self.sample);
+        for (name, sha) in &self.models {
+            let _ = writeln!(s, "model  {name} (sha256 {})", &sha[..sha.len().min(12)]);
+        }
+        let _ = writeln!(
+            s,
+            "cells  {} recorded: {} classified, {} uncertain, {} not sperm, {} cut by the frame edge, {} touching",
+            self.cells_recorded,
+            self.cells_classified - self.cells_uncertain,
+            self.cells_uncertain,
+            self.cells_not_sperm,
+            self.cells_at_edge,
+            self.cells_touching
+        );
+        let _ = writeln!(s, "  {:<20} {:>7} {:>8}", "class", "cells", "share");
+        let total = self.cells_classified.max(1) as f64;
+        for (class, n) in &self.per_class {
+            let _ = writeln!(
+                s,
+                "  {:<20} {:>7} {:>7.1}%",
+                class,
+                n,
+                100.0 * *n as f64 / total
+            );
+        }
+        match (self.normal_forms_pct, self.normal_forms_ci95_pct) {
+            (Some(p), Some([lo, hi])) => {
+                let _ = writeln!(
+                    s,
+                    "normal forms {p:.1}% (95% Wilson interval {lo:.1}-{hi:.1}%, {} of {} assessed)",
+                    self.normal_forms, self.cells_assessed
+                );
+                let _ = writeln!(
+                    s,
+                    "WHO 6th edition lower reference limit {:.0}%: {}",
+                    self.who_lower_reference_pct,
+                    if p < self.who_lower_reference_pct {
+                        "below"
+                    } else {
+                        "at or above"
+                    }
+                );
+            }
+            _ => {
+                let _ = writeln!(s, "normal forms: no cells assessed");
+            }
+        }
+        let _ = writeln!(
+            s,
+            "{}-cell minimum: {} ({} assessed)",
+            self.min_cells,
+            if self.min_cells_met { "met" } else { "NOT met" },
+            self.cells_assessed
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_matches_published_values() {
+        // Newcombe (1998), example: 81 of 263 → 0.2553 to 0.3662.
+        let (lo, hi) = wilson(81, 263);
+        assert!((lo - 0.2553).abs() < 5e-4, "{lo}");
+        assert!((hi - 0.3662).abs() < 5e-4, "{hi}");
+        let (lo, hi) = wilson(0, 10);
+        assert_eq!(lo, 0.0);
+        assert!((hi - 0.2775).abs() < 5e-4, "{hi}");
+    }
+
+    #[test]
+    fn uncertain_and_non_sperm_stay_out_of_the_denominator() {
+        let mut t = Tally::new("s1");
+        let add = |t: &mut Tally, class: Option<&str>, normal: Option<bool>, edge: bool| {
+            t.add(Seen {
+                at_edge: edge,
+                touching: false,
+                class,
+                normal,
+            })
+        };
+        for _ in 0..30 {
+            add(&mut t, Some("normal_sperm"), Some(true), false);
+        }
+        for _ in 0..170 {
+            add(&mut t, Some("abnormal_sperm"), Some(false), false);
+        }
+        for _ in 0..5 {
+            add(&mut t, Some("non-sperm"), Some(false), false);
+            add(&mut t, Some(UNCERTAIN), Some(false), false);
+            add(&mut t, None, None, true);
+        }
+        let r = t.report(&["non-sperm".into()], 200);
+        assert_eq!(r.cells_recorded, 215);
+        assert_eq!(r.cells_assessed, 200);
+        assert!(r.min_cells_met);
+        assert!((r.normal_forms_pct.unwrap() - 15.0).abs() < 1e-9);
+        let [lo, hi] = r.normal_forms_ci95_pct.unwrap();
+        assert!(lo < 15.0 && hi > 15.0);
+        assert_eq!(r.below_who_reference, Some(false));
+        assert!(r.text().contains("200-cell minimum: met"));
+        let r = t.report(&["non-sperm".into()], 201);
+        assert!(!r.min_cells_met);
+    }
+}

@@ -1,0 +1,115 @@
+//! The whole pipeline on synthetic fields: labelled crops pasted at random positions and
+//! angles. Each head the daemon classifies must get the class the model gives the same crop
+//! on its own (crop-level classification), for at least 95% of the cells.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use spermscope::model::{Model, RuntimeOptions};
+use spermscope::preprocess::prepare_crop;
+use spermscope::source::montage::{Layout, Montage, Placed};
+
+#[test]
+fn montage_cells_agree_with_crop_level_classification() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model_path = root.join("models/hushem-4class.onnx");
+    let layout = Layout {
+        width_px: 1280,
+        height_px: 1024,
+        cells_per_frame: 10,
+        seed: 7,
+    };
+    let montage = Montage::open(&common::datasets().join("hushem"), layout).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let frames = dir.path().join("frames");
+    std::fs::create_dir(&frames).unwrap();
+    let mut truth: Vec<(String, Vec<Placed>)> = Vec::new();
+    for i in 1..=12u64 {
+        let (img, placed) = montage.field(i);
+        let name = format!("field_{i:03}.png");
+        img.save(frames.join(&name)).unwrap();
+        truth.push((name, placed));
+    }
+    let cfg = dir.path().join("montage.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[classify]\nmodel = \"{}\"\nuncertain_below = 0.0\n[report]\nprint = false\n",
+            model_path.display()
+        ),
+    )
+    .unwrap();
+    let rec = dir.path().join("r.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_spermscope"))
+        .arg("replay")
+        .arg(&frames)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--records")
+        .arg(&rec)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Vec<Value> = std::fs::read_to_string(&rec)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+
+    let mut model = Model::load(&model_path, &RuntimeOptions::default()).unwrap();
+    let (mut placed_n, mut matched, mut agree, mut label_agree) = (0, 0, 0, 0);
+    for (name, placed) in &truth {
+        for p in placed {
+            placed_n += 1;
+            // The record whose centroid lies in this crop's disc.
+            let hits: Vec<&Value> = records
+                .iter()
+                .filter(|r| r["frame"]["name"] == name.as_str() && !r["class"].is_null())
+                .filter(|r| {
+                    let (x, y) = (
+                        r["centroid"][0].as_f64().unwrap() as f32,
+                        r["centroid"][1].as_f64().unwrap() as f32,
+                    );
+                    (x - p.centre.0).hypot(y - p.centre.1) < p.radius * 0.8
+                })
+                .collect();
+            let [r] = hits.as_slice() else { continue };
+            matched += 1;
+            let crop = spermscope::dataset::load_rgb(&p.crop).unwrap();
+            let logits = model.logits(&[prepare_crop(&crop, &model.spec)]).unwrap();
+            let best = logits[0]
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            let crop_class = &model.spec.classes[best];
+            if r["class"] == crop_class.as_str() {
+                agree += 1;
+            }
+            if r["class"] == p.class.as_str() {
+                label_agree += 1;
+            }
+        }
+    }
+    let agreement = agree as f64 / matched.max(1) as f64;
+    println!(
+        "montage: {placed_n} crops pasted, {matched} classified once; field vs crop class agreement {:.1}%; field class = label {:.1}%",
+        100.0 * agreement,
+        100.0 * label_agree as f64 / matched.max(1) as f64
+    );
+    assert!(
+        matched as f64 >= 0.9 * placed_n as f64,
+        "{matched} of {placed_n} found"
+    );
+    assert!(agreement >= 0.95, "agreement {agreement:.3}");
+}
