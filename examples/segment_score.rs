@@ -1,17 +1,26 @@
 //! Scores full-field head finding on sperm-parsing `val`: a detection counts when its centroid
 //! lies inside a true head and their IoU is at least 0.5.
-//! `cargo run --release --example segment_score -- [FRAMES]`
+//! With a head verifier model, candidates it rejects are left out.
+//! `cargo run --release --example segment_score -- [FRAMES] [VERIFIER.onnx|-] [MIN_PROB] [SPLIT] [SKIP]`
+//! scores FRAMES frames of SPLIT (default `val`) after skipping the first SKIP in name order.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 
 use spermscope::dataset;
-use spermscope::segment::{MaskMatch, SegmentSettings, find_heads};
+use spermscope::model::{Model, RuntimeOptions};
+use spermscope::segment::{MaskMatch, SegmentSettings, Verifier, find_heads};
 
 fn main() {
-    let root =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets/sperm-parsing/val");
+    let split = std::env::args().nth(4).unwrap_or_else(|| "val".into());
+    let skip: usize = std::env::args()
+        .nth(5)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/datasets/sperm-parsing")
+        .join(&split);
     let limit: usize = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
@@ -21,7 +30,16 @@ fn main() {
         .map(|e| e.unwrap().path())
         .collect();
     frames.sort();
+    frames.drain(..skip.min(frames.len()));
     frames.truncate(limit);
+    let mut verifier = std::env::args().nth(2).filter(|p| p != "-").map(|p| {
+        let min_prob = std::env::args()
+            .nth(3)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.5);
+        let model = Model::load(std::path::Path::new(&p), &RuntimeOptions::default()).unwrap();
+        Verifier::new(model, min_prob).unwrap()
+    });
     let s = SegmentSettings::default();
     let mut total = MaskMatch::default();
     let mut edge = 0;
@@ -32,7 +50,10 @@ fn main() {
         let truth = image::open(root.join("heads").join(format!("{stem}.png")))
             .unwrap()
             .to_luma8();
-        let found = find_heads(&img, &s);
+        let mut found = find_heads(&img, &s);
+        if let Some(v) = &mut verifier {
+            found = v.filter(&img, found, 0.053).unwrap().0;
+        }
         edge += found.iter().filter(|d| d.at_edge).count();
         total.add(MaskMatch::score(&found, &truth));
     }

@@ -9,9 +9,12 @@ use serde::Deserialize;
 use crate::model::Provider;
 use crate::pose::Contrast;
 use crate::segment::SegmentSettings;
+use crate::source::camera::{CameraRequest, CameraSelector, PixelFormat};
 
 /// Model the embedded defaults use, relative to the project root.
 pub const DEFAULT_MODEL: &str = "models/smids-3class.onnx";
+/// Head verifier the embedded defaults use, relative to the project root.
+pub const DEFAULT_VERIFIER: &str = "models/head-verifier.onnx";
 
 /// Why a configuration cannot be used. Every variant names the key or the file.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,7 @@ pub struct RawConfig {
     pub publish: RawPublish,
     pub report: RawReport,
     pub pipeline: RawPipeline,
+    pub service: RawService,
 }
 
 /// The sample being analysed.
@@ -69,6 +73,8 @@ pub enum SourceKind {
     Replay,
     /// Synthetic fields pasted from a labelled crop dataset (tests and benchmarks).
     Montage,
+    /// A live V4L2 camera.
+    Camera,
 }
 
 /// Where frames come from, and the optics they were taken with.
@@ -85,6 +91,7 @@ pub struct RawSource {
     pub live: bool,
     pub replay: RawReplay,
     pub montage: RawMontage,
+    pub camera: RawCamera,
 }
 
 impl Default for RawSource {
@@ -95,6 +102,7 @@ impl Default for RawSource {
             live: false,
             replay: RawReplay::default(),
             montage: RawMontage::default(),
+            camera: RawCamera::default(),
         }
     }
 }
@@ -142,6 +150,56 @@ impl Default for RawMontage {
     }
 }
 
+/// A live camera (V4L2).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCamera {
+    /// Device index (`/dev/videoN`); ignored when `name` is set.
+    pub index: u32,
+    /// Open the first device whose name contains this text instead (see `spermscope cameras`).
+    pub name: Option<String>,
+    /// Requested frame size; the device's closest offer is used.
+    pub width_px: u32,
+    pub height_px: u32,
+    /// Requested frame rate.
+    pub fps: u32,
+    /// `mjpeg`, `yuyv` or `grey`.
+    pub pixel_format: PixelFormat,
+}
+
+impl Default for RawCamera {
+    fn default() -> Self {
+        Self {
+            index: 0,
+            name: None,
+            width_px: 1280,
+            height_px: 1024,
+            fps: 30,
+            pixel_format: PixelFormat::Mjpeg,
+        }
+    }
+}
+
+/// Running as a service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawService {
+    /// Serve `/metrics` (Prometheus) and `/healthz` here, e.g. "127.0.0.1:9464" (loopback
+    /// only). Unset: no endpoint.
+    pub metrics_addr: Option<String>,
+    /// `/healthz` answers 503 when the source has delivered no frame for this long, seconds.
+    pub stall_secs: f32,
+}
+
+impl Default for RawService {
+    fn default() -> Self {
+        Self {
+            metrics_addr: None,
+            stall_secs: 10.0,
+        }
+    }
+}
+
 /// Full-field head finding.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -161,6 +219,14 @@ pub struct RawSegment {
     pub min_solidity: f32,
     /// How far past Otsu's level (as a share of the stain span) a head's darker fifth must be.
     pub nucleus_margin: f32,
+    /// Give every candidate a second look with a learned head verifier, which rejects round
+    /// cells, bacteria, debris and merged pairs.
+    pub verify: bool,
+    /// Verifier model (a `head` / `not_head` classifier from spermscope-train); relative paths
+    /// are taken from the config file's folder. Unset: the bundled head verifier.
+    pub verifier_model: Option<PathBuf>,
+    /// Candidates with a lower head probability than this are rejected.
+    pub verifier_min_prob: f32,
 }
 
 impl Default for RawSegment {
@@ -175,6 +241,9 @@ impl Default for RawSegment {
             max_elongation: px.max_elongation,
             min_solidity: px.min_solidity,
             nucleus_margin: px.nucleus_margin,
+            verify: true,
+            verifier_model: None,
+            verifier_min_prob: 0.1,
         }
     }
 }
@@ -325,6 +394,7 @@ pub enum SourceSettings {
         height_px: u32,
         seed: u64,
     },
+    Camera(CameraRequest),
 }
 
 /// Everything the pipeline runs on, resolved from a `RawConfig`.
@@ -335,6 +405,8 @@ pub struct Settings {
     pub live: bool,
     pub um_per_px: f32,
     pub segment: SegmentSettings,
+    /// Head verifier model and its threshold, when verification is on.
+    pub verifier: Option<(PathBuf, f32)>,
     pub model_path: PathBuf,
     pub model_um_per_px: Option<f32>,
     pub provider: Provider,
@@ -355,6 +427,8 @@ pub struct Settings {
     pub min_cells: usize,
     pub queue_frames: usize,
     pub status_interval_secs: f32,
+    pub metrics_addr: Option<SocketAddr>,
+    pub stall_secs: f32,
 }
 
 impl RawConfig {
@@ -435,6 +509,32 @@ impl RawConfig {
                     seed: m.seed,
                 }
             }
+            SourceKind::Camera => {
+                let c = &s.camera;
+                if c.width_px < 16 || c.height_px < 16 || c.width_px > 16384 || c.height_px > 16384
+                {
+                    return Err(invalid(
+                        "source.camera.width_px",
+                        "frame size must lie in 16..=16384 px a side",
+                    ));
+                }
+                if c.fps == 0 || c.fps > 1000 {
+                    return Err(invalid("source.camera.fps", "must lie in 1..=1000"));
+                }
+                SourceSettings::Camera(CameraRequest {
+                    device: match &c.name {
+                        Some(n) if n.trim().is_empty() => {
+                            return Err(invalid("source.camera.name", "must not be empty"));
+                        }
+                        Some(n) => CameraSelector::Name(n.clone()),
+                        None => CameraSelector::Index(c.index),
+                    },
+                    width_px: c.width_px,
+                    height_px: c.height_px,
+                    fps: c.fps,
+                    format: c.pixel_format,
+                })
+            }
         };
         let um = s.um_per_px;
         let g = &self.segment;
@@ -475,6 +575,16 @@ impl RawConfig {
             min_solidity: g.min_solidity,
             nucleus_margin: g.nucleus_margin,
         };
+        if !(0.0..=1.0).contains(&g.verifier_min_prob) {
+            return Err(invalid("segment.verifier_min_prob", "must lie in [0, 1]"));
+        }
+        let verifier = g.verify.then(|| {
+            let path = match &g.verifier_model {
+                Some(p) => rel(p),
+                None => bundled(DEFAULT_VERIFIER),
+            };
+            (path, g.verifier_min_prob)
+        });
         let c = &self.classify;
         if let Some(v) = c.model_um_per_px {
             positive("classify.model_um_per_px", v)?;
@@ -493,7 +603,7 @@ impl RawConfig {
         }
         let model_path = match &c.model {
             Some(p) => rel(p),
-            None => default_model_path(),
+            None => bundled(DEFAULT_MODEL),
         };
         let p = &self.publish;
         let socket = p.socket.as_deref().map(parse_socket).transpose()?;
@@ -519,12 +629,33 @@ impl RawConfig {
         if !(q.status_interval_secs.is_finite() && q.status_interval_secs > 0.0) {
             return Err(invalid("pipeline.status_interval_secs", "must be above 0"));
         }
+        let v = &self.service;
+        let metrics_addr = match &v.metrics_addr {
+            None => None,
+            Some(a) => {
+                let addr: SocketAddr = a.parse().map_err(|e| {
+                    invalid(
+                        "service.metrics_addr",
+                        format!("'{a}' is not an address and port: {e}"),
+                    )
+                })?;
+                if !addr.ip().is_loopback() {
+                    return Err(invalid(
+                        "service.metrics_addr",
+                        format!("{addr} is not a loopback address"),
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        positive("service.stall_secs", v.stall_secs)?;
         Ok(Settings {
             sample_id: self.sample.id.clone(),
             source,
             live: s.live,
             um_per_px: um,
             segment,
+            verifier,
             model_path,
             model_um_per_px: c.model_um_per_px,
             provider: c.provider,
@@ -545,6 +676,8 @@ impl RawConfig {
             min_cells: r.min_cells,
             queue_frames: q.queue_frames,
             status_interval_secs: q.status_interval_secs,
+            metrics_addr,
+            stall_secs: v.stall_secs,
         })
     }
 }
@@ -580,13 +713,14 @@ fn parse_socket(s: &str) -> Result<SocketAddrSpec, ConfigError> {
     Err(invalid(KEY, format!("'{s}' must start with unix: or tcp:")))
 }
 
-/// The bundled model: beside the working directory, the executable or the source tree.
-pub fn default_model_path() -> PathBuf {
+/// A bundled file (`models/...`): beside the working directory, the executable or the source
+/// tree.
+pub fn bundled(rel: &str) -> PathBuf {
     crate::model::install_roots()
         .iter()
-        .map(|r| r.join(DEFAULT_MODEL))
+        .map(|r| r.join(rel))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL))
+        .unwrap_or_else(|| PathBuf::from(rel))
 }
 
 #[cfg(test)]

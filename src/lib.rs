@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod pose;
 pub mod preprocess;
 pub mod publish;
+pub mod regions;
 pub mod report;
 pub mod segment;
 pub mod service;

@@ -18,8 +18,9 @@ use crate::morphometry::{HeadSize, head_size};
 use crate::preprocess::prepare_head;
 use crate::publish::{Record, SinkError, Sinks};
 use crate::report::{Report, Seen, Tally};
-use crate::segment::{SegmentSettings, find_heads};
-use crate::source::{self, FrameSource, Pull, SourceError};
+use crate::segment::{SegmentSettings, Verifier, find_heads};
+use crate::service::{MetricsError, MetricsServer, Notify};
+use crate::source::{self, FrameSource, Pull, SourceError, SourceNote};
 use crate::spec::ModelSpec;
 use crate::telemetry::{CellDropReason, Counts, Event, FrameDropReason, Latency, Stage, Telemetry};
 
@@ -34,12 +35,19 @@ pub enum StartError {
     Unsuitable { model: String, reason: String },
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 impl StartError {
     /// A problem with what the configuration names (exit 78), not with the host.
     pub fn is_config(&self) -> bool {
-        !matches!(self, StartError::Sink(_))
+        !matches!(
+            self,
+            StartError::Sink(_)
+                | StartError::Metrics(_)
+                | StartError::Source(SourceError::Camera(_))
+        )
     }
 }
 
@@ -57,19 +65,16 @@ pub struct Ready {
     settings: Settings,
     source: Box<dyn FrameSource>,
     classifier: Classifier,
+    verifier: Option<Verifier>,
     spec: Arc<ModelSpec>,
     sinks: Sinks,
+    metrics: Option<MetricsServer>,
     telemetry: Arc<Telemetry>,
 }
 
 /// Load a model as the settings ask and check that the daemon can use it.
 pub fn load_classifier(settings: &Settings) -> Result<(Classifier, Arc<ModelSpec>), StartError> {
-    let opts = RuntimeOptions {
-        ort_dylib_path: settings.ort_dylib_path.clone(),
-        provider: settings.provider,
-        threads: settings.threads,
-    };
-    let model = Model::load(&settings.model_path, &opts)?;
+    let model = Model::load(&settings.model_path, &runtime_options(settings))?;
     let unsuitable = |reason: String| StartError::Unsuitable {
         model: settings.model_path.display().to_string(),
         reason,
@@ -101,10 +106,33 @@ pub fn load_classifier(settings: &Settings) -> Result<(Classifier, Arc<ModelSpec
     Ok((classifier, spec))
 }
 
+fn runtime_options(settings: &Settings) -> RuntimeOptions {
+    RuntimeOptions {
+        ort_dylib_path: settings.ort_dylib_path.clone(),
+        provider: settings.provider,
+        threads: settings.threads,
+    }
+}
+
+/// Load the head verifier the settings ask for, if any.
+pub fn load_verifier(settings: &Settings) -> Result<Option<Verifier>, StartError> {
+    let Some((path, min_prob)) = &settings.verifier else {
+        return Ok(None);
+    };
+    let model = Model::load(path, &runtime_options(settings))?;
+    Verifier::new(model, *min_prob)
+        .map(Some)
+        .map_err(|reason| StartError::Unsuitable {
+            model: path.display().to_string(),
+            reason,
+        })
+}
+
 /// Check what the settings name and open it all: model first (a bad model is refused before
 /// any frame is read), then the source, then the sinks.
 pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, StartError> {
     let (classifier, spec) = load_classifier(&settings)?;
+    let verifier = load_verifier(&settings)?;
     let source = source::open(&settings.source)?;
     let sinks = Sinks::open(
         settings.stdout,
@@ -113,12 +141,24 @@ pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, S
         settings.subscriber_queue,
         telemetry.clone(),
     )?;
+    let metrics = settings
+        .metrics_addr
+        .map(|a| {
+            MetricsServer::start(
+                a,
+                telemetry.clone(),
+                Duration::from_secs_f32(settings.stall_secs),
+            )
+        })
+        .transpose()?;
     Ok(Ready {
         settings,
         source,
         classifier,
+        verifier,
         spec,
         sinks,
+        metrics,
         telemetry,
     })
 }
@@ -126,8 +166,12 @@ pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, S
 impl Ready {
     pub fn describe(&self) -> String {
         let m = self.classifier.model();
+        let verifier = match &self.verifier {
+            Some(v) => format!("head verifier {}", v.model().spec.name),
+            None => "no head verifier".into(),
+        };
         format!(
-            "{}; model {} ({}, {}), sample {}",
+            "{}; model {} ({}, {}), {verifier}, sample {}",
             self.source.describe(),
             m.spec.name,
             m.path.display(),
@@ -138,6 +182,10 @@ impl Ready {
 
     pub fn socket_addr(&self) -> Option<String> {
         self.sinks.socket_addr()
+    }
+
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|m| m.addr)
     }
 }
 
@@ -164,41 +212,137 @@ fn spawn<T: Send + 'static>(
         .map_err(RunError::Spawn)
 }
 
+/// Re-reads and resolves the configuration on a reload request.
+pub type Reread = Box<dyn FnMut() -> Result<Settings, String> + Send>;
+
+/// How the outside world steers a run.
+pub struct Control {
+    /// Set: stop the source and drain.
+    pub stop: Arc<AtomicBool>,
+    /// Set: re-read the configuration and swap the model between batches.
+    pub reload: Option<(Arc<AtomicBool>, Reread)>,
+    /// The service manager to tell about readiness, status, watchdog and stopping.
+    pub notify: Option<Box<dyn Notify>>,
+}
+
+impl Control {
+    /// Only a stop flag (tests, replay without a service manager).
+    pub fn stop_only(stop: Arc<AtomicBool>) -> Self {
+        Self {
+            stop,
+            reload: None,
+            notify: None,
+        }
+    }
+}
+
+/// Settings a reload cannot change (they need a restart), for a warning.
+fn restart_only(s: &Settings) -> String {
+    format!(
+        "{:?}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{}|{:?}",
+        s.source,
+        s.segment,
+        s.verifier,
+        s.um_per_px,
+        s.records_file,
+        s.socket,
+        s.metrics_addr,
+        s.sample_id,
+        s.queue_frames
+    )
+}
+
+/// Load the model a re-read configuration names, through the start-up code path, and hand it
+/// to the pose stage, which passes it on in order with the frames. A bad config or model
+/// leaves the running one in place.
+fn reload(
+    reread: &mut Reread,
+    current: &mut Settings,
+    swaps: &Sender<(Classifier, Arc<ModelSpec>)>,
+    tel: &Telemetry,
+) {
+    let new = match reread() {
+        Ok(s) => s,
+        Err(e) => {
+            tel.event(Event::ReloadFailed);
+            tracing::error!(error = %e, "reload refused: configuration is not valid; running on with the old one");
+            return;
+        }
+    };
+    if restart_only(&new) != restart_only(current) {
+        tracing::warn!(
+            "reload applies [classify] and the report's classes; other changes need a restart"
+        );
+    }
+    match load_classifier(&new) {
+        Ok((classifier, spec)) => {
+            let id = classifier.id().id.clone();
+            if swaps.send((classifier, spec)).is_ok() {
+                tel.set_model(&id.name, &id.sha256);
+                tel.event(Event::Reloaded);
+                tracing::info!(model = %id.name, sha256 = %id.sha256, "reload: new model ready; it takes over between batches");
+                *current = new;
+            }
+        }
+        Err(e) => {
+            tel.event(Event::ReloadFailed);
+            tracing::error!(error = %e, "reload refused: model not usable; running on with the old one");
+        }
+    }
+}
+
 /// Run until the source ends or `stop` is set; every stage drains before this returns.
-pub fn run(ready: Ready, stop: Arc<AtomicBool>) -> Result<Outcome, RunError> {
+pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
+    let Control {
+        stop,
+        reload: mut reloader,
+        mut notify,
+    } = control;
     let Ready {
         settings,
         source,
         classifier,
+        verifier,
         spec,
         sinks,
+        metrics,
         telemetry: tel,
     } = ready;
+    let mut settings = settings;
     let q = settings.queue_frames;
     let (to_segment, segment_in) = bounded::<Work>(q);
     let (to_pose, pose_in) = bounded::<Work>(q);
-    let (to_classify, classify_in) = bounded::<Work>(q);
+    let (to_classify, classify_in) = bounded::<ToClassify>(q);
+    let (swap_tx, swap_rx) = crossbeam_channel::unbounded::<(Classifier, Arc<ModelSpec>)>();
     let (to_publish, publish_in) = bounded::<Work>(q);
     let started = Instant::now();
 
     let source_h = {
         let (tel, stop) = (tel.clone(), stop.clone());
         // A live source makes room by taking the oldest frame off its own queue.
-        let oldest = settings.live.then(|| segment_in.clone());
+        let oldest = (settings.live || source.live()).then(|| segment_in.clone());
         spawn("source", move || {
             source_stage(source, to_segment, oldest, &stop, &tel)
         })?
     };
+    // Queue depths for /metrics (receivers do not keep a channel open).
+    let depths = (
+        segment_in.clone(),
+        pose_in.clone(),
+        classify_in.clone(),
+        publish_in.clone(),
+    );
+    tel.set_model(&classifier.id().id.name, &classifier.id().id.sha256);
     let segment_h = {
-        let (tel, s) = (tel.clone(), settings.segment.clone());
+        let (tel, s, um) = (tel.clone(), settings.segment.clone(), settings.um_per_px);
         spawn("segment", move || {
-            segment_stage(segment_in, to_pose, &s, &tel)
+            segment_stage(segment_in, to_pose, &s, verifier, um, &tel)
         })?
     };
     let pose_h = {
         let (tel, spec, um) = (tel.clone(), spec.clone(), settings.um_per_px);
         spawn("pose", move || {
-            pose_stage(pose_in, to_classify, &spec, um, &tel)
+            pose_stage(pose_in, to_classify, swap_rx, spec, um, &tel)
         })?
     };
     let classify_h = {
@@ -219,23 +363,73 @@ pub fn run(ready: Ready, stop: Arc<AtomicBool>) -> Result<Outcome, RunError> {
         })?
     };
 
-    // Supervise: a status line now and then until the last stage has drained.
+    // Supervise until the last stage has drained: status lines, watchdog pings, reloads.
+    if let Some(n) = &mut notify {
+        n.ready();
+    }
     let interval = Duration::from_secs_f32(settings.status_interval_secs);
     let mut next_status = Instant::now() + interval;
+    let watchdog = notify.as_ref().and_then(|n| n.watchdog_every());
+    let mut next_ping = Instant::now();
+    let mut stopping = false;
     while !publish_h.is_finished() {
         std::thread::sleep(Duration::from_millis(20));
-        if Instant::now() >= next_status {
+        let now = Instant::now();
+        tel.set_queue_depths(vec![
+            ("segment", depths.0.len()),
+            ("pose", depths.1.len()),
+            ("classify", depths.2.len()),
+            ("publish", depths.3.len()),
+        ]);
+        if let (Some(every), Some(n)) = (watchdog, &mut notify)
+            && now >= next_ping
+        {
+            n.watchdog();
+            next_ping = now + every;
+        }
+        if !stopping && stop.load(Ordering::SeqCst) {
+            stopping = true;
+            tracing::info!("stop requested: draining the pipeline");
+            if let Some(n) = &mut notify {
+                n.stopping();
+            }
+        }
+        if let Some((flag, reread)) = &mut reloader
+            && flag.swap(false, Ordering::SeqCst)
+        {
+            if let Some(n) = &mut notify {
+                n.reloading();
+            }
+            reload(reread, &mut settings, &swap_tx, &tel);
+            if let Some(n) = &mut notify {
+                n.ready();
+            }
+        }
+        if now >= next_status {
             next_status += interval;
             let c = tel.counts();
             let secs = started.elapsed().as_secs_f64();
-            tracing::info!(
-                frames = c.frames_published_total,
-                cells = c.cells_published_total,
-                frames_dropped = c.frames_dropped(),
-                fps = format!("{:.1}", c.frames_published_total as f64 / secs.max(1e-9)),
-                "status"
+            let line = format!(
+                "{:.1} frames/s, {} frames, {} cells, {} frames dropped{}",
+                c.frames_published_total as f64 / secs.max(1e-9),
+                c.frames_published_total,
+                c.cells_published_total,
+                c.frames_dropped(),
+                if c.source_up {
+                    ""
+                } else {
+                    ", SOURCE DOWN (retrying)"
+                }
             );
+            tracing::info!("status: {line}");
+            if let Some(n) = &mut notify {
+                n.status(&line);
+            }
         }
+    }
+    drop(swap_tx);
+    if let Some(m) = metrics {
+        m.close();
     }
     let join =
         |name: &'static str, h: JoinHandle<()>| h.join().map_err(|_| RunError::StageFailed(name));
@@ -285,6 +479,16 @@ fn source_stage(
         let pulled = src.pull();
         let (name, image, decode_ms) = match pulled {
             Pull::End => break,
+            Pull::Idle(note) => {
+                match note {
+                    Some(SourceNote::Disconnected(reason)) => {
+                        tel.event(Event::SourceLost { reason })
+                    }
+                    Some(SourceNote::Reconnected) => tel.event(Event::SourceBack),
+                    None => {}
+                }
+                continue;
+            }
             Pull::Unreadable { name, reason } => {
                 seq += 1;
                 tel.event(Event::FrameSeen);
@@ -362,11 +566,25 @@ fn segment_stage(
     rx: Receiver<Work>,
     tx: Sender<Work>,
     settings: &SegmentSettings,
+    mut verifier: Option<Verifier>,
+    um_per_px: f32,
     tel: &Telemetry,
 ) {
     for mut w in rx {
         let t = Instant::now();
-        let found = find_heads(&w.frame.image, settings);
+        let mut found = find_heads(&w.frame.image, settings);
+        if let Some(v) = &mut verifier {
+            match v.filter(&w.frame.image, found.clone(), um_per_px) {
+                Ok((kept, rejected)) => {
+                    found = kept;
+                    tel.event(Event::CandidatesRejected { n: rejected as u64 });
+                }
+                Err(e) => {
+                    tel.event(Event::VerifierFailed);
+                    tracing::warn!(error = %e, frame = w.frame.seq, "head verifier failed; candidates kept unverified");
+                }
+            }
+        }
         w.cells = found
             .into_iter()
             .enumerate()
@@ -401,14 +619,30 @@ fn segment_stage(
     }
 }
 
+/// What the classify stage receives: frames, and in between them a new model to use from
+/// the next frame on (a reload travels in order with the frames, so no frame prepared for one
+/// model is classified by another).
+enum ToClassify {
+    Work(Work),
+    Swap(Box<Classifier>),
+}
+
 fn pose_stage(
     rx: Receiver<Work>,
-    tx: Sender<Work>,
-    spec: &ModelSpec,
+    tx: Sender<ToClassify>,
+    swaps: Receiver<(Classifier, Arc<ModelSpec>)>,
+    mut spec: Arc<ModelSpec>,
     um_per_px: f32,
     tel: &Telemetry,
 ) {
     for mut w in rx {
+        if let Ok((classifier, new_spec)) = swaps.try_recv() {
+            spec = new_spec;
+            if tx.send(ToClassify::Swap(Box::new(classifier))).is_err() {
+                lost(tel, &w);
+                continue;
+            }
+        }
         let t = Instant::now();
         let image = w.frame.image.clone();
         for c in &mut w.cells {
@@ -419,7 +653,7 @@ fn pose_stage(
                 c.size = head_size(&head, um_per_px);
                 continue;
             }
-            let mut p = prepare_head(&image, &head, spec, Some(um_per_px));
+            let mut p = prepare_head(&image, &head, &spec, Some(um_per_px));
             // Pose and sizes of the head as the classifier saw it (the crop path's).
             let seen = p.head.take().unwrap_or(head);
             c.angle_deg = seen.angle_deg();
@@ -428,14 +662,16 @@ fn pose_stage(
         }
         w.times.pose_ms = t.elapsed().as_secs_f32() * 1e3;
         tel.latency(Stage::Pose, w.times.pose_ms);
-        if let Err(e) = tx.send(w) {
-            lost(tel, &e.into_inner());
+        if let Err(e) = tx.send(ToClassify::Work(w))
+            && let ToClassify::Work(w) = e.into_inner()
+        {
+            lost(tel, &w);
         }
     }
 }
 
 fn classify_stage(
-    rx: Receiver<Work>,
+    rx: Receiver<ToClassify>,
     tx: Sender<Work>,
     mut classifier: Classifier,
     max_batch: usize,
@@ -443,16 +679,40 @@ fn classify_stage(
     tel: &Telemetry,
 ) {
     let pending = |w: &Work| w.cells.iter().filter(|c| c.prepared.is_some()).count();
-    while let Ok(first) = rx.recv() {
+    let mut held: Option<ToClassify> = None;
+    loop {
+        let next = match held.take() {
+            Some(m) => m,
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+        };
+        let first = match next {
+            ToClassify::Swap(c) => {
+                tracing::info!(
+                    from = %classifier.id().id.name,
+                    to = %c.id().id.name,
+                    "model swapped between batches"
+                );
+                classifier = *c;
+                continue;
+            }
+            ToClassify::Work(w) => w,
+        };
         let mut n = pending(&first);
         let mut batch = vec![first];
         if !wait.is_zero() {
             let deadline = Instant::now() + wait;
             while n < max_batch {
                 match rx.recv_deadline(deadline) {
-                    Ok(w) => {
+                    Ok(ToClassify::Work(w)) => {
                         n += pending(&w);
                         batch.push(w);
+                    }
+                    Ok(swap) => {
+                        held = Some(swap);
+                        break;
                     }
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                 }

@@ -3,9 +3,6 @@
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use imageproc::contrast::otsu_level;
-use imageproc::distance_transform::Norm;
-use imageproc::morphology::open;
-use imageproc::region_labelling::{Connectivity, connected_components};
 
 /// How heads differ from the background in an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -161,50 +158,34 @@ pub fn find_head_in_crop(img: &RgbImage, contrast: Contrast) -> Result<HeadRegio
         return Err(PoseError::NoContrast);
     }
     let k = ((w.min(h) as f32 / 45.0).round() as u8).clamp(2, 4);
-    let opened = open(&t.head, Norm::L2, k);
-    let labels = connected_components(&opened, Connectivity::Eight, Luma([0u8]));
-
-    // Per-label area and centroid.
-    let mut stats: Vec<(usize, f64, f64)> = Vec::new();
-    for (x, y, l) in labels.enumerate_pixels() {
-        let l = l[0] as usize;
-        if l == 0 {
-            continue;
-        }
-        if stats.len() < l {
-            stats.resize(l, (0, 0.0, 0.0));
-        }
-        let s = &mut stats[l - 1];
-        s.0 += 1;
-        s.1 += x as f64;
-        s.2 += y as f64;
-    }
     let min_area = ((w * h) as f32 * 0.004).max(20.0) as usize;
+    // Regions left by the opening, each with its area and centroid.
+    let regions = crate::regions::opened_regions(&t.head, k, min_area);
     let (cx0, cy0) = (w as f64 / 2.0, h as f64 / 2.0);
     let diag = ((w * w + h * h) as f64).sqrt();
     let mut best: Option<(usize, f64)> = None;
-    let mut largest = 0;
-    for (i, &(n, sx, sy)) in stats.iter().enumerate() {
-        largest = largest.max(n);
+    for (i, px) in regions.iter().enumerate() {
+        let n = px.len();
         if n < min_area {
             continue;
         }
+        let (sx, sy) = px.iter().fold((0.0f64, 0.0f64), |(a, b), &(x, y)| {
+            (a + x as f64, b + y as f64)
+        });
         let d = ((sx / n as f64 - cx0).powi(2) + (sy / n as f64 - cy0).powi(2)).sqrt() / diag;
         let score = n as f64 / (1.0 + 4.0 * d).powi(2);
         if best.is_none_or(|(_, s)| score > s) {
-            best = Some((i + 1, score));
+            best = Some((i, score));
         }
     }
-    let Some((label, _)) = best else {
+    let Some((index, _)) = best else {
         return Err(PoseError::NoHead {
-            largest_px: largest,
+            largest_px: regions.iter().map(Vec::len).max().unwrap_or(0),
         });
     };
     let mut mask = GrayImage::new(w, h);
-    for (x, y, l) in labels.enumerate_pixels() {
-        if l[0] as usize == label {
-            mask.put_pixel(x, y, Luma([255]));
-        }
+    for &(x, y) in &regions[index] {
+        mask.put_pixel(x, y, Luma([255]));
     }
     fill_holes(&mut mask);
     Ok(measure(&mask, &t.tail, &t.stain))

@@ -5,12 +5,12 @@
 use std::collections::{HashMap, HashSet};
 
 use image::{GrayImage, Luma, RgbImage};
-use imageproc::distance_transform::Norm;
-use imageproc::morphology::open;
-use imageproc::region_labelling::{Connectivity, connected_components};
 
+use crate::model::{Model, ModelError, softmax};
 use crate::morphometry;
 use crate::pose::{self, Contrast, HeadRegion, Thresholded};
+use crate::preprocess::prepare_head;
+use crate::regions;
 
 /// Settings of the classical segmenter, in pixels of the frame.
 #[derive(Debug, Clone)]
@@ -59,167 +59,19 @@ pub struct FoundHead {
 }
 
 /// Find every head in a frame, in raster order of their first pixel.
-///
-/// The opening that cuts tails off is the costly step, so it runs only around the stained
-/// regions big enough to hold a head, each in a window padded by twice its radius: opening
-/// reaches no further than that, so the result is the same as opening the whole frame.
 pub fn find_heads(frame: &RgbImage, s: &SegmentSettings) -> Vec<FoundHead> {
     let (w, h) = frame.dimensions();
     if w < 16 || h < 16 {
         return Vec::new();
     }
     let t = Thresholded::new(frame, s.contrast);
-    let pad = 2 * s.open_radius_px as u32 + 2;
-    let mut regions: Vec<Vec<(u32, u32)>> = Vec::new();
-    for (b, runs) in blobs(&t.head) {
-        // Opening only shrinks a region: a blob below the smallest head holds none.
-        if b.n < s.min_area_px {
-            continue;
-        }
-        let (x0, y0) = (b.x0.saturating_sub(pad), b.y0.saturating_sub(pad));
-        let (x1, y1) = ((b.x1 + pad).min(w - 1), (b.y1 + pad).min(h - 1));
-        let (lw, lh) = (x1 - x0 + 1, y1 - y0 + 1);
-        let local = image::imageops::crop_imm(&t.head, x0, y0, lw, lh).to_image();
-        let opened = open(&local, Norm::L2, s.open_radius_px);
-        // Keep what the opening left of this blob only (its neighbours have their own turn).
-        let mut mine = GrayImage::new(lw, lh);
-        for r in &runs {
-            for x in r.x0..=r.x1 {
-                if opened.get_pixel(x - x0, r.y - y0)[0] != 0 {
-                    mine.put_pixel(x - x0, r.y - y0, Luma([255]));
-                }
-            }
-        }
-        let opened = mine;
-        let parts = connected_components(&opened, Connectivity::Eight, Luma([0u8]));
-        let first = regions.len();
-        for (x, y, l) in parts.enumerate_pixels() {
-            let l = l[0] as usize;
-            if l == 0 {
-                continue;
-            }
-            if regions.len() < first + l {
-                regions.resize(first + l, Vec::new());
-            }
-            regions[first + l - 1].push((x + x0, y + y0));
-        }
-    }
+    let mut regions = regions::opened_regions(&t.head, s.open_radius_px, s.min_area_px);
     regions.retain(|px| px.len() >= s.min_area_px && px.len() <= s.max_area_px);
     regions.sort_by_key(|px| px.first().map(|&(x, y)| (y, x)));
     regions
         .into_iter()
         .filter_map(|px| measure_region(px, &t, s, w, h))
         .collect()
-}
-
-/// A horizontal run of mask pixels, `x0..=x1` on row `y`.
-#[derive(Debug, Clone, Copy)]
-struct Run {
-    y: u32,
-    x0: u32,
-    x1: u32,
-}
-
-/// 8-connected regions of a mask as runs, with their bounding boxes: one pass over the rows,
-/// joining runs that touch a run of the row above (union-find). Much cheaper than a label
-/// image on a sparse full field.
-fn blobs(mask: &GrayImage) -> Vec<(Blob, Vec<Run>)> {
-    let (w, h) = (mask.width() as usize, mask.height() as usize);
-    let px = mask.as_raw();
-    let mut runs: Vec<Run> = Vec::new();
-    let mut parent: Vec<usize> = Vec::new();
-    fn root(parent: &mut [usize], mut i: usize) -> usize {
-        while parent[i] != i {
-            parent[i] = parent[parent[i]];
-            i = parent[i];
-        }
-        i
-    }
-    let mut prev = 0..0;
-    for y in 0..h {
-        let row = &px[y * w..(y + 1) * w];
-        let start = runs.len();
-        let mut x = 0;
-        while x < w {
-            if row[x] == 0 {
-                x += 1;
-                continue;
-            }
-            let x0 = x;
-            while x < w && row[x] != 0 {
-                x += 1;
-            }
-            runs.push(Run {
-                y: y as u32,
-                x0: x0 as u32,
-                x1: (x - 1) as u32,
-            });
-            parent.push(parent.len());
-        }
-        let here = start..runs.len();
-        // Join with the runs above that touch (diagonals included).
-        let mut j = prev.start;
-        for i in here.clone() {
-            let r = runs[i];
-            while j < prev.end && runs[j].x1 + 1 < r.x0 {
-                j += 1;
-            }
-            let mut k = j;
-            while k < prev.end && runs[k].x0 <= r.x1 + 1 {
-                let (a, b) = (root(&mut parent, i), root(&mut parent, k));
-                if a != b {
-                    parent[a.max(b)] = a.min(b);
-                }
-                k += 1;
-            }
-        }
-        prev = here;
-    }
-    let mut index: Vec<usize> = vec![usize::MAX; runs.len()];
-    let mut out: Vec<(Blob, Vec<Run>)> = Vec::new();
-    for (i, &run) in runs.iter().enumerate() {
-        let r = root(&mut parent, i);
-        if index[r] == usize::MAX {
-            index[r] = out.len();
-            out.push((Blob::default(), Vec::new()));
-        }
-        let (b, rs) = &mut out[index[r]];
-        b.add_run(run);
-        rs.push(run);
-    }
-    out
-}
-
-/// Bounding box and size of a stained region.
-#[derive(Debug, Clone, Copy)]
-struct Blob {
-    x0: u32,
-    y0: u32,
-    x1: u32,
-    y1: u32,
-    n: usize,
-}
-
-impl Default for Blob {
-    fn default() -> Self {
-        Self {
-            x0: u32::MAX,
-            y0: u32::MAX,
-            x1: 0,
-            y1: 0,
-            n: 0,
-        }
-    }
-}
-
-impl Blob {
-    fn add_run(&mut self, r: Run) {
-        self.x0 = self.x0.min(r.x0);
-        self.y0 = self.y0.min(r.y);
-        self.x1 = self.x1.max(r.x1);
-        self.y1 = self.y1.max(r.y);
-        self.n += (r.x1 - r.x0 + 1) as usize;
-    }
 }
 
 /// Filter one opened region (nucleus, elongation) and measure it as a head.
@@ -279,6 +131,81 @@ fn measure_region(
     })
 }
 
+/// Class a verifier model must have: the candidate is one sperm head.
+pub const HEAD_CLASS: &str = "head";
+
+/// A learned second look at each candidate the classical segmenter finds: a small classifier
+/// (trained by `spermscope-train` on `sperm-parsing/train` candidates) that keeps heads and
+/// rejects round cells, bacteria, debris and merged pairs.
+pub struct Verifier {
+    model: Model,
+    head_index: usize,
+    min_prob: f32,
+}
+
+impl Verifier {
+    /// Wrap a loaded model; it must have a `head` class.
+    pub fn new(model: Model, min_prob: f32) -> Result<Verifier, String> {
+        let head_index = model
+            .spec
+            .classes
+            .iter()
+            .position(|c| c == HEAD_CLASS)
+            .ok_or_else(|| {
+                format!(
+                    "a head verifier needs a '{HEAD_CLASS}' class; this one has {:?}",
+                    model.spec.classes
+                )
+            })?;
+        Ok(Verifier {
+            model,
+            head_index,
+            min_prob,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Keep the candidates the model takes for heads (probability at least `min_prob`); the
+    /// second value is how many were rejected.
+    pub fn filter(
+        &mut self,
+        frame: &RgbImage,
+        found: Vec<FoundHead>,
+        um_per_px: f32,
+    ) -> Result<(Vec<FoundHead>, usize), ModelError> {
+        if found.is_empty() {
+            return Ok((found, 0));
+        }
+        let spec = &self.model.spec;
+        let inputs: Vec<_> = found
+            .iter()
+            .map(|f| {
+                let mut p = prepare_head(frame, &f.head, spec, Some(um_per_px));
+                p.head = None;
+                p
+            })
+            .collect();
+        let temperature = spec.temperature;
+        let logits = self.model.logits(&inputs)?;
+        let before = found.len();
+        let kept: Vec<FoundHead> = found
+            .into_iter()
+            .zip(&logits)
+            .filter(|(_, l)| {
+                softmax(l, temperature)
+                    .get(self.head_index)
+                    .is_some_and(|&p| p >= self.min_prob)
+            })
+            .map(|(f, _)| f)
+            .collect();
+        let rejected = before - kept.len();
+        Ok((kept, rejected))
+    }
+}
+
 /// Detections matched against an instance mask (0 background, 1..n one id per true head): a
 /// detection counts when its centroid lies inside a true head and their IoU is at least 0.5,
 /// each true head matched at most once.
@@ -291,6 +218,17 @@ pub struct MaskMatch {
 
 impl MaskMatch {
     pub fn score(found: &[FoundHead], truth: &GrayImage) -> MaskMatch {
+        let (flags, true_heads) = Self::flags(found, truth);
+        MaskMatch {
+            true_heads,
+            found: found.len(),
+            matched: flags.iter().filter(|&&m| m).count(),
+        }
+    }
+
+    /// Whether each detection matches a true head (in order, each head at most once), and the
+    /// number of true heads.
+    pub fn flags(found: &[FoundHead], truth: &GrayImage) -> (Vec<bool>, usize) {
         let mut area: HashMap<u8, usize> = HashMap::new();
         for p in truth.pixels() {
             if p[0] > 0 {
@@ -298,29 +236,25 @@ impl MaskMatch {
             }
         }
         let mut used = HashSet::new();
-        let mut matched = 0;
-        for d in found {
-            let (cx, cy) = (d.head.centroid.0 as u32, d.head.centroid.1 as u32);
-            let id = truth.get_pixel(cx, cy)[0];
-            let Some(&true_area) = area.get(&id) else {
-                continue;
-            };
-            let inter = d
-                .head
-                .pixels
-                .iter()
-                .filter(|&&(x, y)| truth.get_pixel(x, y)[0] == id)
-                .count();
-            let iou = inter as f64 / (d.head.area_px() + true_area - inter) as f64;
-            if iou >= 0.5 && used.insert(id) {
-                matched += 1;
-            }
-        }
-        MaskMatch {
-            true_heads: area.len(),
-            found: found.len(),
-            matched,
-        }
+        let flags = found
+            .iter()
+            .map(|d| {
+                let (cx, cy) = (d.head.centroid.0 as u32, d.head.centroid.1 as u32);
+                let id = truth.get_pixel(cx, cy)[0];
+                let Some(&true_area) = area.get(&id) else {
+                    return false;
+                };
+                let inter = d
+                    .head
+                    .pixels
+                    .iter()
+                    .filter(|&&(x, y)| truth.get_pixel(x, y)[0] == id)
+                    .count();
+                let iou = inter as f64 / (d.head.area_px() + true_area - inter) as f64;
+                iou >= 0.5 && used.insert(id)
+            })
+            .collect();
+        (flags, area.len())
     }
 
     pub fn add(&mut self, other: MaskMatch) {

@@ -29,6 +29,7 @@ fn committed_models_load_with_their_cards() {
             3,
         ),
         ("mhsma-head", vec!["normal", "abnormal"], 1),
+        ("head-verifier", vec!["head", "not_head"], 3),
     ] {
         let path = models().join(format!("{name}.onnx"));
         let m = Model::load(&path, &RuntimeOptions::default()).unwrap_or_else(|e| panic!("{e}"));

@@ -150,8 +150,8 @@ fn replay_of_parsing_val_end_to_end() {
         "replay head finding: precision {precision:.3} recall {recall:.3} ({hit} of {truth} heads, {} records)",
         records.len()
     );
-    assert!(precision >= 0.87, "precision {precision:.3}");
-    assert!(recall >= 0.94, "recall {recall:.3}");
+    assert!(precision >= 0.94, "precision {precision:.3}");
+    assert!(recall >= 0.93, "recall {recall:.3}");
 
     // Pose on full fields: record angle against the head→midpiece direction.
     let mut errors = Vec::new();
@@ -300,8 +300,9 @@ fn sigterm_mid_run_drains_flushes_and_reports() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(2500));
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+    let kill = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -TERM {}", child.id()))
         .status()
         .unwrap();
     assert!(kill.success());

@@ -39,7 +39,8 @@ fn montage_cells_agree_with_crop_level_classification() {
     std::fs::write(
         &cfg,
         format!(
-            "[classify]\nmodel = \"{}\"\nuncertain_below = 0.0\n[report]\nprint = false\n",
+            // The head verifier knows sperm-parsing fields, not pasted HuSHeM crops.
+            "[segment]\nverify = false\n[classify]\nmodel = \"{}\"\nuncertain_below = 0.0\n[report]\nprint = false\n",
             model_path.display()
         ),
     )

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use spermscope::config::{ConfigError, RawConfig, Settings, SourceKind};
-use spermscope::pipeline::{self, Outcome, StartError};
+use spermscope::pipeline::{self, Control, Outcome, Reread, StartError};
 use spermscope::publish::Record;
 use spermscope::report::{Report, Seen, Tally};
 use spermscope::service;
@@ -44,6 +44,8 @@ enum Command {
     /// Replay recorded frames (a folder or glob) through the pipeline. With no config, the
     /// embedded defaults and the bundled SMIDS model are used.
     Replay(ReplayArgs),
+    /// List the cameras (V4L2 devices) and the formats each offers.
+    Cameras,
     /// Build the sample report(s) from a records file (JSON Lines), one per sample.
     Report {
         records: PathBuf,
@@ -101,9 +103,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => load(&config).and_then(|s| run(s, true)),
+        Command::Run { config } => load(&config).and_then(|s| run(s, Some(config))),
+        Command::Cameras => cameras().map_err(Failure::Other),
         Command::Validate { config } => validate(&config),
-        Command::Replay(args) => replay_settings(args).and_then(|s| run(s, false)),
+        Command::Replay(args) => replay_settings(args).and_then(|s| run(s, None)),
         Command::Report {
             records,
             json,
@@ -198,7 +201,9 @@ fn replay_settings(f: ReplayArgs) -> Result<Settings, Failure> {
     raw.resolve(base).map_err(config_failure)
 }
 
-fn run(settings: Settings, daemon: bool) -> Result<(), Failure> {
+/// Run the pipeline. `config` is the file a daemon re-reads on SIGHUP (none for replay).
+fn run(settings: Settings, config: Option<PathBuf>) -> Result<(), Failure> {
+    let daemon = config.is_some();
     let stop = service::stop_flag()
         .context("cannot install signal handlers")
         .map_err(Failure::Other)?;
@@ -211,7 +216,22 @@ fn run(settings: Settings, daemon: bool) -> Result<(), Failure> {
     if let Some(a) = ready.socket_addr() {
         tracing::info!(socket = %a, "serving records");
     }
-    let outcome = pipeline::run(ready, stop)
+    if let Some(a) = ready.metrics_addr() {
+        tracing::info!(addr = %a, "serving /metrics and /healthz");
+    }
+    let mut control = Control::stop_only(stop);
+    if let Some(path) = config {
+        let flag = service::reload_flag()
+            .context("cannot install the SIGHUP handler")
+            .map_err(Failure::Other)?;
+        let reread: Reread = Box::new(move || {
+            let raw = RawConfig::load(&path).map_err(|e| e.to_string())?;
+            raw.resolve(path.parent()).map_err(|e| e.to_string())
+        });
+        control.reload = Some((flag, reread));
+        control.notify = Some(Box::new(service::Systemd::from_env()));
+    }
+    let outcome = pipeline::run(ready, control)
         .context("pipeline failed")
         .map_err(Failure::Other)?;
     finish(
@@ -222,6 +242,21 @@ fn run(settings: Settings, daemon: bool) -> Result<(), Failure> {
         daemon,
     )
     .map_err(Failure::Other)
+}
+
+fn cameras() -> anyhow::Result<()> {
+    let found =
+        spermscope::source::v4l::list().map_err(|e| anyhow::anyhow!("cannot list cameras: {e}"))?;
+    if found.is_empty() {
+        println!("no V4L2 cameras found");
+    }
+    for c in found {
+        println!("{}  {}", c.index, c.name);
+        for f in c.formats {
+            println!("    {f}");
+        }
+    }
+    Ok(())
 }
 
 fn finish(

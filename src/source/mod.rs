@@ -1,8 +1,10 @@
 //! Frame sources: the trait every source implements (replay, montage, and the camera to come)
 //! so that live and recorded input take one code path through the pipeline.
 
+pub mod camera;
 pub mod montage;
 pub mod replay;
+pub mod v4l;
 
 use std::path::PathBuf;
 
@@ -21,8 +23,17 @@ pub enum Pull {
     },
     /// A frame that arrived but cannot be used; counted and skipped.
     Unreadable { name: String, reason: String },
+    /// Nothing this time (a live source waiting for its device); the note, if any, says why.
+    Idle(Option<SourceNote>),
     /// No more frames.
     End,
+}
+
+/// Something a live source reports about its device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceNote {
+    Disconnected(String),
+    Reconnected,
 }
 
 /// A supplier of frames. `pull` blocks until the next frame is due (pacing is the source's
@@ -32,6 +43,10 @@ pub trait FrameSource: Send {
     fn describe(&self) -> String;
     /// The next frame, an unreadable one, or the end.
     fn pull(&mut self) -> Pull;
+    /// A live source drops frames when the pipeline is behind instead of waiting.
+    fn live(&self) -> bool {
+        false
+    }
 }
 
 /// Why a source cannot start.
@@ -45,6 +60,8 @@ pub enum SourceError {
     Pattern { pattern: String, reason: String },
     #[error("montage dataset {path}: {reason}")]
     Montage { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Camera(#[from] camera::CameraError),
 }
 
 /// Open the source the settings describe.
@@ -76,5 +93,9 @@ pub fn open(settings: &SourceSettings) -> Result<Box<dyn FrameSource>, SourceErr
                 dataset, layout, *frames,
             )?))
         }
+        SourceSettings::Camera(request) => Ok(Box::new(camera::CameraSource::open(
+            v4l::V4lCamera::new(request.device.clone()),
+            request.clone(),
+        )?)),
     }
 }

@@ -187,6 +187,7 @@ mod tests {
                     seen.push(name)
                 }
                 Pull::Unreadable { name, .. } => seen.push(format!("bad:{name}")),
+                Pull::Idle(_) => {}
                 Pull::End => break,
             }
         }

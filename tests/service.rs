@@ -1,0 +1,272 @@
+//! The daemon as a service, driving the real binary: the systemd unit verifies, the notify
+//! protocol (READY, STATUS, WATCHDOG, RELOADING, STOPPING) reaches a test NOTIFY_SOCKET,
+//! SIGHUP swaps the model between batches without losing a frame (and a bad reload is
+//! refused), and /metrics and /healthz answer.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_spermscope");
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn frames() -> String {
+    common::datasets()
+        .join("sperm-parsing/val/frames")
+        .display()
+        .to_string()
+}
+
+fn signal(child: &Child, sig: &str) {
+    // The shell's own `kill`: no procps needed.
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill {sig} {}", child.id()))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+fn records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn daemon_config(dir: &Path, extra: &str) -> PathBuf {
+    let cfg = dir.join("spermscope.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[sample]\nid = \"svc\"\n[source.replay]\npath = \"{}\"\nfps = 12.0\nrepeat = true\n\
+             [publish]\nfile = \"records.jsonl\"\n[report]\nprint = false\nsummary_file = \"summary.json\"\n\
+             [pipeline]\nstatus_interval_secs = 0.3\n{extra}",
+            frames()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(root().join("systemd/spermscope.service")).unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("RestartPreventExitStatus=78"));
+    assert!(unit.contains("ExecStartPre=/usr/local/bin/spermscope validate"));
+    // Point the unit at the binary and config under test, so verify can check the commands.
+    let cfg = daemon_config(dir.path(), "");
+    let unit = unit.replace("/usr/local/bin/spermscope", BIN).replace(
+        "/etc/spermscope/spermscope.toml",
+        &cfg.display().to_string(),
+    );
+    let path = dir.path().join("spermscope.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze is needed (.ci/run installs systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Lines about other units on the host are not ours.
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("spermscope.service"))
+        .collect();
+    assert!(out.status.success() && ours.is_empty(), "{stderr}");
+}
+
+#[test]
+fn notify_protocol_and_reload_without_losing_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let cfg = daemon_config(dir.path(), "");
+    // systemd names the watched process in WATCHDOG_PID; `exec` keeps the shell's pid.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "WATCHDOG_PID=$$ exec '{BIN}' run --config '{}'",
+            cfg.display()
+        ))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env("RUST_LOG", "info,ort=warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut messages: Vec<String> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut pump = |until: Duration, messages: &mut Vec<String>| {
+        let t = Instant::now();
+        while t.elapsed() < until {
+            if let Ok(n) = sock.recv(&mut buf) {
+                messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    };
+    pump(Duration::from_millis(2500), &mut messages);
+    // Swap in the HuSHeM model.
+    let hushem = root().join("models/hushem-4class.onnx");
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg).unwrap()
+            + &format!("[classify]\nmodel = \"{}\"\n", hushem.display()),
+    )
+    .unwrap();
+    signal(&child, "-HUP");
+    pump(Duration::from_millis(2500), &mut messages);
+    // A broken config is refused; the daemon runs on.
+    std::fs::write(&cfg, "[classify]\nmodel = 3\n").unwrap();
+    signal(&child, "-HUP");
+    pump(Duration::from_millis(1200), &mut messages);
+    signal(&child, "-TERM");
+    pump(Duration::from_millis(600), &mut messages);
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{stderr}");
+    pump(Duration::from_millis(200), &mut messages);
+
+    let has = |m: &str| messages.iter().any(|x| x.lines().any(|l| l.starts_with(m)));
+    assert!(has("READY=1"), "{messages:?}");
+    assert!(has("STATUS="), "{messages:?}");
+    assert!(has("WATCHDOG=1"), "{messages:?}");
+    assert!(has("RELOADING=1"), "{messages:?}");
+    assert!(has("STOPPING=1"), "{messages:?}");
+    assert!(stderr.contains("reload refused"), "{stderr}");
+
+    let recs = records(&dir.path().join("records.jsonl"));
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
+            .unwrap();
+    let c = &summary["counts"];
+    assert_eq!(c["reloads_total"], 1, "{c}");
+    assert_eq!(c["reload_failures_total"], 1, "{c}");
+    assert_eq!(
+        c["frames_seen_total"], c["frames_published_total"],
+        "a recorded source loses no frame: {c}"
+    );
+    assert_eq!(
+        c["cells_published_total"].as_u64().unwrap() as usize,
+        recs.len()
+    );
+    // Records name the model that classified them, and the swap happened once, between frames.
+    let model_of = |r: &Value| r["model"]["name"].as_str().map(str::to_string);
+    let seq = |r: &Value| r["frame"]["seq"].as_u64().unwrap();
+    let smids: Vec<&Value> = recs
+        .iter()
+        .filter(|r| model_of(r).as_deref() == Some("smids-3class"))
+        .collect();
+    let hush: Vec<&Value> = recs
+        .iter()
+        .filter(|r| model_of(r).as_deref() == Some("hushem-4class"))
+        .collect();
+    assert!(
+        !smids.is_empty() && !hush.is_empty(),
+        "{} / {}",
+        smids.len(),
+        hush.len()
+    );
+    let last_smids = smids.iter().map(|r| seq(r)).max().unwrap();
+    let first_hush = hush.iter().map(|r| seq(r)).min().unwrap();
+    assert!(last_smids < first_hush, "{last_smids} vs {first_hush}");
+    for r in &hush {
+        let probs = r["probs"].as_object().unwrap();
+        assert!(probs.contains_key("tapered"), "{r}");
+    }
+}
+
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, out)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn metrics_and_health_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // One frame every 2 s: /healthz sees the source stall between frames.
+    let cfg = daemon_config(
+        dir.path(),
+        &format!("[service]\nmetrics_addr = \"127.0.0.1:{port}\"\nstall_secs = 0.8\n"),
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("fps = 12.0", "fps = 0.5");
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let (code, body) = loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            drop(s.write_all(b""));
+            break http_get(port, "/healthz");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "endpoint never came up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(code == 200 || code == 503, "{body}");
+    std::thread::sleep(Duration::from_millis(1300));
+    let (code, body) = http_get(port, "/healthz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("stalled"), "{body}");
+    let (code, body) = http_get(port, "/metrics");
+    assert_eq!(code, 200);
+    for needle in [
+        "spermscope_frames_seen_total 1",
+        "spermscope_model_info{name=\"smids-3class\"",
+        "spermscope_queue_depth{stage=\"segment\"}",
+        "spermscope_stage_latency_seconds_bucket{stage=\"segment\",le=\"+Inf\"} 1",
+        "# TYPE spermscope_frames_dropped_total counter",
+    ] {
+        assert!(body.contains(needle), "'{needle}' not in:\n{body}");
+    }
+    let (code, _) = http_get(port, "/nothing");
+    assert_eq!(code, 404);
+    signal(&child, "-TERM");
+    assert!(child.wait().unwrap().success());
+}
