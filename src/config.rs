@@ -46,6 +46,29 @@ pub struct RawConfig {
     pub report: RawReport,
     pub pipeline: RawPipeline,
     pub service: RawService,
+    /// Several microscopes on one host: each entry is its own pipeline with its own sample id,
+    /// source, records and report; the other sections are shared. When any are listed, the
+    /// top-level `[sample]` and `[source]` are not used.
+    pub microscopes: Vec<RawMicroscope>,
+}
+
+/// One microscope of several.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMicroscope {
+    /// Sample id of this microscope's records and report.
+    pub sample: String,
+    /// Its frame source (the keys of `[source]`).
+    #[serde(default)]
+    pub source: RawSource,
+    /// Append its records to this JSON Lines file.
+    pub records_file: Option<PathBuf>,
+    /// Serve its records on this socket (`unix:` or `tcp:` loopback).
+    pub socket: Option<String>,
+    /// Write its sample report as JSON here.
+    pub report_file: Option<PathBuf>,
+    /// Write its run figures as JSON here.
+    pub summary_file: Option<PathBuf>,
 }
 
 /// The sample being analysed.
@@ -447,6 +470,44 @@ impl RawConfig {
             reason: e.to_string(),
         })?;
         Self::parse(&text, path)
+    }
+
+    /// One `Settings` per pipeline: the `[[microscopes]]` entries, or the single top-level
+    /// source. Sample ids, record files and sockets must not be shared.
+    pub fn resolve_all(&self, base: Option<&Path>) -> Result<Vec<Settings>, ConfigError> {
+        if self.microscopes.is_empty() {
+            return Ok(vec![self.resolve(base)?]);
+        }
+        let mut out: Vec<Settings> = Vec::new();
+        for m in &self.microscopes {
+            let mut one = self.clone();
+            one.microscopes.clear();
+            one.sample.id = m.sample.clone();
+            one.source = m.source.clone();
+            one.publish.file = m.records_file.clone();
+            one.publish.socket = m.socket.clone();
+            one.publish.stdout = false;
+            one.report.file = m.report_file.clone();
+            one.report.summary_file = m.summary_file.clone();
+            let s = one.resolve(base)?;
+            let clash = out.iter().any(|o| {
+                o.sample_id == s.sample_id
+                    || (o.records_file.is_some() && o.records_file == s.records_file)
+                    || (o.socket.is_some() && o.socket == s.socket)
+                    || (o.report_file.is_some() && o.report_file == s.report_file)
+            });
+            if clash {
+                return Err(invalid(
+                    "microscopes",
+                    format!(
+                        "microscope '{}' shares its sample id, records file, socket or report file with another",
+                        m.sample
+                    ),
+                ));
+            }
+            out.push(s);
+        }
+        Ok(out)
     }
 
     /// Check every value; no I/O. `base` is the folder relative paths are taken from (the

@@ -19,7 +19,7 @@ use crate::preprocess::prepare_head;
 use crate::publish::{Record, SinkError, Sinks};
 use crate::report::{Report, Seen, Tally};
 use crate::segment::{SegmentSettings, Verifier, find_heads};
-use crate::service::{MetricsError, MetricsServer, Notify};
+use crate::service::Notify;
 use crate::source::{self, FrameSource, Pull, SourceError, SourceNote};
 use crate::spec::ModelSpec;
 use crate::telemetry::{CellDropReason, Counts, Event, FrameDropReason, Latency, Stage, Telemetry};
@@ -35,8 +35,6 @@ pub enum StartError {
     Unsuitable { model: String, reason: String },
     #[error(transparent)]
     Sink(#[from] SinkError),
-    #[error(transparent)]
-    Metrics(#[from] MetricsError),
 }
 
 impl StartError {
@@ -44,9 +42,7 @@ impl StartError {
     pub fn is_config(&self) -> bool {
         !matches!(
             self,
-            StartError::Sink(_)
-                | StartError::Metrics(_)
-                | StartError::Source(SourceError::Camera(_))
+            StartError::Sink(_) | StartError::Source(SourceError::Camera(_))
         )
     }
 }
@@ -68,7 +64,6 @@ pub struct Ready {
     verifier: Option<Verifier>,
     spec: Arc<ModelSpec>,
     sinks: Sinks,
-    metrics: Option<MetricsServer>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -141,16 +136,6 @@ pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, S
         settings.subscriber_queue,
         telemetry.clone(),
     )?;
-    let metrics = settings
-        .metrics_addr
-        .map(|a| {
-            MetricsServer::start(
-                a,
-                telemetry.clone(),
-                Duration::from_secs_f32(settings.stall_secs),
-            )
-        })
-        .transpose()?;
     Ok(Ready {
         settings,
         source,
@@ -158,7 +143,6 @@ pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, S
         verifier,
         spec,
         sinks,
-        metrics,
         telemetry,
     })
 }
@@ -182,10 +166,6 @@ impl Ready {
 
     pub fn socket_addr(&self) -> Option<String> {
         self.sinks.socket_addr()
-    }
-
-    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
-        self.metrics.as_ref().map(|m| m.addr)
     }
 }
 
@@ -305,7 +285,6 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
         verifier,
         spec,
         sinks,
-        metrics,
         telemetry: tel,
     } = ready;
     let mut settings = settings;
@@ -428,9 +407,6 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
         }
     }
     drop(swap_tx);
-    if let Some(m) = metrics {
-        m.close();
-    }
     let join =
         |name: &'static str, h: JoinHandle<()>| h.join().map_err(|_| RunError::StageFailed(name));
     join("source", source_h)?;

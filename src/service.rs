@@ -105,9 +105,11 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
+    /// Serve the pipelines' telemetry (sample id, counters); `/healthz` fails when any source
+    /// has stalled.
     pub fn start(
         addr: SocketAddr,
-        telemetry: Arc<Telemetry>,
+        telemetry: Vec<(String, Arc<Telemetry>)>,
         stall: Duration,
     ) -> Result<MetricsServer, MetricsError> {
         let server = tiny_http::Server::http(addr).map_err(|e| MetricsError {
@@ -141,7 +143,12 @@ impl MetricsServer {
     }
 }
 
-fn serve(server: tiny_http::Server, tel: &Telemetry, stall: Duration, stop: &AtomicBool) {
+fn serve(
+    server: tiny_http::Server,
+    tel: &[(String, Arc<Telemetry>)],
+    stall: Duration,
+    stop: &AtomicBool,
+) {
     let text = tiny_http::Header::from_bytes(
         &b"Content-Type"[..],
         &b"text/plain; version=0.0.4; charset=utf-8"[..],
@@ -157,14 +164,24 @@ fn serve(server: tiny_http::Server, tel: &Telemetry, stall: Duration, stop: &Ato
             }
         };
         let (code, body) = match request.url() {
-            "/metrics" => (200, tel.prometheus()),
-            "/healthz" => match tel.stalled_for() {
-                Some(idle) if idle > stall => (
-                    503,
-                    format!("stalled: no frame for {:.1} s\n", idle.as_secs_f32()),
-                ),
-                _ => (200, "ok\n".to_string()),
-            },
+            "/metrics" => (200, crate::telemetry::render(tel)),
+            "/healthz" => {
+                let stalled: Vec<String> = tel
+                    .iter()
+                    .filter(|(_, t)| t.stalled_for() > stall)
+                    .map(|(sample, t)| {
+                        format!(
+                            "stalled: sample {sample}: no frame for {:.1} s",
+                            t.stalled_for().as_secs_f32()
+                        )
+                    })
+                    .collect();
+                if stalled.is_empty() {
+                    (200, "ok\n".to_string())
+                } else {
+                    (503, stalled.join("\n") + "\n")
+                }
+            }
             _ => (404, "not found: try /metrics or /healthz\n".to_string()),
         };
         let mut response = tiny_http::Response::from_string(body).with_status_code(code);

@@ -223,178 +223,8 @@ impl Telemetry {
     }
 
     /// How long since the source delivered a frame (since start when none yet).
-    pub fn stalled_for(&self) -> Option<Duration> {
-        let last = self.gauges().last_frame.unwrap_or(self.started);
-        Some(last.elapsed())
-    }
-
-    /// Everything in the Prometheus text exposition format.
-    pub fn prometheus(&self) -> String {
-        let c = self.counts();
-        let mut s = String::new();
-        let mut counter = |name: &str, help: &str, rows: Vec<(String, u64)>| {
-            let _ = writeln!(s, "# HELP spermscope_{name} {help}");
-            let _ = writeln!(s, "# TYPE spermscope_{name} counter");
-            for (labels, v) in rows {
-                let _ = writeln!(s, "spermscope_{name}{labels} {v}");
-            }
-        };
-        let plain = |v: u64| vec![(String::new(), v)];
-        fn by<K: serde::Serialize>(label: &str, m: &BTreeMap<K, u64>) -> Vec<(String, u64)> {
-            m.iter()
-                .map(|(k, v)| {
-                    let k = serde_json::to_value(k)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default();
-                    (format!("{{{label}=\"{}\"}}", escape(&k)), *v)
-                })
-                .collect()
-        }
-        counter(
-            "frames_seen_total",
-            "Frames the source delivered.",
-            plain(c.frames_seen_total),
-        );
-        counter(
-            "frames_published_total",
-            "Frames whose records were published.",
-            plain(c.frames_published_total),
-        );
-        counter(
-            "frames_dropped_total",
-            "Frames dropped, by reason.",
-            by("reason", &c.frames_dropped_total),
-        );
-        counter(
-            "cells_found_total",
-            "Heads found (after verification).",
-            plain(c.cells_found_total),
-        );
-        counter(
-            "candidates_rejected_total",
-            "Head candidates the verifier rejected.",
-            plain(c.candidates_rejected_total),
-        );
-        counter(
-            "cells_published_total",
-            "Cell records published.",
-            plain(c.cells_published_total),
-        );
-        counter(
-            "cells_dropped_total",
-            "Cells dropped, by reason.",
-            by("reason", &c.cells_dropped_total),
-        );
-        counter(
-            "cells_classified_total",
-            "Cells classified, by class.",
-            by("class", &c.cells_classified_total),
-        );
-        counter(
-            "subscribers_joined_total",
-            "Record subscribers that connected.",
-            plain(c.subscribers_joined_total),
-        );
-        counter(
-            "subscribers_dropped_total",
-            "Record subscribers dropped, by reason.",
-            by("reason", &c.subscribers_dropped_total),
-        );
-        counter(
-            "source_disconnects_total",
-            "Times the live source lost its device.",
-            plain(c.source_disconnects_total),
-        );
-        counter(
-            "source_reconnects_total",
-            "Times the live source got its device back.",
-            plain(c.source_reconnects_total),
-        );
-        counter(
-            "reloads_total",
-            "Reloads that swapped the model in.",
-            plain(c.reloads_total),
-        );
-        counter(
-            "reload_failures_total",
-            "Reloads refused (bad config or model).",
-            plain(c.reload_failures_total),
-        );
-        counter(
-            "verifier_errors_total",
-            "Frames whose candidates could not be verified.",
-            plain(c.verifier_errors_total),
-        );
-        counter(
-            "sink_write_errors_total",
-            "Failed record writes, by sink.",
-            by("sink", &c.sink_write_errors_total),
-        );
-        let g = self.gauges().clone();
-        let _ = writeln!(
-            s,
-            "# HELP spermscope_source_up Whether the source has its device."
-        );
-        let _ = writeln!(s, "# TYPE spermscope_source_up gauge");
-        let _ = writeln!(s, "spermscope_source_up {}", u8::from(c.source_up));
-        let _ = writeln!(
-            s,
-            "# HELP spermscope_queue_depth Frames waiting before each stage."
-        );
-        let _ = writeln!(s, "# TYPE spermscope_queue_depth gauge");
-        for (q, n) in &g.queues {
-            let _ = writeln!(s, "spermscope_queue_depth{{stage=\"{q}\"}} {n}");
-        }
-        if let Some((name, sha)) = &g.model {
-            let _ = writeln!(
-                s,
-                "# HELP spermscope_model_info The model classifying cells."
-            );
-            let _ = writeln!(s, "# TYPE spermscope_model_info gauge");
-            let _ = writeln!(
-                s,
-                "spermscope_model_info{{name=\"{}\",sha256=\"{}\"}} 1",
-                escape(name),
-                escape(sha)
-            );
-        }
-        const BUCKETS_MS: [f64; 12] = [
-            1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
-        ];
-        let _ = writeln!(
-            s,
-            "# HELP spermscope_stage_latency_seconds Time each stage spent per frame."
-        );
-        let _ = writeln!(s, "# TYPE spermscope_stage_latency_seconds histogram");
-        let l = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        for (stage, h) in l.iter() {
-            let name = stage.name();
-            for b in BUCKETS_MS {
-                let n = h.count_between(0, (b * 1000.0) as u64);
-                let _ = writeln!(
-                    s,
-                    "spermscope_stage_latency_seconds_bucket{{stage=\"{name}\",le=\"{}\"}} {n}",
-                    b / 1000.0
-                );
-            }
-            let _ = writeln!(
-                s,
-                "spermscope_stage_latency_seconds_bucket{{stage=\"{name}\",le=\"+Inf\"}} {}",
-                h.len()
-            );
-            let _ = writeln!(
-                s,
-                "spermscope_stage_latency_seconds_sum{{stage=\"{name}\"}} {}",
-                h.mean() * h.len() as f64 / 1e6
-            );
-            let _ = writeln!(
-                s,
-                "spermscope_stage_latency_seconds_count{{stage=\"{name}\"}} {}",
-                h.len()
-            );
-        }
-        s
+    pub fn stalled_for(&self) -> Duration {
+        self.gauges().last_frame.unwrap_or(self.started).elapsed()
     }
 
     pub fn event(&self, e: Event) {
@@ -477,6 +307,236 @@ impl Telemetry {
             })
             .collect()
     }
+
+    /// Its counters and histograms, for `render`.
+    fn snapshot(&self) -> (Counts, Gauges, BTreeMap<Stage, Histogram<u64>>) {
+        let latency = self
+            .latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        (self.counts(), self.gauges().clone(), latency)
+    }
+}
+
+/// One pipeline's telemetry at a moment: sample id (escaped), counters, gauges, histograms.
+type Snapshot = (String, Counts, Gauges, BTreeMap<Stage, Histogram<u64>>);
+
+/// Every pipeline's counters in the Prometheus text exposition format, one `sample` label
+/// per pipeline (several microscopes share one endpoint).
+pub fn render(parts: &[(String, std::sync::Arc<Telemetry>)]) -> String {
+    let snaps: Vec<Snapshot> = parts
+        .iter()
+        .map(|(sample, t)| {
+            let (c, g, l) = t.snapshot();
+            (escape(sample), c, g, l)
+        })
+        .collect();
+    let mut s = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
+        let _ = writeln!(s, "# HELP spermscope_{name} {help}");
+        let _ = writeln!(s, "# TYPE spermscope_{name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(s, "spermscope_{name}{{{labels}}} {v}");
+        }
+    };
+    let plain = |f: &dyn Fn(&Counts) -> u64| -> Vec<(String, String)> {
+        snaps
+            .iter()
+            .map(|(sample, c, _, _)| (format!("sample=\"{sample}\""), f(c).to_string()))
+            .collect()
+    };
+    fn by<K: serde::Serialize>(
+        snaps: &[Snapshot],
+        label: &str,
+        f: &dyn Fn(&Counts) -> &BTreeMap<K, u64>,
+    ) -> Vec<(String, String)> {
+        let mut rows = Vec::new();
+        for (sample, c, _, _) in snaps {
+            for (k, v) in f(c) {
+                let k = serde_json::to_value(k)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                rows.push((
+                    format!("sample=\"{sample}\",{label}=\"{}\"", escape(&k)),
+                    v.to_string(),
+                ));
+            }
+        }
+        rows
+    }
+    family(
+        "frames_seen_total",
+        "counter",
+        "Frames the source delivered.",
+        plain(&|c| c.frames_seen_total),
+    );
+    family(
+        "frames_published_total",
+        "counter",
+        "Frames whose records were published.",
+        plain(&|c| c.frames_published_total),
+    );
+    family(
+        "frames_dropped_total",
+        "counter",
+        "Frames dropped, by reason.",
+        by(&snaps, "reason", &|c| &c.frames_dropped_total),
+    );
+    family(
+        "cells_found_total",
+        "counter",
+        "Heads found (after verification).",
+        plain(&|c| c.cells_found_total),
+    );
+    family(
+        "candidates_rejected_total",
+        "counter",
+        "Head candidates the verifier rejected.",
+        plain(&|c| c.candidates_rejected_total),
+    );
+    family(
+        "cells_published_total",
+        "counter",
+        "Cell records published.",
+        plain(&|c| c.cells_published_total),
+    );
+    family(
+        "cells_dropped_total",
+        "counter",
+        "Cells dropped, by reason.",
+        by(&snaps, "reason", &|c| &c.cells_dropped_total),
+    );
+    family(
+        "cells_classified_total",
+        "counter",
+        "Cells classified, by class.",
+        by(&snaps, "class", &|c| &c.cells_classified_total),
+    );
+    family(
+        "subscribers_joined_total",
+        "counter",
+        "Record subscribers that connected.",
+        plain(&|c| c.subscribers_joined_total),
+    );
+    family(
+        "subscribers_dropped_total",
+        "counter",
+        "Record subscribers dropped, by reason.",
+        by(&snaps, "reason", &|c| &c.subscribers_dropped_total),
+    );
+    family(
+        "source_disconnects_total",
+        "counter",
+        "Times the live source lost its device.",
+        plain(&|c| c.source_disconnects_total),
+    );
+    family(
+        "source_reconnects_total",
+        "counter",
+        "Times the live source got its device back.",
+        plain(&|c| c.source_reconnects_total),
+    );
+    family(
+        "reloads_total",
+        "counter",
+        "Reloads that swapped the model in.",
+        plain(&|c| c.reloads_total),
+    );
+    family(
+        "reload_failures_total",
+        "counter",
+        "Reloads refused (bad config or model).",
+        plain(&|c| c.reload_failures_total),
+    );
+    family(
+        "verifier_errors_total",
+        "counter",
+        "Frames whose candidates could not be verified.",
+        plain(&|c| c.verifier_errors_total),
+    );
+    family(
+        "sink_write_errors_total",
+        "counter",
+        "Failed record writes, by sink.",
+        by(&snaps, "sink", &|c| &c.sink_write_errors_total),
+    );
+    family(
+        "source_up",
+        "gauge",
+        "Whether the source has its device.",
+        plain(&|c| u64::from(c.source_up)),
+    );
+    let mut queues = Vec::new();
+    let mut models = Vec::new();
+    for (sample, _, g, _) in &snaps {
+        for (q, n) in &g.queues {
+            queues.push((format!("sample=\"{sample}\",stage=\"{q}\""), n.to_string()));
+        }
+        if let Some((name, sha)) = &g.model {
+            models.push((
+                format!(
+                    "sample=\"{sample}\",name=\"{}\",sha256=\"{}\"",
+                    escape(name),
+                    escape(sha)
+                ),
+                "1".to_string(),
+            ));
+        }
+    }
+    family(
+        "queue_depth",
+        "gauge",
+        "Frames waiting before each stage.",
+        queues,
+    );
+    family(
+        "model_info",
+        "gauge",
+        "The model classifying cells.",
+        models,
+    );
+    const BUCKETS_MS: [f64; 12] = [
+        1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+    ];
+    let mut rows = Vec::new();
+    for (sample, _, _, l) in &snaps {
+        for (stage, h) in l {
+            let st = format!("sample=\"{sample}\",stage=\"{}\"", stage.name());
+            for b in BUCKETS_MS {
+                rows.push((
+                    format!("{st},le=\"{}\"", b / 1000.0),
+                    h.count_between(0, (b * 1000.0) as u64).to_string(),
+                ));
+            }
+            rows.push((format!("{st},le=\"+Inf\""), h.len().to_string()));
+        }
+    }
+    let _ = writeln!(
+        s,
+        "# HELP spermscope_stage_latency_seconds Time each stage spent per frame."
+    );
+    let _ = writeln!(s, "# TYPE spermscope_stage_latency_seconds histogram");
+    for (labels, v) in rows {
+        let _ = writeln!(s, "spermscope_stage_latency_seconds_bucket{{{labels}}} {v}");
+    }
+    for (sample, _, _, l) in &snaps {
+        for (stage, h) in l {
+            let st = format!("sample=\"{sample}\",stage=\"{}\"", stage.name());
+            let _ = writeln!(
+                s,
+                "spermscope_stage_latency_seconds_sum{{{st}}} {}",
+                h.mean() * h.len() as f64 / 1e6
+            );
+            let _ = writeln!(
+                s,
+                "spermscope_stage_latency_seconds_count{{{st}}} {}",
+                h.len()
+            );
+        }
+    }
+    s
 }
 
 /// Escape a Prometheus label value.

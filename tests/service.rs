@@ -257,10 +257,10 @@ fn metrics_and_health_endpoints() {
     let (code, body) = http_get(port, "/metrics");
     assert_eq!(code, 200);
     for needle in [
-        "spermscope_frames_seen_total 1",
-        "spermscope_model_info{name=\"smids-3class\"",
-        "spermscope_queue_depth{stage=\"segment\"}",
-        "spermscope_stage_latency_seconds_bucket{stage=\"segment\",le=\"+Inf\"} 1",
+        "spermscope_frames_seen_total{sample=\"svc\"} 1",
+        "spermscope_model_info{sample=\"svc\",name=\"smids-3class\"",
+        "spermscope_queue_depth{sample=\"svc\",stage=\"segment\"}",
+        "spermscope_stage_latency_seconds_bucket{sample=\"svc\",stage=\"segment\",le=\"+Inf\"} 1",
         "# TYPE spermscope_frames_dropped_total counter",
     ] {
         assert!(body.contains(needle), "'{needle}' not in:\n{body}");
@@ -269,4 +269,70 @@ fn metrics_and_health_endpoints() {
     assert_eq!(code, 404);
     signal(&child, "-TERM");
     assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn several_microscopes_keep_their_records_and_reports_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("two.toml");
+    let val = common::datasets().join("sperm-parsing/val/frames");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[report]\nprint = false\n\
+             [[microscopes]]\nsample = \"scope-a\"\nrecords_file = \"a.jsonl\"\nreport_file = \"a.json\"\n\
+             [microscopes.source.replay]\npath = \"{}/000*.jpg\"\n\
+             [[microscopes]]\nsample = \"scope-b\"\nrecords_file = \"b.jsonl\"\nreport_file = \"b.json\"\n\
+             [microscopes.source.replay]\npath = \"{}/003*.jpg\"\n",
+            val.display(),
+            val.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (sample, prefix, frames) in [("scope-a", "000", 8), ("scope-b", "003", 2)] {
+        let tag = &sample[6..];
+        let recs = records(&dir.path().join(format!("{tag}.jsonl")));
+        assert!(!recs.is_empty());
+        assert!(recs.iter().all(|r| r["sample"] == sample));
+        assert!(
+            recs.iter()
+                .all(|r| r["frame"]["name"].as_str().unwrap().starts_with(prefix))
+        );
+        let seqs: std::collections::BTreeSet<u64> = recs
+            .iter()
+            .map(|r| r["frame"]["seq"].as_u64().unwrap())
+            .collect();
+        assert!(seqs.len() <= frames && seqs.iter().all(|&s| s <= frames as u64));
+        let report: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(format!("{tag}.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["sample"], sample);
+        assert_eq!(
+            report["cells_recorded"].as_u64().unwrap() as usize,
+            recs.len()
+        );
+    }
+    // A second microscope with the same sample id is refused before anything runs.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("scope-b", "scope-a");
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["validate", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("microscopes"));
 }

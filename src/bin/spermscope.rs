@@ -6,6 +6,7 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -106,7 +107,7 @@ fn main() -> ExitCode {
         Command::Run { config } => load(&config).and_then(|s| run(s, Some(config))),
         Command::Cameras => cameras().map_err(Failure::Other),
         Command::Validate { config } => validate(&config),
-        Command::Replay(args) => replay_settings(args).and_then(|s| run(s, None)),
+        Command::Replay(args) => replay_settings(args).and_then(|s| run(vec![s], None)),
         Command::Report {
             records,
             json,
@@ -147,24 +148,28 @@ fn start_failure(e: StartError) -> Failure {
     }
 }
 
-fn load(path: &Path) -> Result<Settings, Failure> {
+fn load(path: &Path) -> Result<Vec<Settings>, Failure> {
     let raw = RawConfig::load(path).map_err(config_failure)?;
-    raw.resolve(path.parent()).map_err(config_failure)
+    raw.resolve_all(path.parent()).map_err(config_failure)
 }
 
 fn validate(path: &Path) -> Result<(), Failure> {
-    let settings = load(path)?;
-    let (classifier, _) = pipeline::load_classifier(&settings).map_err(start_failure)?;
-    spermscope::source::open(&settings.source).map_err(|e| start_failure(StartError::Source(e)))?;
-    let m = classifier.model();
-    println!(
-        "config {} is valid: model {} ({} classes, {}), source {:?}",
-        path.display(),
-        m.spec.name,
-        m.spec.classes.len(),
-        m.provider,
-        settings.source
-    );
+    for settings in load(path)? {
+        let (classifier, _) = pipeline::load_classifier(&settings).map_err(start_failure)?;
+        pipeline::load_verifier(&settings).map_err(start_failure)?;
+        spermscope::source::open(&settings.source)
+            .map_err(|e| start_failure(StartError::Source(e)))?;
+        let m = classifier.model();
+        println!(
+            "config {} is valid for sample {}: model {} ({} classes, {}), source {:?}",
+            path.display(),
+            settings.sample_id,
+            m.spec.name,
+            m.spec.classes.len(),
+            m.provider,
+            settings.source
+        );
+    }
     Ok(())
 }
 
@@ -201,47 +206,106 @@ fn replay_settings(f: ReplayArgs) -> Result<Settings, Failure> {
     raw.resolve(base).map_err(config_failure)
 }
 
-/// Run the pipeline. `config` is the file a daemon re-reads on SIGHUP (none for replay).
-fn run(settings: Settings, config: Option<PathBuf>) -> Result<(), Failure> {
+/// Run one pipeline per microscope (one for replay). `config` is the file a daemon re-reads
+/// on SIGHUP (none for replay). Every pipeline is prepared (models loaded, sources opened)
+/// before any starts, so one bad microscope stops start-up for all.
+fn run(all: Vec<Settings>, config: Option<PathBuf>) -> Result<(), Failure> {
     let daemon = config.is_some();
     let stop = service::stop_flag()
         .context("cannot install signal handlers")
         .map_err(Failure::Other)?;
-    let telemetry = Arc::new(Telemetry::new());
-    let report_file = settings.report_file.clone();
-    let summary_file = settings.summary_file.clone();
-    let print = settings.report_print;
-    let ready = pipeline::prepare(settings, telemetry).map_err(start_failure)?;
-    tracing::info!("starting: {}", ready.describe());
-    if let Some(a) = ready.socket_addr() {
-        tracing::info!(socket = %a, "serving records");
+    let (metrics_addr, stall) = all
+        .first()
+        .map(|s| (s.metrics_addr, s.stall_secs))
+        .unwrap_or((None, 10.0));
+    let mut prepared = Vec::new();
+    for settings in all {
+        let telemetry = Arc::new(Telemetry::new());
+        let ready =
+            pipeline::prepare(settings.clone(), telemetry.clone()).map_err(start_failure)?;
+        tracing::info!("starting: {}", ready.describe());
+        if let Some(a) = ready.socket_addr() {
+            tracing::info!(socket = %a, sample = %settings.sample_id, "serving records");
+        }
+        prepared.push((settings, telemetry, ready));
     }
-    if let Some(a) = ready.metrics_addr() {
-        tracing::info!(addr = %a, "serving /metrics and /healthz");
-    }
-    let mut control = Control::stop_only(stop);
-    if let Some(path) = config {
-        let flag = service::reload_flag()
-            .context("cannot install the SIGHUP handler")
+    let metrics = match metrics_addr {
+        Some(addr) => {
+            let parts = prepared
+                .iter()
+                .map(|(s, t, _)| (s.sample_id.clone(), t.clone()))
+                .collect();
+            let m = service::MetricsServer::start(addr, parts, Duration::from_secs_f32(stall))
+                .map_err(|e| Failure::Other(e.into()))?;
+            tracing::info!(addr = %m.addr, "serving /metrics and /healthz");
+            Some(m)
+        }
+        None => None,
+    };
+    let mut running = Vec::new();
+    for (i, (settings, _, ready)) in prepared.into_iter().enumerate() {
+        let mut control = Control::stop_only(stop.clone());
+        if let Some(path) = &config {
+            let flag = service::reload_flag()
+                .context("cannot install the SIGHUP handler")
+                .map_err(Failure::Other)?;
+            let (path, sample) = (path.clone(), settings.sample_id.clone());
+            let reread: Reread = Box::new(move || {
+                let raw = RawConfig::load(&path).map_err(|e| e.to_string())?;
+                raw.resolve_all(path.parent())
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .find(|s| s.sample_id == sample)
+                    .ok_or_else(|| format!("the config no longer has sample '{sample}'"))
+            });
+            control.reload = Some((flag, reread));
+            // One voice to the service manager: the first pipeline's.
+            if i == 0 {
+                control.notify = Some(Box::new(service::Systemd::from_env()));
+            }
+        }
+        let name = format!("pipeline-{i}");
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || pipeline::run(ready, control))
+            .context("cannot start a pipeline thread")
             .map_err(Failure::Other)?;
-        let reread: Reread = Box::new(move || {
-            let raw = RawConfig::load(&path).map_err(|e| e.to_string())?;
-            raw.resolve(path.parent()).map_err(|e| e.to_string())
-        });
-        control.reload = Some((flag, reread));
-        control.notify = Some(Box::new(service::Systemd::from_env()));
+        running.push((settings, handle));
     }
-    let outcome = pipeline::run(ready, control)
-        .context("pipeline failed")
-        .map_err(Failure::Other)?;
-    finish(
-        &outcome,
-        report_file.as_deref(),
-        summary_file.as_deref(),
-        print,
-        daemon,
-    )
-    .map_err(Failure::Other)
+    let mut failed = None;
+    for (settings, handle) in running {
+        let outcome = match handle.join() {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                failed =
+                    Some(anyhow::Error::new(e).context(format!("sample {}", settings.sample_id)));
+                continue;
+            }
+            Err(_) => {
+                failed = Some(anyhow::anyhow!(
+                    "sample {}: pipeline thread panicked",
+                    settings.sample_id
+                ));
+                continue;
+            }
+        };
+        if let Err(e) = finish(
+            &outcome,
+            settings.report_file.as_deref(),
+            settings.summary_file.as_deref(),
+            settings.report_print,
+            daemon,
+        ) {
+            failed = Some(e);
+        }
+    }
+    if let Some(m) = metrics {
+        m.close();
+    }
+    match failed {
+        Some(e) => Err(Failure::Other(e.context("pipeline failed"))),
+        None => Ok(()),
+    }
 }
 
 fn cameras() -> anyhow::Result<()> {
