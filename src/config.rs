@@ -359,6 +359,12 @@ pub struct RawReport {
     pub exclude_classes: Vec<String>,
     /// Cells needed for a valid assessment (WHO 6th edition: 200).
     pub min_cells: usize,
+    /// The model card's accuracy (0-1). When set, the label-free estimate (the classified
+    /// cells' mean calibrated confidence) is compared with it and a drift warning is raised
+    /// when it falls more than `drift_margin` below.
+    pub reference_accuracy: Option<f32>,
+    /// How far below `reference_accuracy` the estimate may fall, as a share (0.05: 5 points).
+    pub drift_margin: f32,
 }
 
 impl Default for RawReport {
@@ -370,6 +376,8 @@ impl Default for RawReport {
             normal_class: None,
             exclude_classes: vec!["non-sperm".into()],
             min_cells: 200,
+            reference_accuracy: None,
+            drift_margin: 0.05,
         }
     }
 }
@@ -448,6 +456,8 @@ pub struct Settings {
     pub normal_class: Option<String>,
     pub exclude_classes: Vec<String>,
     pub min_cells: usize,
+    pub reference_accuracy: Option<f32>,
+    pub drift_margin: f32,
     pub queue_frames: usize,
     pub status_interval_secs: f32,
     pub metrics_addr: Option<SocketAddr>,
@@ -683,6 +693,14 @@ impl RawConfig {
                 format!("holds the normal class '{n}'"),
             ));
         }
+        if let Some(a) = r.reference_accuracy
+            && !(a > 0.0 && a <= 1.0)
+        {
+            return Err(invalid("report.reference_accuracy", "must lie in (0, 1]"));
+        }
+        if !(0.0..=1.0).contains(&r.drift_margin) {
+            return Err(invalid("report.drift_margin", "must lie in [0, 1]"));
+        }
         let q = &self.pipeline;
         if q.queue_frames == 0 || q.queue_frames > 1024 {
             return Err(invalid("pipeline.queue_frames", "must lie in 1..=1024"));
@@ -735,6 +753,8 @@ impl RawConfig {
             normal_class: r.normal_class.clone(),
             exclude_classes: r.exclude_classes.clone(),
             min_cells: r.min_cells,
+            reference_accuracy: r.reference_accuracy,
+            drift_margin: r.drift_margin,
             queue_frames: q.queue_frames,
             status_interval_secs: q.status_interval_secs,
             metrics_addr,

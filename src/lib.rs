@@ -1,6 +1,7 @@
 //! spermscope: sperm heads found, turned upright and classified with ONNX Runtime; this crate
 //! holds the daemon's stages and the parts the evaluator and the trainers share.
 
+pub mod calibration;
 pub mod classify;
 pub mod config;
 pub mod dataset;
@@ -9,6 +10,8 @@ pub mod metrics;
 pub mod model;
 pub mod morphometry;
 pub mod pipeline;
+#[cfg(feature = "plots")]
+pub mod plots;
 pub mod pose;
 pub mod preprocess;
 pub mod publish;

@@ -17,7 +17,7 @@ use crate::model::{Model, ModelError, RuntimeOptions};
 use crate::morphometry::{HeadSize, head_size};
 use crate::preprocess::prepare_head;
 use crate::publish::{Record, SinkError, Sinks};
-use crate::report::{Report, Seen, Tally};
+use crate::report::{Drift, Report, Seen, Tally};
 use crate::segment::{SegmentSettings, Verifier, find_heads};
 use crate::service::Notify;
 use crate::source::{self, FrameSource, Pull, SourceError, SourceNote};
@@ -419,7 +419,14 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
     let elapsed = started.elapsed().as_secs_f64();
     let counts = tel.counts();
     Ok(Outcome {
-        report: tally.report(&settings.exclude_classes, settings.min_cells),
+        report: tally.report(
+            &settings.exclude_classes,
+            settings.min_cells,
+            settings.reference_accuracy.map(|reference| Drift {
+                reference: f64::from(reference),
+                margin: f64::from(settings.drift_margin),
+            }),
+        ),
         frames_per_sec: counts.frames_published_total as f64 / elapsed.max(1e-9),
         cells_per_sec: counts.cells_published_total as f64 / elapsed.max(1e-9),
         latency: tel.latencies(),
@@ -760,6 +767,7 @@ fn publish_stage(rx: Receiver<Work>, mut sinks: Sinks, mut tally: Tally, tel: &T
                 touching: r.touching,
                 class: r.class.as_deref(),
                 normal: r.normal,
+                confidence: r.confidence,
             });
             if let Some(v) = &c.verdict {
                 *classes.entry(v.class.as_str()).or_default() += 1;

@@ -23,6 +23,8 @@ pub struct Tally {
     pub per_class: BTreeMap<String, u64>,
     /// Classified cells whose class is the model's normal class.
     pub normal: u64,
+    /// Sum of the classified cells' top probabilities (for the label-free estimate).
+    pub confidence_sum: f64,
 }
 
 /// One cell as the tally sees it.
@@ -32,6 +34,7 @@ pub struct Seen<'a> {
     pub touching: bool,
     pub class: Option<&'a str>,
     pub normal: Option<bool>,
+    pub confidence: Option<f32>,
 }
 
 impl Tally {
@@ -51,14 +54,16 @@ impl Tally {
         }
         if let Some(class) = c.class {
             *self.per_class.entry(class.to_string()).or_default() += 1;
+            self.confidence_sum += f64::from(c.confidence.unwrap_or(0.0));
             if c.normal == Some(true) {
                 self.normal += 1;
             }
         }
     }
 
-    /// The report, with `exclude` classes (not sperm) kept out of the assessed cells.
-    pub fn report(&self, exclude: &[String], min_cells: usize) -> Report {
+    /// The report, with `exclude` classes (not sperm) kept out of the assessed cells. With the
+    /// model card's accuracy as `reference`, the label-free estimate is checked against it.
+    pub fn report(&self, exclude: &[String], min_cells: usize, drift: Option<Drift>) -> Report {
         let uncertain = self.per_class.get(UNCERTAIN).copied().unwrap_or(0);
         let excluded: u64 = exclude.iter().filter_map(|c| self.per_class.get(c)).sum();
         let classified: u64 = self.per_class.values().sum();
@@ -72,7 +77,14 @@ impl Tally {
         } else {
             (None, None)
         };
+        let estimated = (classified > 0).then(|| self.confidence_sum / classified as f64);
         Report {
+            estimated_accuracy: estimated,
+            reference_accuracy: drift.map(|d| d.reference),
+            drift_suspected: match (estimated, drift) {
+                (Some(e), Some(d)) => Some(e < d.reference - d.margin),
+                _ => None,
+            },
             sample: self.sample.clone(),
             models: self.models.clone(),
             cells_recorded: self.cells_recorded,
@@ -92,6 +104,14 @@ impl Tally {
             min_cells_met: assessed >= min_cells as u64,
         }
     }
+}
+
+/// The model card's accuracy and how far below it the label-free estimate may fall before a
+/// drift warning.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Drift {
+    pub reference: f64,
+    pub margin: f64,
 }
 
 /// 95% Wilson score interval of `k` successes in `n` trials, as shares.
@@ -131,6 +151,13 @@ pub struct Report {
     pub below_who_reference: Option<bool>,
     pub min_cells: u64,
     pub min_cells_met: bool,
+    /// Label-free accuracy estimate: the classified cells' mean confidence (calibrated when the
+    /// model's temperature was fitted).
+    pub estimated_accuracy: Option<f64>,
+    /// The model card's accuracy, when configured.
+    pub reference_accuracy: Option<f64>,
+    /// The estimate fell more than the configured margin below the reference.
+    pub drift_suspected: Option<bool>,
 }
 
 impl Report {
@@ -184,6 +211,24 @@ impl Report {
                 let _ = writeln!(s, "normal forms: no cells assessed");
             }
         }
+        if let Some(e) = self.estimated_accuracy {
+            let _ = write!(s, "label-free accuracy estimate {:.1}%", 100.0 * e);
+            match (self.reference_accuracy, self.drift_suspected) {
+                (Some(r), Some(true)) => {
+                    let _ = writeln!(
+                        s,
+                        ": WARNING, well below the model card's {:.1}%; the images may differ from the training data",
+                        100.0 * r
+                    );
+                }
+                (Some(r), _) => {
+                    let _ = writeln!(s, " (model card {:.1}%)", 100.0 * r);
+                }
+                _ => {
+                    let _ = writeln!(s);
+                }
+            }
+        }
         let _ = writeln!(
             s,
             "{}-cell minimum: {} ({} assessed)",
@@ -219,6 +264,7 @@ mod tests {
                 touching: false,
                 class,
                 normal,
+                confidence: class.map(|_| 0.8),
             })
         };
         for _ in 0..30 {
@@ -232,8 +278,15 @@ mod tests {
             add(&mut t, Some(UNCERTAIN), Some(false), false);
             add(&mut t, None, None, true);
         }
-        let r = t.report(&["non-sperm".into()], 200);
+        let drift = Drift {
+            reference: 0.9,
+            margin: 0.05,
+        };
+        let r = t.report(&["non-sperm".into()], 200, Some(drift));
         assert_eq!(r.cells_recorded, 215);
+        assert!((r.estimated_accuracy.unwrap() - 0.8).abs() < 1e-6);
+        assert_eq!(r.drift_suspected, Some(true));
+        assert!(r.text().contains("WARNING"));
         assert_eq!(r.cells_assessed, 200);
         assert!(r.min_cells_met);
         assert!((r.normal_forms_pct.unwrap() - 15.0).abs() < 1e-9);
@@ -241,7 +294,7 @@ mod tests {
         assert!(lo < 15.0 && hi > 15.0);
         assert_eq!(r.below_who_reference, Some(false));
         assert!(r.text().contains("200-cell minimum: met"));
-        let r = t.report(&["non-sperm".into()], 201);
+        let r = t.report(&["non-sperm".into()], 201, None);
         assert!(!r.min_cells_met);
     }
 }

@@ -20,6 +20,8 @@ pub enum SpecError {
     Invalid { field: &'static str, reason: String },
     #[error("spec is not valid JSON: {0}")]
     Json(String),
+    #[error("onnx file is not a well-formed protobuf: {0}")]
+    Protobuf(&'static str),
 }
 
 /// How a crop is turned into the window the network sees.
@@ -199,6 +201,74 @@ pub fn embed_metadata(onnx: &mut Vec<u8>, key: &str, value: &str) {
     push_field(onnx, 14, &entry);
 }
 
+/// An ONNX file with the metadata entry `key` set to `value`: earlier entries with that key are
+/// removed from the model's top level, the new one is appended.
+pub fn set_metadata(onnx: &[u8], key: &str, value: &str) -> Result<Vec<u8>, SpecError> {
+    let mut out = Vec::with_capacity(onnx.len() + value.len() + 64);
+    let mut i = 0;
+    while i < onnx.len() {
+        let start = i;
+        let tag = read_varint(onnx, &mut i)?;
+        let (field, wire) = (tag >> 3, tag & 7);
+        let mut drop = false;
+        match wire {
+            0 => {
+                read_varint(onnx, &mut i)?;
+            }
+            1 => i += 8,
+            2 => {
+                let len = read_varint(onnx, &mut i)? as usize;
+                let body = onnx
+                    .get(i..i + len)
+                    .ok_or(SpecError::Protobuf("field runs past the end"))?;
+                drop = field == 14 && entry_key(body) == Some(key.as_bytes());
+                i += len;
+            }
+            5 => i += 4,
+            _ => return Err(SpecError::Protobuf("unsupported wire type")),
+        }
+        if i > onnx.len() {
+            return Err(SpecError::Protobuf("field runs past the end"));
+        }
+        if !drop {
+            out.extend_from_slice(&onnx[start..i]);
+        }
+    }
+    embed_metadata(&mut out, key, value);
+    Ok(out)
+}
+
+/// The key of a `StringStringEntryProto` (field 1).
+fn entry_key(body: &[u8]) -> Option<&[u8]> {
+    let mut i = 0;
+    while i < body.len() {
+        let tag = read_varint(body, &mut i).ok()?;
+        if tag & 7 != 2 {
+            return None;
+        }
+        let len = read_varint(body, &mut i).ok()? as usize;
+        let v = body.get(i..i + len)?;
+        if tag >> 3 == 1 {
+            return Some(v);
+        }
+        i += len;
+    }
+    None
+}
+
+fn read_varint(b: &[u8], i: &mut usize) -> Result<u64, SpecError> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*i).ok_or(SpecError::Protobuf("truncated varint"))?;
+        *i += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(SpecError::Protobuf("varint too long"))
+}
+
 fn push_field(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
     push_varint(out, (field << 3) | 2);
     push_varint(out, bytes.len() as u64);
@@ -280,5 +350,19 @@ pub(crate) mod tests {
         let mut m = Vec::new();
         embed_metadata(&mut m, "k", "v");
         assert_eq!(m, [0x72, 6, 0x0A, 1, b'k', 0x12, 1, b'v']);
+    }
+
+    #[test]
+    fn set_metadata_replaces_only_its_key() {
+        // ir_version 8, one entry k=v, one entry other=x.
+        let mut m = vec![0x08, 8];
+        embed_metadata(&mut m, "k", "v");
+        embed_metadata(&mut m, "other", "x");
+        let out = set_metadata(&m, "k", "new").unwrap();
+        let mut want = vec![0x08, 8];
+        embed_metadata(&mut want, "other", "x");
+        embed_metadata(&mut want, "k", "new");
+        assert_eq!(out, want);
+        assert!(set_metadata(&[0x72, 50, 1], "k", "v").is_err());
     }
 }

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use spermscope::config::{ConfigError, RawConfig, Settings, SourceKind};
 use spermscope::pipeline::{self, Control, Outcome, Reread, StartError};
 use spermscope::publish::Record;
-use spermscope::report::{Report, Seen, Tally};
+use spermscope::report::{Drift, Report, Seen, Tally};
 use spermscope::service;
 use spermscope::telemetry::Telemetry;
 
@@ -59,6 +59,12 @@ enum Command {
         /// Cells needed for a valid assessment.
         #[arg(long, default_value_t = 200)]
         min_cells: usize,
+        /// The model card's accuracy (0-1): warn when the label-free estimate falls more than
+        /// --drift-margin below it.
+        #[arg(long)]
+        reference_accuracy: Option<f64>,
+        #[arg(long, default_value_t = 0.05)]
+        drift_margin: f64,
     },
 }
 
@@ -113,7 +119,15 @@ fn main() -> ExitCode {
             json,
             exclude,
             min_cells,
-        } => offline_report(&records, json, &exclude, min_cells).map_err(Failure::Other),
+            reference_accuracy,
+            drift_margin,
+        } => {
+            let drift = reference_accuracy.map(|reference| Drift {
+                reference,
+                margin: drift_margin,
+            });
+            offline_report(&records, json, &exclude, min_cells, drift).map_err(Failure::Other)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -390,6 +404,7 @@ fn offline_report(
     json: bool,
     exclude: &[String],
     min_cells: usize,
+    drift: Option<Drift>,
 ) -> anyhow::Result<()> {
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open records file {}", path.display()))?;
@@ -415,6 +430,7 @@ fn offline_report(
             touching: r.touching,
             class: r.class.as_deref(),
             normal: r.normal,
+            confidence: r.confidence,
         });
     }
     if tallies.is_empty() {
@@ -422,7 +438,7 @@ fn offline_report(
     }
     let reports: Vec<Report> = tallies
         .values()
-        .map(|t| t.report(exclude, min_cells))
+        .map(|t| t.report(exclude, min_cells, drift))
         .collect();
     if json {
         if let [one] = reports.as_slice() {
