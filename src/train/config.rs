@@ -127,7 +127,25 @@ impl Default for NetConfig {
 #[serde(rename_all = "snake_case")]
 pub enum Optimizer {
     Adamw,
+    /// SGD with Nesterov momentum.
     Sgd,
+    /// Lion: the sign of an interpolation of momentum and gradient (Chen et al. 2023).
+    Lion,
+    /// Signum: the sign of the momentum (Bernstein et al. 2018); Lion with beta_1 = beta_2.
+    Signum,
+}
+
+impl Optimizer {
+    /// The seed method's starting points: (learning rate, beta_1, beta_2, weight decay).
+    /// AdamW 3e-4, 0.9/0.95, 0.1; Lion 3e-4, 0.9/0.95; Signum 3e-4, 0.9; SGD 3e-4, 0.9.
+    pub fn seed_defaults(self) -> (f64, f32, f32, f32) {
+        match self {
+            Optimizer::Adamw => (3e-4, 0.9, 0.95, 0.1),
+            Optimizer::Lion => (3e-4, 0.9, 0.95, 0.0),
+            Optimizer::Signum => (3e-4, 0.9, 0.9, 0.0),
+            Optimizer::Sgd => (3e-4, 0.9, 0.9, 0.0),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -154,6 +172,13 @@ pub struct TrainConfig {
     /// SGD momentum.
     pub momentum: f64,
     pub label_smoothing: f32,
+    /// First moment decay (AdamW, Lion; Signum's momentum). Unset: 0.9.
+    pub beta_1: Option<f32>,
+    /// Second moment decay (AdamW) or momentum decay (Lion). Unset: AdamW 0.999, Lion 0.99
+    /// (the library defaults the committed models were trained with).
+    pub beta_2: Option<f32>,
+    /// Clip the gradient to this L2 norm before each step. Unset: no clipping.
+    pub grad_clip_norm: Option<f32>,
     pub balance: Balance,
     /// Share of the training data held out for early stopping.
     pub val_fraction: f64,
@@ -173,6 +198,9 @@ impl Default for TrainConfig {
             weight_decay: 5e-4,
             momentum: 0.9,
             label_smoothing: 0.05,
+            beta_1: None,
+            beta_2: None,
+            grad_clip_norm: None,
             balance: Balance::Weights,
             val_fraction: 0.15,
             patience: 0,
@@ -315,6 +343,16 @@ impl Experiment {
         if !(t.lr > 0.0 && t.lr < 1.0) {
             return bad("train.lr", "must be in (0, 1)");
         }
+        for (key, beta) in [("train.beta_1", t.beta_1), ("train.beta_2", t.beta_2)] {
+            if beta.is_some_and(|b| !(0.0..1.0).contains(&b)) {
+                return bad(key, "must be in [0, 1)");
+            }
+        }
+        if t.grad_clip_norm
+            .is_some_and(|c| !(c.is_finite() && c > 0.0))
+        {
+            return bad("train.grad_clip_norm", "must be above 0");
+        }
         if !(0.0..0.5).contains(&t.val_fraction) {
             return bad("train.val_fraction", "must be in [0, 0.5)");
         }
@@ -353,7 +391,7 @@ mod tests {
     fn every_shipped_experiment_parses() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/train");
         let mut n = 0;
-        for dir in [root.clone(), root.join("ablation")] {
+        for dir in [root.clone(), root.join("ablation"), root.join("optimisers")] {
             for e in std::fs::read_dir(&dir).expect("config/train exists") {
                 let p = e.expect("entry").path();
                 if p.extension().is_some_and(|x| x == "toml") {
@@ -363,8 +401,8 @@ mod tests {
             }
         }
         assert!(
-            n >= 7,
-            "expected the model and ablation experiments, found {n}"
+            n >= 16,
+            "expected the model, ablation and optimiser experiments, found {n}"
         );
     }
 

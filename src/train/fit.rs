@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::decay::WeightDecayConfig;
+use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::optim::{AdamWConfig, GradientsParams, LionConfig, ModuleOptimizer, SgdConfig};
 use burn::prelude::*;
 use image::RgbImage;
 use indicatif::ProgressBar;
@@ -241,6 +242,70 @@ pub struct Fitted {
     pub images_per_second: f64,
 }
 
+/// Training stopped because the numbers went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum FitError {
+    #[error(
+        "training diverged: the loss is {value} at epoch {epoch}, batch {batch} (lower the learning rate or clip gradients with train.grad_clip_norm)"
+    )]
+    NonFinite {
+        epoch: usize,
+        batch: usize,
+        value: f32,
+    },
+}
+
+/// The loss of a batch, or the error that stops a diverged run.
+fn finite(value: f32, epoch: usize, batch: usize) -> Result<f32, FitError> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(FitError::NonFinite {
+            epoch,
+            batch,
+            value,
+        })
+    }
+}
+
+/// The optimiser an experiment asks for, with its clipping.
+pub fn optimizer(t: &super::config::TrainConfig) -> ModuleOptimizer {
+    let clip = t.grad_clip_norm.map(GradientClippingConfig::Norm);
+    let b1 = t.beta_1.unwrap_or(0.9);
+    match t.optimizer {
+        Optimizer::Adamw => AdamWConfig::new()
+            .with_weight_decay(t.weight_decay)
+            .with_beta_1(b1)
+            .with_beta_2(t.beta_2.unwrap_or(0.999))
+            .with_epsilon(1e-8)
+            .with_grad_clipping(clip)
+            .init(),
+        Optimizer::Sgd => SgdConfig::new()
+            .with_momentum(Some(
+                MomentumConfig::new()
+                    .with_momentum(t.momentum)
+                    .with_dampening(0.0)
+                    .with_nesterov(true),
+            ))
+            .with_weight_decay(Some(WeightDecayConfig::new(t.weight_decay)))
+            .with_gradient_clipping(clip)
+            .init(),
+        Optimizer::Lion => LionConfig::new()
+            .with_beta_1(b1)
+            .with_beta_2(t.beta_2.unwrap_or(0.99))
+            .with_weight_decay(t.weight_decay)
+            .with_grad_clipping(clip)
+            .init(),
+        // Lion with equal betas updates with the sign of the momentum: Signum.
+        Optimizer::Signum => LionConfig::new()
+            .with_beta_1(b1)
+            .with_beta_2(b1)
+            .with_weight_decay(t.weight_decay)
+            .with_grad_clipping(clip)
+            .init(),
+    }
+}
+
 /// Learning rate at a fractional epoch: linear warm-up, then cosine decay to zero.
 pub fn lr_at(exp: &Experiment, epoch_f: f64) -> f64 {
     let t = &exp.train;
@@ -263,28 +328,14 @@ pub fn fit(
     spec: &ModelSpec,
     seed: u64,
     bar: &ProgressBar,
-) -> Fitted {
+) -> Result<Fitted, FitError> {
     let device = Device::flex().autodiff();
     device.seed(seed);
     let k = spec.classes.len();
     let n_feat = spec.features.as_ref().map_or(0, |f| f.count);
     let mut model = Net::new(&device, &exp.model, spec.input.channels as usize, n_feat, k);
     let t = &exp.train;
-    let mut optim: ModuleOptimizer = match t.optimizer {
-        Optimizer::Adamw => AdamWConfig::new()
-            .with_weight_decay(t.weight_decay)
-            .with_epsilon(1e-8)
-            .init(),
-        Optimizer::Sgd => SgdConfig::new()
-            .with_momentum(Some(
-                MomentumConfig::new()
-                    .with_momentum(t.momentum)
-                    .with_dampening(0.0)
-                    .with_nesterov(true),
-            ))
-            .with_weight_decay(Some(WeightDecayConfig::new(t.weight_decay)))
-            .init(),
-    };
+    let mut optim = optimizer(t);
     let mut counts = vec![0usize; k];
     for &i in train_idx {
         counts[items[i].label] += 1;
@@ -357,9 +408,10 @@ pub fn fit(
             );
             let logits = model.forward(x, f);
             let loss = loss_fn.forward(logits.clone(), y);
+            let value = finite(loss.clone().into_scalar::<f32>(), epoch + 1, b + 1)?;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(lr, model, grads);
-            loss_sum += loss.into_scalar::<f32>() as f64 * chunk.len() as f64;
+            loss_sum += value as f64 * chunk.len() as f64;
             let preds: Vec<i64> = logits.argmax(1).into_data().iter::<i64>().collect();
             correct += preds.iter().zip(&labels).filter(|(p, l)| p == l).count();
             seen += chunk.len();
@@ -419,10 +471,100 @@ pub fn fit(
         Some((_, e, m)) => (m, e),
         None => (model.valid(), last),
     };
-    Fitted {
+    Ok(Fitted {
         model,
         history,
         best_epoch,
         images_per_second: ips,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::config::{NetConfig, TrainConfig};
+
+    /// Eight 3x32x32 images: class 0 bright on the left, class 1 bright on the right.
+    fn batch(device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
+        let (n, s) = (8usize, 32usize);
+        let mut px = vec![0f32; n * 3 * s * s];
+        let mut labels = Vec::new();
+        for i in 0..n {
+            let class = i % 2;
+            labels.push(class as i64);
+            for c in 0..3 {
+                for y in 0..s {
+                    for x in 0..s {
+                        let left = x < s / 2;
+                        let v = if left == (class == 0) { 1.0 } else { -1.0 };
+                        px[((i * 3 + c) * s + y) * s + x] =
+                            v + 0.1 * ((x * 7 + y * 3 + i) % 5) as f32;
+                    }
+                }
+            }
+        }
+        (
+            Tensor::<4>::from_data(TensorData::new(px, [n, 3, s, s]), device),
+            Tensor::<1, Int>::from_data(TensorData::new(labels, [n]), device),
+        )
+    }
+
+    #[test]
+    fn every_optimiser_lowers_the_loss_on_a_fixed_batch() {
+        for opt in [
+            Optimizer::Adamw,
+            Optimizer::Sgd,
+            Optimizer::Lion,
+            Optimizer::Signum,
+        ] {
+            let device = Device::flex().autodiff();
+            device.seed(1);
+            let net = NetConfig {
+                dropout: 0.0,
+                ..NetConfig::default()
+            };
+            let (lr, b1, b2, wd) = opt.seed_defaults();
+            let train = TrainConfig {
+                optimizer: opt,
+                beta_1: Some(b1),
+                beta_2: Some(b2),
+                weight_decay: wd,
+                grad_clip_norm: Some(1.0),
+                ..TrainConfig::default()
+            };
+            let mut model = Net::new(&device, &net, 3, 0, 2);
+            let mut optim = optimizer(&train);
+            let loss_fn = CrossEntropyLossConfig::new().init(&device);
+            let (x, y) = batch(&device);
+            let loss_of = |m: &Net| {
+                loss_fn
+                    .forward(m.forward(x.clone(), None), y.clone())
+                    .into_scalar::<f32>()
+            };
+            let first = loss_of(&model);
+            for _ in 0..20 {
+                let loss = loss_fn.forward(model.forward(x.clone(), None), y.clone());
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(lr, model, grads);
+            }
+            let last = loss_of(&model);
+            assert!(last < first, "{opt:?}: loss {first} -> {last}");
+        }
+    }
+
+    #[test]
+    fn a_nan_loss_stops_training_naming_epoch_and_batch() {
+        let device = Device::flex().autodiff();
+        device.seed(1);
+        let model = Net::new(&device, &NetConfig::default(), 3, 0, 2);
+        let (x, y) = batch(&device);
+        let poisoned = x.mul_scalar(f32::NAN);
+        let loss = CrossEntropyLossConfig::new()
+            .init(&device)
+            .forward(model.forward(poisoned, None), y)
+            .into_scalar::<f32>();
+        let e = finite(loss, 3, 7).unwrap_err();
+        assert!(e.to_string().contains("epoch 3, batch 7"), "{e}");
+        assert_eq!(finite(0.5, 1, 1).unwrap(), 0.5);
     }
 }

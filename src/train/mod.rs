@@ -35,6 +35,8 @@ pub enum TrainError {
     Protocol { protocol: Protocol, what: String },
     #[error("cannot write {path}: {reason}")]
     Write { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Fit(#[from] fit::FitError),
 }
 
 /// What the command line may change in an experiment.
@@ -111,6 +113,8 @@ pub struct FinalReport {
     /// Runtime on the same data.
     pub all_data: Scores,
     pub spec: ModelSpec,
+    /// Loss, accuracy (train and validation), learning rate and seconds for every epoch.
+    pub history: Vec<fit::EpochLog>,
 }
 
 fn subset(ds: &mut Dataset, limit: usize) {
@@ -371,7 +375,7 @@ fn cross_validate(
                 &spec,
                 seed * 1000 + fold as u64,
                 &epoch_bar,
-            );
+            )?;
             let logits = fit::predict(&fitted.model, items, &test, &spec);
             let truth: Vec<usize> = test.iter().map(|&i| items[i].label).collect();
             for (mirror, acc) in [(false, &mut plain), (true, &mut fused)] {
@@ -457,7 +461,7 @@ fn train_final(
             .with_style(bar_style())
             .with_prefix("final model"),
     );
-    let fitted = fit::fit(exp, items, &train_idx, &val_idx, &spec, seed, &bar);
+    let fitted = fit::fit(exp, items, &train_idx, &val_idx, &spec, seed, &bar)?;
     bar.finish_and_clear();
     let test = (!test_idx.is_empty()).then(|| {
         let logits = fit::predict(&fitted.model, items, &test_idx, &spec);
@@ -513,5 +517,6 @@ fn train_final(
         test,
         all_data,
         spec,
+        history: history.clone(),
     })
 }
