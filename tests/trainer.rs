@@ -178,3 +178,41 @@ fn trainer_smoke_export_and_parity_pixels_only() {
         second["final_model"]["parity_logits"]
     );
 }
+
+#[test]
+fn overfit_batch_and_lr_find_checks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = experiment(dir.path(), true);
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_spermscope-train"))
+            .args(["--config", cfg.to_str().expect("utf8"), "-q", "--out"])
+            .arg(dir.path().join("out"))
+            .args(extra)
+            .output()
+            .expect("run spermscope-train");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Eight images, one batch: a working network drives the loss to about zero.
+    let text = run(&["--overfit-batch", "8", "--epochs", "300"]);
+    assert!(
+        text.contains("8 images, 300 steps") && text.contains("passes"),
+        "{text}"
+    );
+    // The range test draws its curve and suggests a rate inside the range it tried.
+    let text = run(&["--lr-find", "--limit", "48"]);
+    let lr: f64 = text
+        .split("suggested learning rate ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(lr > 1e-7 && lr < 0.1, "{lr}");
+    assert!(dir.path().join("out/smoke.lr-find.png").exists());
+    // No model was trained or exported by either check.
+    assert!(!dir.path().join("out/smoke.onnx").exists());
+}

@@ -38,6 +38,14 @@ struct Args {
     /// No progress bars.
     #[arg(long, short)]
     quiet: bool,
+    /// Check instead of training: fit this many images (one batch) and report whether the
+    /// loss goes to about zero.
+    #[arg(long, num_args = 0..=1, default_missing_value = "8")]
+    overfit_batch: Option<usize>,
+    /// Check instead of training: a learning-rate range test (1e-6 to 1), drawn to
+    /// OUT/NAME.lr-find.png, with a suggested rate.
+    #[arg(long)]
+    lr_find: bool,
 }
 
 fn parse_protocol(s: &str) -> Result<Protocol, String> {
@@ -70,6 +78,41 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
+    if let Some(n) = args.overfit_batch {
+        let steps = args.epochs.unwrap_or(150);
+        let r = train::diagnose::overfit_batch(&args.config, n, steps)
+            .with_context(|| format!("experiment {}", args.config.display()))?;
+        println!(
+            "overfit-batch: {} images, {} steps: loss {:.4} -> {:.4}, accuracy {:.3}: {}",
+            r.images,
+            r.steps,
+            r.first_loss,
+            r.last_loss,
+            r.last_accuracy,
+            if r.passed {
+                "passes (the network, inputs and labels line up)"
+            } else {
+                "FAILS: the network cannot fit one small batch; look for a bug in the labels, inputs or loss, or raise the learning rate"
+            }
+        );
+        return Ok(());
+    }
+    if args.lr_find {
+        let r = train::diagnose::lr_find(&args.config, args.limit, 120, &args.out)
+            .with_context(|| format!("experiment {}", args.config.display()))?;
+        match r.suggested_lr {
+            Some(lr) => println!(
+                "lr-find: {} batches; suggested learning rate {lr:.2e} (plot {})",
+                r.curve.len(),
+                r.plot.display()
+            ),
+            None => println!(
+                "lr-find: no finite loss at any rate (plot {})",
+                r.plot.display()
+            ),
+        }
+        return Ok(());
+    }
     let opts = RunOptions {
         folds: args.folds,
         protocol: args.protocol,
@@ -121,6 +164,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
             f.seconds,
             f.images_per_second
         );
+        if let Some(e) = f.overfitting_from_epoch {
+            println!("overfitting from epoch {e}: validation loss rises while training loss falls");
+        }
         if let Some(t) = &f.test {
             println!("test split:\n{}", t.to_text());
         }

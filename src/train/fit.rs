@@ -306,6 +306,87 @@ pub fn optimizer(t: &super::config::TrainConfig) -> ModuleOptimizer {
     }
 }
 
+/// The epoch from which the model overfits: validation loss rises for three epochs in a row
+/// while training loss falls. Returns the first of those epochs (1-based).
+pub fn overfitting_from(history: &[EpochLog]) -> Option<usize> {
+    history.windows(4).find_map(|w| {
+        let rising = w.windows(2).all(|p| match (p[0].val_loss, p[1].val_loss) {
+            (Some(a), Some(b)) => b > a,
+            _ => false,
+        });
+        let falling = w.windows(2).all(|p| p[1].train_loss < p[0].train_loss);
+        (rising && falling).then_some(w[1].epoch)
+    })
+}
+
+/// A learning-rate range test: from `lo` to `hi` exponentially over `steps` batches (with the
+/// experiment's augmentation), the training loss at each rate. Stops early once the loss is
+/// four times its best or no longer finite.
+pub fn lr_range(
+    exp: &Experiment,
+    items: &[Item],
+    idx: &[usize],
+    spec: &ModelSpec,
+    seed: u64,
+    (lo, hi, steps): (f64, f64, usize),
+) -> Vec<(f64, f64)> {
+    let device = Device::flex().autodiff();
+    device.seed(seed);
+    let k = spec.classes.len();
+    let n_feat = spec.features.as_ref().map_or(0, |f| f.count);
+    let mut model = Net::new(&device, &exp.model, spec.input.channels as usize, n_feat, k);
+    let mut optim = optimizer(&exp.train);
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut order = idx.to_vec();
+    let mut out = Vec::new();
+    let mut best = f64::MAX;
+    let mut pos = order.len();
+    for step in 0..steps {
+        if pos + exp.train.batch_size > order.len() {
+            order.shuffle(&mut rng);
+            pos = 0;
+        }
+        let chunk = &order[pos..(pos + exp.train.batch_size).min(order.len())];
+        pos += chunk.len();
+        let lr = lo * (hi / lo).powf(step as f64 / (steps.max(2) - 1) as f64);
+        let (px, fs) = inputs(items, chunk, spec, Some((&exp.augment, rng.random())));
+        let (x, f) = tensors(px, fs, chunk.len(), spec, &device);
+        let labels: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
+        let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [chunk.len()]), &device);
+        let loss = loss_fn.forward(model.forward(x, f), y);
+        let value = loss.clone().into_scalar::<f32>() as f64;
+        if !value.is_finite() {
+            break;
+        }
+        out.push((lr, value));
+        best = best.min(value);
+        if value > 4.0 * best && step > 10 {
+            break;
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(lr, model, grads);
+    }
+    out
+}
+
+/// The learning rate a range test suggests: a tenth of the rate at the lowest smoothed loss.
+pub fn suggest_lr(curve: &[(f64, f64)]) -> Option<f64> {
+    let mut smooth = 0.0;
+    let mut best: Option<(f64, f64)> = None;
+    for (i, &(lr, loss)) in curve.iter().enumerate() {
+        smooth = if i == 0 {
+            loss
+        } else {
+            0.8 * smooth + 0.2 * loss
+        };
+        if best.is_none_or(|(_, b)| smooth < b) {
+            best = Some((lr, smooth));
+        }
+    }
+    best.map(|(lr, _)| lr / 10.0)
+}
+
 /// Learning rate at a fractional epoch: linear warm-up, then cosine decay to zero.
 pub fn lr_at(exp: &Experiment, epoch_f: f64) -> f64 {
     let t = &exp.train;
@@ -550,6 +631,53 @@ mod tests {
             let last = loss_of(&model);
             assert!(last < first, "{opt:?}: loss {first} -> {last}");
         }
+    }
+
+    fn log(epoch: usize, train_loss: f64, val_loss: f64) -> EpochLog {
+        EpochLog {
+            epoch,
+            lr: 1e-3,
+            train_loss,
+            train_accuracy: 0.5,
+            val_loss: Some(val_loss),
+            val_accuracy: Some(0.5),
+            seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn overfitting_is_dated_from_the_first_rise_of_validation_loss() {
+        let losses = [
+            (1.0, 1.0),
+            (0.8, 0.8),
+            (0.6, 0.7),
+            (0.5, 0.72),
+            (0.4, 0.75),
+            (0.3, 0.8),
+        ];
+        let h: Vec<EpochLog> = losses
+            .iter()
+            .enumerate()
+            .map(|(i, &(t, v))| log(i + 1, t, v))
+            .collect();
+        assert_eq!(overfitting_from(&h), Some(4));
+        // Both falling: no overfitting.
+        let h: Vec<EpochLog> = (1..8)
+            .map(|e| log(e, 1.0 / e as f64, 1.0 / e as f64))
+            .collect();
+        assert_eq!(overfitting_from(&h), None);
+    }
+
+    #[test]
+    fn suggested_rate_is_a_tenth_of_the_lowest_loss() {
+        let curve: Vec<(f64, f64)> = (0..50)
+            .map(|i| {
+                let lr = 1e-5 * 10f64.powf(i as f64 / 10.0);
+                (lr, (lr.log10() + 2.0).powi(2) + 1.0)
+            })
+            .collect();
+        let s = suggest_lr(&curve).unwrap();
+        assert!(s > 3e-4 && s < 3e-3, "{s}");
     }
 
     #[test]

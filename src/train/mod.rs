@@ -3,6 +3,7 @@
 
 pub mod augment;
 pub mod config;
+pub mod diagnose;
 pub mod export;
 pub mod fit;
 pub mod net;
@@ -115,6 +116,8 @@ pub struct FinalReport {
     pub spec: ModelSpec,
     /// Loss, accuracy (train and validation), learning rate and seconds for every epoch.
     pub history: Vec<fit::EpochLog>,
+    /// First epoch of three in which validation loss rose while training loss fell.
+    pub overfitting_from_epoch: Option<usize>,
 }
 
 fn subset(ds: &mut Dataset, limit: usize) {
@@ -517,6 +520,7 @@ fn train_final(
         test,
         all_data,
         spec,
+        overfitting_from_epoch: fit::overfitting_from(&history),
         history: history.clone(),
     })
 }

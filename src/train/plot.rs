@@ -155,3 +155,52 @@ pub fn confusion(scores: &Scores, title: &str, path: &Path) -> Result<(), String
     }
     root.present().map_err(err)
 }
+
+/// The learning-rate range test: loss against learning rate (log scale), with the suggestion.
+pub fn lr_find(
+    curve: &[(f64, f64)],
+    suggested: Option<f64>,
+    title: &str,
+    path: &Path,
+) -> Result<(), String> {
+    let root = BitMapBackend::new(path, (640, 440)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (lo, hi) = curve.iter().fold((f64::MAX, f64::MIN), |(a, b), &(lr, _)| {
+        (a.min(lr), b.max(lr))
+    });
+    let (lo, hi) = if lo < hi { (lo, hi) } else { (1e-6, 1.0) };
+    let top = curve.iter().map(|c| c.1).fold(0.1f64, f64::max) * 1.05;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{title}: learning-rate range test"),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d((lo..hi).log_scale(), 0f64..top)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("learning rate")
+        .y_desc("training loss")
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(LineSeries::new(curve.iter().copied(), BLUE.stroke_width(2)))
+        .map_err(err)?;
+    if let Some(s) = suggested {
+        chart
+            .draw_series(LineSeries::new([(s, 0.0), (s, top)], RED.stroke_width(2)))
+            .map_err(err)?
+            .label(format!("suggested {s:.1e}"))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+    }
+    root.present().map_err(err)
+}
