@@ -3,6 +3,7 @@
 
 pub mod calibration;
 pub mod classify;
+pub mod cli;
 pub mod config;
 pub mod dataset;
 pub mod frame;

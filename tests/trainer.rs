@@ -216,3 +216,62 @@ fn overfit_batch_and_lr_find_checks() {
     // No model was trained or exported by either check.
     assert!(!dir.path().join("out/smoke.onnx").exists());
 }
+
+#[test]
+fn tuner_runs_nested_and_resumes_from_its_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exp = experiment(dir.path(), false);
+    let search = dir.path().join("tiny.toml");
+    std::fs::write(
+        &search,
+        format!(
+            "experiment = \"{}\"\nstrategy = \"random\"\ntrials = 3\nouter_folds = 2\nhalving = true\nlimit = 40\n\
+             [params.\"train.lr\"]\nkind = \"log_uniform\"\nmin = 1e-3\nmax = 1e-2\n\
+             [params.\"train.optimizer\"]\nkind = \"categorical\"\nvalues = [\"adamw\", \"lion\"]\n",
+            exp.display()
+        ),
+    )
+    .expect("write search");
+    let out = dir.path().join("tune");
+    let tune = || {
+        let run = Command::new(env!("CARGO_BIN_EXE_spermscope-tune"))
+            .args(["--search", search.to_str().expect("utf8"), "-q", "--out"])
+            .arg(&out)
+            .output()
+            .expect("run spermscope-tune");
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        String::from_utf8_lossy(&run.stdout).into_owned()
+    };
+    let first = tune();
+    assert!(first.contains("outer accuracy"), "{first}");
+    let log = out.join("tiny.tune.jsonl");
+    let lines = |p: &Path| -> Vec<String> {
+        std::fs::read_to_string(p)
+            .expect("log")
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    // Per outer fold: 3 trials at the first rung, then the best third (1) at full epochs.
+    let full = lines(&log);
+    assert_eq!(full.len(), 2 * 4, "{full:?}");
+    assert!(out.join("smoke.tune.png").exists());
+    let best = std::fs::read_to_string(out.join("smoke.best.toml")).expect("best experiment");
+    assert!(best.contains("nested outer accuracy"), "{best}");
+    // A kill after three trials: the rerun keeps them and runs only the rest.
+    std::fs::write(&log, full[..3].join("\n") + "\n").expect("truncate");
+    let again = tune();
+    let resumed = lines(&log);
+    assert_eq!(resumed.len(), full.len());
+    assert_eq!(resumed[..3], full[..3]);
+    let tail = |s: &str| s.lines().last().map(str::to_string);
+    assert_eq!(
+        tail(&first).map(|l| l.split(" (").next().map(str::to_string)),
+        tail(&again).map(|l| l.split(" (").next().map(str::to_string)),
+        "the resumed search must end where the first one did"
+    );
+}

@@ -84,21 +84,9 @@ fn default_path(rel: &str) -> PathBuf {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    spermscope::cli::init_logging("warn");
     let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("spermscope-eval: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    spermscope::cli::exit("spermscope-eval", run(&args))
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {

@@ -60,21 +60,9 @@ fn parse_protocol(s: &str) -> Result<Protocol, String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    spermscope::cli::init_logging("info");
     let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("spermscope-train: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    spermscope::cli::exit("spermscope-train", run(&args))
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {

@@ -101,13 +101,7 @@ struct ReplayArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    spermscope::cli::init_logging("info,ort=warn");
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => load(&config).and_then(|s| run(s, Some(config))),

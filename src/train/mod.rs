@@ -8,6 +8,7 @@ pub mod export;
 pub mod fit;
 pub mod net;
 pub mod plot;
+pub mod tune;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

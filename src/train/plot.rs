@@ -204,3 +204,66 @@ pub fn lr_find(
     }
     root.present().map_err(err)
 }
+
+/// Score against each searched parameter, one panel each (log-uniform ones on log10).
+pub fn tune_scatter(
+    trials: &[super::tune::Trial],
+    params: &std::collections::BTreeMap<String, super::tune::Param>,
+    title: &str,
+    path: &Path,
+) -> Result<(), String> {
+    let n = params.len().max(1) as u32;
+    let root = BitMapBackend::new(path, (340 * n, 340)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let panels = root.split_evenly((1, n as usize));
+    for (area, (key, p)) in panels.iter().zip(params) {
+        let log = matches!(p, super::tune::Param::LogUniform { .. });
+        let pts: Vec<(f64, f64, bool)> = trials
+            .iter()
+            .filter_map(|t| {
+                let v = super::tune::as_number(p, t.params.get(key)?);
+                Some((if log { v.log10() } else { v }, t.score, t.rung > 0))
+            })
+            .collect();
+        let (lo, hi) = pts
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), q| (a.min(q.0), b.max(q.0)));
+        let (lo, hi) = if lo < hi {
+            (lo, hi)
+        } else {
+            (lo - 1.0, lo + 1.0)
+        };
+        let pad = (hi - lo) * 0.05;
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("{title}: {key}"), ("sans-serif", 15))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(40)
+            .build_cartesian_2d((lo - pad)..(hi + pad), 0f64..1f64)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(if log {
+                format!("log10 {key}")
+            } else {
+                key.clone()
+            })
+            .y_desc("inner accuracy")
+            .draw()
+            .map_err(err)?;
+        chart
+            .draw_series(pts.iter().map(|&(x, y, promoted)| {
+                Circle::new(
+                    (x, y),
+                    4,
+                    if promoted {
+                        RED.filled()
+                    } else {
+                        BLUE.filled()
+                    },
+                )
+            }))
+            .map_err(err)?;
+    }
+    root.present().map_err(err)
+}
