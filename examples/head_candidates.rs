@@ -30,11 +30,7 @@ fn main() {
         nucleus_margin: margin,
         ..SegmentSettings::default()
     };
-    let mut frames: Vec<_> = std::fs::read_dir(root.join("frames"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    frames.sort();
+    let frames = spermscope::source::replay::list(&root.join("frames")).unwrap();
     let (mut truth_n, mut heads, mut others) = (0usize, 0usize, 0usize);
     for f in &frames {
         let img = dataset::load_rgb(f).unwrap();

@@ -25,11 +25,7 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(128);
-    let mut frames: Vec<_> = std::fs::read_dir(root.join("frames"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    frames.sort();
+    let mut frames = spermscope::source::replay::list(&root.join("frames")).unwrap();
     frames.drain(..skip.min(frames.len()));
     frames.truncate(limit);
     let mut verifier = std::env::args().nth(2).filter(|p| p != "-").map(|p| {
@@ -52,7 +48,7 @@ fn main() {
             .to_luma8();
         let mut found = find_heads(&img, &s);
         if let Some(v) = &mut verifier {
-            found = v.filter(&img, found, 0.053).unwrap().0;
+            v.retain(&img, &mut found, 0.053).unwrap();
         }
         edge += found.iter().filter(|d| d.at_edge).count();
         total.add(MaskMatch::score(&found, &truth));

@@ -51,9 +51,8 @@ impl Classifier {
     }
 
     /// One verdict per prepared head, in order.
-    pub fn classify(&mut self, batch: &[&Prepared]) -> Result<Vec<Verdict>, ModelError> {
-        let owned: Vec<Prepared> = batch.iter().map(|p| (*p).clone()).collect();
-        let logits = self.model.logits(&owned)?;
+    pub fn classify(&mut self, batch: &[Prepared]) -> Result<Vec<Verdict>, ModelError> {
+        let logits = self.model.logits(batch)?;
         let spec = &self.model.spec;
         Ok(logits
             .iter()

@@ -279,7 +279,7 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
         mut notify,
     } = control;
     let Ready {
-        settings,
+        mut settings,
         source,
         classifier,
         verifier,
@@ -287,7 +287,6 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
         sinks,
         telemetry: tel,
     } = ready;
-    let mut settings = settings;
     let q = settings.queue_frames;
     let (to_segment, segment_in) = bounded::<Work>(q);
     let (to_pose, pose_in) = bounded::<Work>(q);
@@ -500,7 +499,7 @@ fn source_stage(
                 // The frame counts as captured when its decoding began.
                 timestamp: SystemTime::now(),
                 captured: Instant::now() - Duration::from_secs_f32(decode_ms / 1e3),
-                image: Arc::new(image),
+                image,
             },
             cells: Vec::new(),
             times: StageTimes {
@@ -557,9 +556,8 @@ fn segment_stage(
         let t = Instant::now();
         let mut found = find_heads(&w.frame.image, settings);
         if let Some(v) = &mut verifier {
-            match v.filter(&w.frame.image, found.clone(), um_per_px) {
-                Ok((kept, rejected)) => {
-                    found = kept;
+            match v.retain(&w.frame.image, &mut found, um_per_px) {
+                Ok(rejected) => {
                     tel.event(Event::CandidatesRejected { n: rejected as u64 });
                 }
                 Err(e) => {
@@ -724,19 +722,18 @@ fn classify_batch(classifier: &mut Classifier, frames: &mut [Work], max_batch: u
         .filter(|c| c.prepared.is_some())
         .collect();
     for chunk in slots.chunks_mut(max_batch) {
-        let inputs: Vec<_> = chunk.iter().filter_map(|c| c.prepared.as_ref()).collect();
+        // The inputs move out of the cells: they are not needed past this stage.
+        let inputs: Vec<_> = chunk.iter_mut().filter_map(|c| c.prepared.take()).collect();
         match classifier.classify(&inputs) {
             Ok(verdicts) => {
                 for (c, v) in chunk.iter_mut().zip(verdicts) {
                     c.verdict = Some(v);
-                    c.prepared = None;
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, cells = chunk.len(), "inference failed; cells dropped");
                 for c in chunk.iter_mut() {
                     c.dropped = Some(CellDropReason::InferenceError);
-                    c.prepared = None;
                 }
             }
         }

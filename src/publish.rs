@@ -300,6 +300,9 @@ impl Broadcaster {
 
     fn send(&self, lines: &[String]) {
         let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        if subs.is_empty() {
+            return;
+        }
         let lines: Vec<Arc<str>> = lines.iter().map(|l| Arc::from(l.as_str())).collect();
         subs.retain(|s| {
             for l in &lines {

@@ -67,7 +67,6 @@ pub fn find_heads(frame: &RgbImage, s: &SegmentSettings) -> Vec<FoundHead> {
     let t = Thresholded::new(frame, s.contrast);
     let mut regions = regions::opened_regions(&t.head, s.open_radius_px, s.min_area_px);
     regions.retain(|px| px.len() >= s.min_area_px && px.len() <= s.max_area_px);
-    regions.sort_by_key(|px| px.first().map(|&(x, y)| (y, x)));
     regions
         .into_iter()
         .filter_map(|px| measure_region(px, &t, s, w, h))
@@ -168,16 +167,16 @@ impl Verifier {
         &self.model
     }
 
-    /// Keep the candidates the model takes for heads (probability at least `min_prob`); the
-    /// second value is how many were rejected.
-    pub fn filter(
+    /// Keep the candidates the model takes for heads (probability at least `min_prob`) and
+    /// return how many were rejected. On an error the candidates are left as they were.
+    pub fn retain(
         &mut self,
         frame: &RgbImage,
-        found: Vec<FoundHead>,
+        found: &mut Vec<FoundHead>,
         um_per_px: f32,
-    ) -> Result<(Vec<FoundHead>, usize), ModelError> {
+    ) -> Result<usize, ModelError> {
         if found.is_empty() {
-            return Ok((found, 0));
+            return Ok(0);
         }
         let spec = &self.model.spec;
         let inputs: Vec<_> = found
@@ -190,19 +189,14 @@ impl Verifier {
             .collect();
         let temperature = spec.temperature;
         let logits = self.model.logits(&inputs)?;
+        let mut keep = logits.iter().map(|l| {
+            softmax(l, temperature)
+                .get(self.head_index)
+                .is_some_and(|&p| p >= self.min_prob)
+        });
         let before = found.len();
-        let kept: Vec<FoundHead> = found
-            .into_iter()
-            .zip(&logits)
-            .filter(|(_, l)| {
-                softmax(l, temperature)
-                    .get(self.head_index)
-                    .is_some_and(|&p| p >= self.min_prob)
-            })
-            .map(|(f, _)| f)
-            .collect();
-        let rejected = before - kept.len();
-        Ok((kept, rejected))
+        found.retain(|_| keep.next().unwrap_or(false));
+        Ok(before - found.len())
     }
 }
 

@@ -366,108 +366,100 @@ pub fn render(parts: &[(String, std::sync::Arc<Telemetry>)]) -> String {
         }
         rows
     }
-    family(
-        "frames_seen_total",
-        "counter",
-        "Frames the source delivered.",
-        plain(&|c| c.frames_seen_total),
-    );
-    family(
-        "frames_published_total",
-        "counter",
-        "Frames whose records were published.",
-        plain(&|c| c.frames_published_total),
-    );
-    family(
-        "frames_dropped_total",
-        "counter",
-        "Frames dropped, by reason.",
-        by(&snaps, "reason", &|c| &c.frames_dropped_total),
-    );
-    family(
-        "cells_found_total",
-        "counter",
-        "Heads found (after verification).",
-        plain(&|c| c.cells_found_total),
-    );
-    family(
-        "candidates_rejected_total",
-        "counter",
-        "Head candidates the verifier rejected.",
-        plain(&|c| c.candidates_rejected_total),
-    );
-    family(
-        "cells_published_total",
-        "counter",
-        "Cell records published.",
-        plain(&|c| c.cells_published_total),
-    );
-    family(
-        "cells_dropped_total",
-        "counter",
-        "Cells dropped, by reason.",
-        by(&snaps, "reason", &|c| &c.cells_dropped_total),
-    );
-    family(
-        "cells_classified_total",
-        "counter",
-        "Cells classified, by class.",
-        by(&snaps, "class", &|c| &c.cells_classified_total),
-    );
-    family(
-        "subscribers_joined_total",
-        "counter",
-        "Record subscribers that connected.",
-        plain(&|c| c.subscribers_joined_total),
-    );
-    family(
-        "subscribers_dropped_total",
-        "counter",
-        "Record subscribers dropped, by reason.",
-        by(&snaps, "reason", &|c| &c.subscribers_dropped_total),
-    );
-    family(
-        "source_disconnects_total",
-        "counter",
-        "Times the live source lost its device.",
-        plain(&|c| c.source_disconnects_total),
-    );
-    family(
-        "source_reconnects_total",
-        "counter",
-        "Times the live source got its device back.",
-        plain(&|c| c.source_reconnects_total),
-    );
-    family(
-        "reloads_total",
-        "counter",
-        "Reloads that swapped the model in.",
-        plain(&|c| c.reloads_total),
-    );
-    family(
-        "reload_failures_total",
-        "counter",
-        "Reloads refused (bad config or model).",
-        plain(&|c| c.reload_failures_total),
-    );
-    family(
-        "verifier_errors_total",
-        "counter",
-        "Frames whose candidates could not be verified.",
-        plain(&|c| c.verifier_errors_total),
-    );
-    family(
-        "sink_write_errors_total",
-        "counter",
-        "Failed record writes, by sink.",
-        by(&snaps, "sink", &|c| &c.sink_write_errors_total),
-    );
-    family(
-        "source_up",
-        "gauge",
-        "Whether the source has its device.",
-        plain(&|c| u64::from(c.source_up)),
-    );
+    /// Counters with one value per pipeline: name, help, value.
+    type Plain = (&'static str, &'static str, fn(&Counts) -> u64);
+    const PLAIN: [Plain; 12] = [
+        ("frames_seen_total", "Frames the source delivered.", |c| {
+            c.frames_seen_total
+        }),
+        (
+            "frames_published_total",
+            "Frames whose records were published.",
+            |c| c.frames_published_total,
+        ),
+        (
+            "cells_found_total",
+            "Heads found (after verification).",
+            |c| c.cells_found_total,
+        ),
+        (
+            "candidates_rejected_total",
+            "Head candidates the verifier rejected.",
+            |c| c.candidates_rejected_total,
+        ),
+        ("cells_published_total", "Cell records published.", |c| {
+            c.cells_published_total
+        }),
+        (
+            "subscribers_joined_total",
+            "Record subscribers that connected.",
+            |c| c.subscribers_joined_total,
+        ),
+        (
+            "source_disconnects_total",
+            "Times the live source lost its device.",
+            |c| c.source_disconnects_total,
+        ),
+        (
+            "source_reconnects_total",
+            "Times the live source got its device back.",
+            |c| c.source_reconnects_total,
+        ),
+        ("reloads_total", "Reloads that swapped the model in.", |c| {
+            c.reloads_total
+        }),
+        (
+            "reload_failures_total",
+            "Reloads refused (bad config or model).",
+            |c| c.reload_failures_total,
+        ),
+        (
+            "verifier_errors_total",
+            "Frames whose candidates could not be verified.",
+            |c| c.verifier_errors_total,
+        ),
+        ("source_up", "Whether the source has its device.", |c| {
+            u64::from(c.source_up)
+        }),
+    ];
+    for (name, help, f) in PLAIN {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        family(name, kind, help, plain(&f));
+    }
+    let labelled = [
+        (
+            "frames_dropped_total",
+            "Frames dropped, by reason.",
+            by(&snaps, "reason", &|c| &c.frames_dropped_total),
+        ),
+        (
+            "cells_dropped_total",
+            "Cells dropped, by reason.",
+            by(&snaps, "reason", &|c| &c.cells_dropped_total),
+        ),
+        (
+            "cells_classified_total",
+            "Cells classified, by class.",
+            by(&snaps, "class", &|c| &c.cells_classified_total),
+        ),
+        (
+            "subscribers_dropped_total",
+            "Record subscribers dropped, by reason.",
+            by(&snaps, "reason", &|c| &c.subscribers_dropped_total),
+        ),
+        (
+            "sink_write_errors_total",
+            "Failed record writes, by sink.",
+            by(&snaps, "sink", &|c| &c.sink_write_errors_total),
+        ),
+    ];
+    for (name, help, rows) in labelled {
+        family(name, "counter", help, rows);
+    }
     let mut queues = Vec::new();
     let mut models = Vec::new();
     for (sample, _, g, _) in &snaps {

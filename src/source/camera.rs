@@ -205,7 +205,7 @@ impl<D: CameraDevice> FrameSource for CameraSource<D> {
                 match decode(&raw) {
                     Ok(image) => Pull::Frame {
                         name,
-                        image,
+                        image: std::sync::Arc::new(image),
                         decode_ms: t.elapsed().as_secs_f32() * 1e3,
                     },
                     Err(reason) => Pull::Unreadable { name, reason },

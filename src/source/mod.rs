@@ -7,6 +7,7 @@ pub mod replay;
 pub mod v4l;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use image::RgbImage;
 
@@ -17,7 +18,8 @@ use crate::config::SourceSettings;
 pub enum Pull {
     Frame {
         name: String,
-        image: RgbImage,
+        /// Shared, so a preloaded or looped frame is not copied on each pull.
+        image: Arc<RgbImage>,
         /// Time spent decoding, ms (0 when preloaded or generated).
         decode_ms: f32,
     },

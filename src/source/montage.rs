@@ -234,7 +234,7 @@ impl FrameSource for MontageSource {
         let (image, _) = self.montage.field(self.next);
         Pull::Frame {
             name: format!("montage_{:05}", self.next),
-            image,
+            image: std::sync::Arc::new(image),
             decode_ms: 0.0,
         }
     }

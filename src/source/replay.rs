@@ -2,6 +2,7 @@
 //! frame rate or as fast as the pipeline takes them, optionally looped or preloaded.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::dataset::decode_rgb;
@@ -12,7 +13,7 @@ pub struct Replay {
     root: String,
     files: Vec<PathBuf>,
     /// Decoded frames when preloaded (undecodable ones keep their reason).
-    preloaded: Option<Vec<Result<image::RgbImage, String>>>,
+    preloaded: Option<Vec<Result<Arc<image::RgbImage>, String>>>,
     next: usize,
     repeat: bool,
     period: Option<Duration>,
@@ -81,7 +82,7 @@ fn jpeg_complete(bytes: &[u8]) -> bool {
 impl Replay {
     pub fn open(path: &Path, fps: f32, repeat: bool, preload: bool) -> Result<Replay, SourceError> {
         let files = list(path)?;
-        let preloaded = preload.then(|| files.iter().map(|f| decode(f)).collect());
+        let preloaded = preload.then(|| files.iter().map(|f| decode(f).map(Arc::new)).collect());
         Ok(Replay {
             root: path.display().to_string(),
             files,
@@ -143,7 +144,7 @@ impl FrameSource for Replay {
         let t = Instant::now();
         let decoded = match &self.preloaded {
             Some(frames) => frames[i].clone(),
-            None => decode(path),
+            None => decode(path).map(Arc::new),
         };
         let decode_ms = if self.preloaded.is_some() {
             0.0
