@@ -365,6 +365,9 @@ pub struct RawReport {
     pub reference_accuracy: Option<f32>,
     /// How far below `reference_accuracy` the estimate may fall, as a share (0.05: 5 points).
     pub drift_margin: f32,
+    /// Classified cells needed before the running estimate is checked for drift (fewer cells
+    /// give too noisy a mean).
+    pub drift_min_cells: u64,
 }
 
 impl Default for RawReport {
@@ -378,6 +381,7 @@ impl Default for RawReport {
             min_cells: 200,
             reference_accuracy: None,
             drift_margin: 0.05,
+            drift_min_cells: 50,
         }
     }
 }
@@ -458,6 +462,7 @@ pub struct Settings {
     pub min_cells: usize,
     pub reference_accuracy: Option<f32>,
     pub drift_margin: f32,
+    pub drift_min_cells: u64,
     pub queue_frames: usize,
     pub status_interval_secs: f32,
     pub metrics_addr: Option<SocketAddr>,
@@ -755,6 +760,7 @@ impl RawConfig {
             min_cells: r.min_cells,
             reference_accuracy: r.reference_accuracy,
             drift_margin: r.drift_margin,
+            drift_min_cells: r.drift_min_cells,
             queue_frames: q.queue_frames,
             status_interval_secs: q.status_interval_secs,
             metrics_addr,

@@ -17,7 +17,7 @@ use crate::model::{Model, ModelError, RuntimeOptions};
 use crate::morphometry::{HeadSize, head_size};
 use crate::preprocess::prepare_head;
 use crate::publish::{Record, SinkError, Sinks};
-use crate::report::{Drift, Report, Seen, Tally};
+use crate::report::{Drift, DriftChange, DriftWatch, Report, Seen, Tally};
 use crate::segment::{SegmentSettings, Verifier, find_heads};
 use crate::service::Notify;
 use crate::source::{self, FrameSource, Pull, SourceError, SourceNote};
@@ -350,6 +350,7 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
     let watchdog = notify.as_ref().and_then(|n| n.watchdog_every());
     let mut next_ping = Instant::now();
     let mut stopping = false;
+    let mut drift = DriftWatch::default();
     while !publish_h.is_finished() {
         std::thread::sleep(Duration::from_millis(20));
         let now = Instant::now();
@@ -385,14 +386,25 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
         }
         if now >= next_status {
             next_status += interval;
+            let estimate = tel.estimate();
+            watch_drift(&mut drift, estimate, &settings, &tel);
             let c = tel.counts();
             let secs = started.elapsed().as_secs_f64();
             let line = format!(
-                "{:.1} frames/s, {} frames, {} cells, {} frames dropped{}",
+                "{:.1} frames/s, {} frames, {} cells, {} frames dropped{}{}{}",
                 c.frames_published_total as f64 / secs.max(1e-9),
                 c.frames_published_total,
                 c.cells_published_total,
                 c.frames_dropped(),
+                estimate.map_or(String::new(), |(n, e)| format!(
+                    ", estimated accuracy {:.1}% ({n} cells)",
+                    100.0 * e
+                )),
+                if drift.drifting {
+                    ", DRIFT SUSPECTED"
+                } else {
+                    ""
+                },
                 if c.source_up {
                     ""
                 } else {
@@ -433,6 +445,40 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
         elapsed_secs: elapsed,
         stopped: stop.load(Ordering::SeqCst),
     })
+}
+
+/// Judge the running estimate against the model card's accuracy; warn when drift starts,
+/// note when it ends.
+fn watch_drift(
+    watch: &mut DriftWatch,
+    estimate: Option<(u64, f64)>,
+    settings: &Settings,
+    tel: &Telemetry,
+) {
+    let reference = settings.reference_accuracy.map(|reference| Drift {
+        reference: f64::from(reference),
+        margin: f64::from(settings.drift_margin),
+    });
+    match watch.observe(estimate, reference, settings.drift_min_cells) {
+        Some(DriftChange::Started) => {
+            tel.event(Event::DriftSuspected);
+            if let (Some((cells, e)), Some(d)) = (estimate, reference) {
+                tracing::warn!(
+                    sample = %settings.sample_id,
+                    cells,
+                    "drift suspected: the label-free accuracy estimate {:.1}% is more than {:.1} points below the model card's {:.1}% (check staining, focus and magnification against the model's training data)",
+                    100.0 * e,
+                    100.0 * d.margin,
+                    100.0 * d.reference
+                );
+            }
+        }
+        Some(DriftChange::Ended) => {
+            tel.event(Event::DriftCleared);
+            tracing::info!(sample = %settings.sample_id, "drift no longer suspected: the estimate is back within the margin");
+        }
+        None => {}
+    }
 }
 
 /// Count a frame (and its cells) that could not go on because the next stage is gone.
@@ -784,6 +830,7 @@ fn publish_stage(rx: Receiver<Work>, mut sinks: Sinks, mut tally: Tally, tel: &T
         tel.event(Event::CellsPublished {
             n: lines.len() as u64,
         });
+        tel.set_estimate(tally.estimate());
         tel.event(Event::FramePublished);
         tel.latency(Stage::Publish, t.elapsed().as_secs_f32() * 1e3);
         tel.latency(

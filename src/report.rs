@@ -61,6 +61,12 @@ impl Tally {
         }
     }
 
+    /// Classified cells and their label-free accuracy estimate (mean top probability).
+    pub fn estimate(&self) -> Option<(u64, f64)> {
+        let classified: u64 = self.per_class.values().sum();
+        (classified > 0).then(|| (classified, self.confidence_sum / classified as f64))
+    }
+
     /// The report, with `exclude` classes (not sperm) kept out of the assessed cells. With the
     /// model card's accuracy as `reference`, the label-free estimate is checked against it.
     pub fn report(&self, exclude: &[String], min_cells: usize, drift: Option<Drift>) -> Report {
@@ -77,12 +83,12 @@ impl Tally {
         } else {
             (None, None)
         };
-        let estimated = (classified > 0).then(|| self.confidence_sum / classified as f64);
+        let estimated = self.estimate().map(|(_, e)| e);
         Report {
             estimated_accuracy: estimated,
             reference_accuracy: drift.map(|d| d.reference),
             drift_suspected: match (estimated, drift) {
-                (Some(e), Some(d)) => Some(e < d.reference - d.margin),
+                (Some(e), Some(d)) => Some(d.suspected(e)),
                 _ => None,
             },
             sample: self.sample.clone(),
@@ -112,6 +118,50 @@ impl Tally {
 pub struct Drift {
     pub reference: f64,
     pub margin: f64,
+}
+
+impl Drift {
+    /// Whether `estimate` fell more than the margin below the reference.
+    pub fn suspected(&self, estimate: f64) -> bool {
+        estimate < self.reference - self.margin
+    }
+}
+
+/// Watches the running estimate of a sample and says when drift starts or ends, judged only
+/// once `min_cells` cells were classified.
+#[derive(Debug, Clone, Default)]
+pub struct DriftWatch {
+    pub drifting: bool,
+}
+
+/// A change of the drift judgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftChange {
+    Started,
+    Ended,
+}
+
+impl DriftWatch {
+    pub fn observe(
+        &mut self,
+        estimate: Option<(u64, f64)>,
+        drift: Option<Drift>,
+        min_cells: u64,
+    ) -> Option<DriftChange> {
+        let now = match (estimate, drift) {
+            (Some((cells, e)), Some(d)) if cells >= min_cells => d.suspected(e),
+            (_, None) => false,
+            // Too few cells yet: keep the last judgement.
+            _ => return None,
+        };
+        let change = match (self.drifting, now) {
+            (false, true) => Some(DriftChange::Started),
+            (true, false) => Some(DriftChange::Ended),
+            _ => None,
+        };
+        self.drifting = now;
+        change
+    }
 }
 
 /// 95% Wilson score interval of `k` successes in `n` trials, as shares.
@@ -243,6 +293,36 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drift_is_judged_only_with_enough_cells_and_reported_once_per_change() {
+        let d = Some(Drift {
+            reference: 0.86,
+            margin: 0.05,
+        });
+        let mut w = DriftWatch::default();
+        // 0.70 is far below, but 10 cells are too few.
+        assert_eq!(w.observe(Some((10, 0.70)), d, 50), None);
+        assert!(!w.drifting);
+        assert_eq!(
+            w.observe(Some((60, 0.70)), d, 50),
+            Some(DriftChange::Started)
+        );
+        assert_eq!(w.observe(Some((80, 0.72)), d, 50), None);
+        assert!(w.drifting);
+        // 0.82 lies within the margin.
+        assert_eq!(
+            w.observe(Some((200, 0.82)), d, 50),
+            Some(DriftChange::Ended)
+        );
+        assert_eq!(w.observe(Some((210, 0.83)), d, 50), None);
+        // No reference (e.g. a reload removed it): no drift.
+        w.drifting = true;
+        assert_eq!(
+            w.observe(Some((300, 0.1)), None, 50),
+            Some(DriftChange::Ended)
+        );
+    }
 
     #[test]
     fn wilson_matches_published_values() {

@@ -88,6 +88,11 @@ pub enum Event {
     SinkWriteFailed {
         sink: &'static str,
     },
+    /// The sample's running label-free accuracy estimate fell more than the margin below the
+    /// model card's accuracy.
+    DriftSuspected,
+    /// It came back within the margin.
+    DriftCleared,
 }
 
 /// Pipeline stages with a latency histogram.
@@ -145,6 +150,10 @@ pub struct Counts {
     pub source_up: bool,
     pub subscribers_dropped_total: BTreeMap<SubscriberDropReason, u64>,
     pub sink_write_errors_total: BTreeMap<&'static str, u64>,
+    /// Times drift was suspected (the running estimate fell below the reference).
+    pub drift_warnings_total: u64,
+    /// Whether drift is suspected now.
+    pub drift_suspected: bool,
 }
 
 impl Counts {
@@ -187,6 +196,8 @@ struct Gauges {
     queues: Vec<(&'static str, usize)>,
     model: Option<(String, String)>,
     last_frame: Option<Instant>,
+    /// Classified cells and their label-free accuracy estimate, as the publisher last saw.
+    estimate: Option<(u64, f64)>,
 }
 
 impl Default for Telemetry {
@@ -220,6 +231,15 @@ impl Telemetry {
     /// The model that classifies from now on.
     pub fn set_model(&self, name: &str, sha256: &str) {
         self.gauges().model = Some((name.to_string(), sha256.to_string()));
+    }
+
+    /// The sample's running label-free accuracy estimate (classified cells, mean confidence).
+    pub fn set_estimate(&self, estimate: Option<(u64, f64)>) {
+        self.gauges().estimate = estimate;
+    }
+
+    pub fn estimate(&self) -> Option<(u64, f64)> {
+        self.gauges().estimate
     }
 
     /// How long since the source delivered a frame (since start when none yet).
@@ -265,6 +285,11 @@ impl Telemetry {
             Event::SinkWriteFailed { sink } => {
                 *c.sink_write_errors_total.entry(sink).or_default() += 1
             }
+            Event::DriftSuspected => {
+                c.drift_warnings_total += 1;
+                c.drift_suspected = true;
+            }
+            Event::DriftCleared => c.drift_suspected = false,
         }
     }
 
@@ -368,7 +393,7 @@ pub fn render(parts: &[(String, std::sync::Arc<Telemetry>)]) -> String {
     }
     /// Counters with one value per pipeline: name, help, value.
     type Plain = (&'static str, &'static str, fn(&Counts) -> u64);
-    const PLAIN: [Plain; 12] = [
+    const PLAIN: [Plain; 14] = [
         ("frames_seen_total", "Frames the source delivered.", |c| {
             c.frames_seen_total
         }),
@@ -421,6 +446,16 @@ pub fn render(parts: &[(String, std::sync::Arc<Telemetry>)]) -> String {
         ("source_up", "Whether the source has its device.", |c| {
             u64::from(c.source_up)
         }),
+        (
+            "drift_warnings_total",
+            "Times the running accuracy estimate fell below the reference.",
+            |c| c.drift_warnings_total,
+        ),
+        (
+            "drift_suspected",
+            "Whether the running accuracy estimate is below the reference now.",
+            |c| u64::from(c.drift_suspected),
+        ),
     ];
     for (name, help, f) in PLAIN {
         let kind = if name.ends_with("_total") {
@@ -462,7 +497,11 @@ pub fn render(parts: &[(String, std::sync::Arc<Telemetry>)]) -> String {
     }
     let mut queues = Vec::new();
     let mut models = Vec::new();
+    let mut estimates = Vec::new();
     for (sample, _, g, _) in &snaps {
+        if let Some((_, e)) = g.estimate {
+            estimates.push((format!("sample=\"{sample}\""), format!("{e:.4}")));
+        }
         for (q, n) in &g.queues {
             queues.push((format!("sample=\"{sample}\",stage=\"{q}\""), n.to_string()));
         }
@@ -488,6 +527,12 @@ pub fn render(parts: &[(String, std::sync::Arc<Telemetry>)]) -> String {
         "gauge",
         "The model classifying cells.",
         models,
+    );
+    family(
+        "estimated_accuracy",
+        "gauge",
+        "Label-free accuracy estimate: the classified cells' mean calibrated confidence.",
+        estimates,
     );
     const BUCKETS_MS: [f64; 12] = [
         1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,

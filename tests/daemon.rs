@@ -247,6 +247,64 @@ fn corrupt_frames_are_counted_and_skipped() {
     );
 }
 
+/// A run whose status lines come every 0.2 s, judged against `reference` accuracy.
+fn run_with_reference(dir: &Path, reference: f64) -> (String, Value, Value) {
+    let cfg = dir.join(format!("drift-{reference}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[pipeline]\nstatus_interval_secs = 0.2\n\
+             [report]\nprint = false\nreference_accuracy = {reference}\ndrift_margin = 0.05\ndrift_min_cells = 30\n"
+        ),
+    )
+    .unwrap();
+    let (rep, sum_path) = (dir.join("report.json"), dir.join("summary.json"));
+    let out = run_ok(
+        bin()
+            .arg("replay")
+            .arg(val_frames())
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--fps", "40", "--records"])
+            .arg(dir.join("r.jsonl"))
+            .arg("--report")
+            .arg(&rep)
+            .arg("--summary")
+            .arg(&sum_path),
+    );
+    (
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        json(&rep),
+        json(&sum_path),
+    )
+}
+
+#[test]
+fn the_running_estimate_is_on_the_status_line_and_drift_is_warned_while_running() {
+    let dir = tempfile::tempdir().unwrap();
+    // No model reaches 99.9%: drift must be suspected during the run, not only at its end.
+    let (log, report, summary) = run_with_reference(dir.path(), 0.999);
+    let estimate = report["estimated_accuracy"].as_f64().unwrap();
+    assert!(estimate > 0.3 && estimate < 0.95, "{estimate}");
+    assert!(log.contains("estimated accuracy"), "{log}");
+    assert!(log.contains("DRIFT SUSPECTED"), "{log}");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("drift suspected"))
+        .unwrap_or_else(|| panic!("no drift warning in:\n{log}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains("99.9%"), "{warning}");
+    assert!(summary["counts"]["drift_warnings_total"].as_u64().unwrap() >= 1);
+    assert_eq!(report["drift_suspected"], true);
+
+    // A reference the estimate clears: no warning at any point.
+    let (log, report, summary) = run_with_reference(dir.path(), estimate);
+    assert!(!log.contains("drift suspected"), "{log}");
+    assert!(!log.contains("DRIFT SUSPECTED"), "{log}");
+    assert_eq!(summary["counts"]["drift_warnings_total"], 0);
+    assert_eq!(report["drift_suspected"], false);
+}
+
 #[test]
 fn live_source_drops_the_oldest_frames_and_counts_them() {
     let dir = tempfile::tempdir().unwrap();

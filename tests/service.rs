@@ -262,6 +262,8 @@ fn metrics_and_health_endpoints() {
         "spermscope_queue_depth{sample=\"svc\",stage=\"segment\"}",
         "spermscope_stage_latency_seconds_bucket{sample=\"svc\",stage=\"segment\",le=\"+Inf\"} 1",
         "# TYPE spermscope_frames_dropped_total counter",
+        "spermscope_estimated_accuracy{sample=\"svc\"} 0.",
+        "spermscope_drift_suspected{sample=\"svc\"} 0",
     ] {
         assert!(body.contains(needle), "'{needle}' not in:\n{body}");
     }

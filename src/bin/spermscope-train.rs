@@ -152,6 +152,29 @@ fn run(args: &Args) -> anyhow::Result<()> {
             f.seconds,
             f.images_per_second
         );
+        if let Some(c) = &f.calibration {
+            println!(
+                "temperature {:.3} fitted on {} ({} images): ECE {:.3} -> {:.3}, label-free estimate {:.1}% vs accuracy {:.1}%",
+                c.temperature,
+                c.fitted_on,
+                c.val_images,
+                c.ece_before,
+                c.ece_after,
+                100.0 * c.estimated_accuracy,
+                100.0 * c.val_accuracy
+            );
+        }
+        let warned: std::collections::BTreeSet<String> = f
+            .history
+            .iter()
+            .flat_map(|h| h.grad_warnings.iter().map(|(l, t)| format!("{l} {t:?}")))
+            .collect();
+        if !warned.is_empty() {
+            println!(
+                "gradient warnings (see the metrics history): {}",
+                warned.into_iter().collect::<Vec<_>>().join(", ")
+            );
+        }
         if let Some(e) = f.overfitting_from_epoch {
             println!("overfitting from epoch {e}: validation loss rises while training loss falls");
         }

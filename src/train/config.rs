@@ -185,6 +185,9 @@ pub struct TrainConfig {
     /// Epochs without a better validation loss before stopping (0: never stop early).
     pub patience: usize,
     pub seed: u64,
+    /// Fit the softmax temperature on the final model's validation split and store it in the
+    /// model (calibrated confidences for the label-free accuracy estimate).
+    pub fit_temperature: bool,
 }
 
 impl Default for TrainConfig {
@@ -205,6 +208,7 @@ impl Default for TrainConfig {
             val_fraction: 0.15,
             patience: 0,
             seed: 1,
+            fit_temperature: true,
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod diagnose;
 pub mod export;
 pub mod fit;
+pub mod health;
 pub mod net;
 pub mod plot;
 pub mod tune;
@@ -16,8 +17,10 @@ use std::time::Instant;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::calibration;
 use crate::dataset::{self, Dataset, Skipped};
 use crate::metrics::{Scores, mean_std};
+use crate::model::softmax;
 use crate::morphometry;
 use crate::spec::{CropSpec, FEATURES_WITH_FLAG, FeatureSpec, InputSpec, ModelSpec, SPEC_FORMAT};
 use config::{Experiment, Protocol};
@@ -81,6 +84,10 @@ pub struct CvReport {
     /// All test predictions pooled.
     pub pooled: Scores,
     pub seconds: f64,
+    /// The first seed's out-of-fold logits (item index, logits): validation data for a final
+    /// model that keeps no validation split.
+    #[serde(skip)]
+    pub out_of_fold: Vec<(usize, Vec<f32>)>,
 }
 
 /// Everything a run produced.
@@ -119,6 +126,50 @@ pub struct FinalReport {
     pub history: Vec<fit::EpochLog>,
     /// First epoch of three in which validation loss rose while training loss fell.
     pub overfitting_from_epoch: Option<usize>,
+    /// The softmax temperature fitted on the validation split, stored in the model.
+    pub calibration: Option<Calibration>,
+}
+
+/// Temperature scaling on held-out predictions: the final model's validation split, or the
+/// cross-validation's out-of-fold predictions when the final model keeps none.
+#[derive(Debug, Clone, Serialize)]
+pub struct Calibration {
+    pub temperature: f32,
+    /// Which held-out predictions it was fitted on.
+    pub fitted_on: String,
+    pub val_images: usize,
+    pub val_accuracy: f64,
+    /// Expected calibration error (10 bins) before (T = 1) and after.
+    pub ece_before: f64,
+    pub ece_after: f64,
+    /// Mean calibrated top probability: the label-free estimate on the same crops.
+    pub estimated_accuracy: f64,
+}
+
+/// Fit the temperature on validation logits and measure what it did.
+fn calibrate(logits: &[Vec<f32>], truth: &[usize], fitted_on: &str) -> Option<Calibration> {
+    if logits.is_empty() {
+        return None;
+    }
+    let probs_at = |t: f32| -> Vec<Vec<f32>> { logits.iter().map(|l| softmax(l, t)).collect() };
+    let temperature = calibration::fit_temperature(logits, truth);
+    let (_, ece_before) = calibration::reliability(&probs_at(1.0), truth, 10);
+    let after = probs_at(temperature);
+    let (_, ece_after) = calibration::reliability(&after, truth, 10);
+    let right = logits
+        .iter()
+        .zip(truth)
+        .filter(|(l, t)| argmax(l) == **t)
+        .count();
+    Some(Calibration {
+        temperature,
+        fitted_on: fitted_on.to_string(),
+        val_images: logits.len(),
+        val_accuracy: right as f64 / logits.len() as f64,
+        ece_before,
+        ece_after,
+        estimated_accuracy: calibration::estimated_accuracy(&after).unwrap_or(0.0),
+    })
 }
 
 fn subset(ds: &mut Dataset, limit: usize) {
@@ -343,7 +394,8 @@ fn cross_validate(
     let mut pooled = vec![vec![0usize; k]; k];
     let (mut accs, mut f1s, mut seed_acc) = (Vec::new(), Vec::new(), Vec::new());
     let (mut plain, mut fused) = (Vec::new(), Vec::new());
-    for &seed in &exp.cv.seeds {
+    let mut out_of_fold = Vec::new();
+    for (seed_no, &seed) in exp.cv.seeds.iter().enumerate() {
         let assign = test_folds(exp, ds, items, seed)?;
         let mut seed_conf = vec![vec![0usize; k]; k];
         for fold in 0..folds {
@@ -381,6 +433,9 @@ fn cross_validate(
                 &epoch_bar,
             )?;
             let logits = fit::predict(&fitted.model, items, &test, &spec);
+            if seed_no == 0 {
+                out_of_fold.extend(test.iter().copied().zip(logits.iter().cloned()));
+            }
             let truth: Vec<usize> = test.iter().map(|&i| items[i].label).collect();
             for (mirror, acc) in [(false, &mut plain), (true, &mut fused)] {
                 let l = fit::predict_with(&fitted.model, items, &test, &spec, mirror);
@@ -431,6 +486,7 @@ fn cross_validate(
         accuracy_mirror_fused: mean_std(&fused).0,
         pooled: Scores::from_confusion(&spec0.classes, pooled),
         seconds: started.elapsed().as_secs_f64(),
+        out_of_fold,
     })
 }
 
@@ -467,6 +523,43 @@ fn train_final(
     );
     let fitted = fit::fit(exp, items, &train_idx, &val_idx, &spec, seed, &bar)?;
     bar.finish_and_clear();
+    let calibration = match (exp.train.fit_temperature, val_idx.is_empty(), cv) {
+        (false, _, _) => None,
+        (true, false, _) => {
+            let logits = fit::predict(&fitted.model, items, &val_idx, &spec);
+            let truth: Vec<usize> = val_idx.iter().map(|&i| items[i].label).collect();
+            calibrate(&logits, &truth, "validation split")
+        }
+        // No validation split: the cross-validation's held-out predictions stand in for it.
+        (true, true, Some(cv)) => {
+            let truth: Vec<usize> = cv
+                .out_of_fold
+                .iter()
+                .map(|(i, _)| items[*i].label)
+                .collect();
+            let logits: Vec<Vec<f32>> = cv.out_of_fold.iter().map(|(_, l)| l.clone()).collect();
+            calibrate(
+                &logits,
+                &truth,
+                "cross-validation out-of-fold predictions (first seed)",
+            )
+        }
+        (true, true, None) => {
+            tracing::warn!(
+                "temperature not fitted: the final model keeps no validation split and no cross-validation ran (use --folds or train.val_fraction)"
+            );
+            None
+        }
+    };
+    if let Some(c) = &calibration {
+        spec.temperature = c.temperature;
+        tracing::info!(
+            temperature = c.temperature,
+            ece_before = c.ece_before,
+            ece_after = c.ece_after,
+            "temperature fitted on the validation split"
+        );
+    }
     let test = (!test_idx.is_empty()).then(|| {
         let logits = fit::predict(&fitted.model, items, &test_idx, &spec);
         let truth: Vec<usize> = test_idx.iter().map(|&i| items[i].label).collect();
@@ -496,6 +589,10 @@ fn train_final(
     if let Err(e) = plot::training_curves(&history, &title, &curves) {
         tracing::warn!(path = %curves.display(), error = %e, "training curves not drawn");
     }
+    let gradients = opts.out.join(format!("{}.gradients.png", exp.name));
+    if let Err(e) = plot::gradient_norms(&history, &title, &gradients) {
+        tracing::warn!(path = %gradients.display(), error = %e, "gradient norms not drawn");
+    }
     let conf_scores = cv.map(|c| c.pooled.clone()).or_else(|| test.clone());
     if let Some(s) = conf_scores {
         let what = if cv.is_some() {
@@ -523,5 +620,6 @@ fn train_final(
         spec,
         overfitting_from_epoch: fit::overfitting_from(&history),
         history: history.clone(),
+        calibration,
     })
 }

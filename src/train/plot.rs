@@ -81,6 +81,81 @@ pub fn training_curves(history: &[EpochLog], title: &str, path: &Path) -> Result
     root.present().map_err(err)
 }
 
+/// Each layer's mean gradient norm against epoch (log scale), one line per layer, from the
+/// first block (darkest) to the classifier head (lightest).
+pub fn gradient_norms(history: &[EpochLog], title: &str, path: &Path) -> Result<(), String> {
+    let layers: Vec<String> = history
+        .first()
+        .map(|h| h.grad_norms.iter().map(|g| g.layer.clone()).collect())
+        .unwrap_or_default();
+    let values = history
+        .iter()
+        .flat_map(|h| h.grad_norms.iter().map(|g| g.mean))
+        .filter(|v| v.is_finite() && *v > 0.0);
+    let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    if layers.is_empty() || lo > hi {
+        return Err("no gradient norms were recorded".into());
+    }
+    let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let n = history.len().max(2) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{title}: gradient L2 norm per layer (mean over each epoch)"),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .right_y_label_area_size(0)
+        .build_cartesian_2d(1f64..n, (lo / 2.0..hi * 2.0).log_scale())
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc("gradient norm")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0e}"))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(err)?;
+    let count = layers.len().max(2) as f64;
+    for (i, layer) in layers.iter().enumerate() {
+        let shade = 0.15 + 0.7 * i as f64 / (count - 1.0);
+        let colour = HSLColor(
+            0.6 - 0.55 * i as f64 / (count - 1.0),
+            0.8,
+            shade * 0.6 + 0.15,
+        );
+        let points: Vec<(f64, f64)> = history
+            .iter()
+            .filter_map(|h| {
+                h.grad_norms
+                    .iter()
+                    .find(|g| &g.layer == layer)
+                    .filter(|g| g.mean.is_finite() && g.mean > 0.0)
+                    .map(|g| (h.epoch as f64, g.mean))
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+            .map_err(err)?
+            .label(layer.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 11))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
 /// The confusion matrix as a heat map, counts and row percentages in each cell.
 pub fn confusion(scores: &Scores, title: &str, path: &Path) -> Result<(), String> {
     let k = scores.classes.len();
