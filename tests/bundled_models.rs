@@ -41,6 +41,26 @@ fn committed_models_load_with_their_cards() {
         for must in ["## Data", "## Protocol", "## Reproduce", "## Results"] {
             assert!(card.contains(must), "{name}.md lacks '{must}'");
         }
+        // The classifiers carry the temperature their training run fitted on held-out
+        // predictions (the verifier's threshold was chosen at T = 1 and keeps it).
+        let metrics: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(models().join(format!("{name}.metrics.json")))
+                .expect("metrics"),
+        )
+        .expect("json");
+        match metrics["final_model"]["calibration"]["temperature"].as_f64() {
+            Some(t) => {
+                assert!((f64::from(m.spec.temperature) - t).abs() < 1e-6, "{name}");
+                assert!(
+                    card.contains("### Calibration"),
+                    "{name}.md lacks its calibration"
+                );
+            }
+            None => {
+                assert_eq!(name, "head-verifier");
+                assert_eq!(m.spec.temperature, 1.0);
+            }
+        }
     }
 }
 

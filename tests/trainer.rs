@@ -84,6 +84,7 @@ fn train(dir: &Path, features: bool) -> serde_json::Value {
         "smoke.onnx",
         "smoke.metrics.json",
         "smoke.curves.png",
+        "smoke.gradients.png",
         "smoke.confusion.png",
     ] {
         let p = out.join(f);
@@ -93,7 +94,30 @@ fn train(dir: &Path, features: bool) -> serde_json::Value {
         );
     }
     let json = std::fs::read_to_string(out.join("smoke.metrics.json")).expect("metrics");
-    serde_json::from_str(&json).expect("metrics json")
+    let report: serde_json::Value = serde_json::from_str(&json).expect("metrics json");
+    let fin = &report["final_model"];
+    // Every epoch logs a finite, positive gradient norm for each layer, the classifier last.
+    for h in fin["history"].as_array().expect("history") {
+        let norms = h["grad_norms"].as_array().expect("grad_norms");
+        assert!(norms.len() >= 4, "{h}");
+        assert_eq!(norms.last().expect("a layer")["layer"], "head");
+        for n in norms {
+            let (mean, max) = (
+                n["mean"].as_f64().expect("mean"),
+                n["max"].as_f64().expect("max"),
+            );
+            assert!(mean > 0.0 && mean <= max && max.is_finite(), "{n}");
+        }
+    }
+    // The temperature is fitted on the validation split and travels in the model's spec.
+    let cal = &fin["calibration"];
+    assert_eq!(cal["fitted_on"], "validation split", "{cal}");
+    assert_eq!(cal["val_images"], fin["val_images"]);
+    let t = cal["temperature"].as_f64().expect("temperature");
+    assert!((0.05..=20.0).contains(&t), "{t}");
+    assert_eq!(fin["spec"]["temperature"].as_f64(), Some(t));
+    assert!(stdout.contains("fitted on validation split"), "{stdout}");
+    report
 }
 
 fn parity(dir: &Path, report: &serde_json::Value) {
