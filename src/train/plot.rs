@@ -309,13 +309,36 @@ pub fn tune_scatter(
             (lo - 1.0, lo + 1.0)
         };
         let pad = (hi - lo) * 0.05;
+        // The scores' own range (to the next 0.05), so close trials stay apart.
+        let (s_lo, s_hi) = pts
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), q| (a.min(q.1), b.max(q.1)));
+        let y_lo = ((s_lo - 0.02) * 20.0).floor().max(0.0) / 20.0;
+        let y_hi = ((s_hi + 0.02) * 20.0).ceil().min(20.0) / 20.0;
+        let (y_lo, y_hi) = if y_lo < y_hi { (y_lo, y_hi) } else { (0.0, 1.0) };
+        let names: Vec<String> = match p {
+            super::tune::Param::Categorical { values } => values
+                .iter()
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                .collect(),
+            _ => Vec::new(),
+        };
         let mut chart = ChartBuilder::on(area)
             .caption(format!("{title}: {key}"), ("sans-serif", 15))
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(40)
-            .build_cartesian_2d((lo - pad)..(hi + pad), 0f64..1f64)
+            .build_cartesian_2d((lo - pad)..(hi + pad), y_lo..y_hi)
             .map_err(err)?;
+        let label = |v: &f64| -> String {
+            if names.is_empty() {
+                format!("{v:.2}")
+            } else if (v - v.round()).abs() < 1e-6 && v.round() >= 0.0 {
+                names.get(v.round() as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        };
         chart
             .configure_mesh()
             .x_desc(if log {
@@ -323,6 +346,7 @@ pub fn tune_scatter(
             } else {
                 key.clone()
             })
+            .x_label_formatter(&label)
             .y_desc("inner accuracy")
             .draw()
             .map_err(err)?;
