@@ -315,7 +315,11 @@ pub fn tune_scatter(
             .fold((f64::MAX, f64::MIN), |(a, b), q| (a.min(q.1), b.max(q.1)));
         let y_lo = ((s_lo - 0.02) * 20.0).floor().max(0.0) / 20.0;
         let y_hi = ((s_hi + 0.02) * 20.0).ceil().min(20.0) / 20.0;
-        let (y_lo, y_hi) = if y_lo < y_hi { (y_lo, y_hi) } else { (0.0, 1.0) };
+        let (y_lo, y_hi) = if y_lo < y_hi {
+            (y_lo, y_hi)
+        } else {
+            (0.0, 1.0)
+        };
         let names: Vec<String> = match p {
             super::tune::Param::Categorical { values } => values
                 .iter()

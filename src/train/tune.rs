@@ -630,6 +630,30 @@ pub fn as_number(p: &Param, v: &toml::Value) -> f64 {
 mod tests {
     use super::*;
 
+    /// A resumed search compares the logged parameters with the ones it draws again, so a
+    /// trial must read back from its JSON line bit for bit.
+    #[test]
+    fn logged_trials_read_back_exactly() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let p = Param::LogUniform {
+            min: 1e-5,
+            max: 1e-2,
+        };
+        for trial in 0..2000 {
+            let t = Trial {
+                outer: 0,
+                trial,
+                rung: 0,
+                epochs: 5,
+                params: BTreeMap::from([("train.lr".to_string(), draw(&p, &mut rng))]),
+                score: rng.random::<f64>(),
+                seconds: rng.random::<f64>() * 100.0,
+            };
+            let back: Trial = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+            assert_eq!(back, t);
+        }
+    }
+
     fn space() -> BTreeMap<String, Param> {
         let mut m = BTreeMap::new();
         m.insert(
