@@ -15,7 +15,6 @@ pub struct Classifier {
     model: Model,
     id: Arc<ModelRef>,
     uncertain_below: f32,
-    normal_class: Option<String>,
 }
 
 impl Classifier {
@@ -28,17 +27,9 @@ impl Classifier {
             classes: model.spec.classes.clone(),
         });
         Self {
-            normal_class: model.spec.normal_class.clone(),
             model,
             id,
             uncertain_below,
-        }
-    }
-
-    /// Count this class as the normal form instead of the one the model names.
-    pub fn set_normal_class(&mut self, class: Option<String>) {
-        if class.is_some() {
-            self.normal_class = class;
         }
     }
 
@@ -60,7 +51,7 @@ impl Classifier {
                 verdict(
                     &softmax(l, spec.temperature),
                     &spec.classes,
-                    self.normal_class.as_deref(),
+                    spec.normal_class.as_deref(),
                     self.uncertain_below,
                 )
             })
@@ -75,11 +66,7 @@ pub fn verdict(
     normal: Option<&str>,
     uncertain_below: f32,
 ) -> Verdict {
-    let (best, confidence) = probs
-        .iter()
-        .copied()
-        .enumerate()
-        .fold((0, f32::MIN), |a, (i, p)| if p > a.1 { (i, p) } else { a });
+    let (best, confidence) = crate::calibration::top(probs);
     let top = classes.get(best).cloned().unwrap_or_default();
     let sure = confidence >= uncertain_below;
     Verdict {

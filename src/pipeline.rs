@@ -69,7 +69,7 @@ pub struct Ready {
 
 /// Load a model as the settings ask and check that the daemon can use it.
 pub fn load_classifier(settings: &Settings) -> Result<(Classifier, Arc<ModelSpec>), StartError> {
-    let model = Model::load(&settings.model_path, &runtime_options(settings))?;
+    let mut model = Model::load(&settings.model_path, &runtime_options(settings))?;
     let unsuitable = |reason: String| StartError::Unsuitable {
         model: settings.model_path.display().to_string(),
         reason,
@@ -88,17 +88,16 @@ pub fn load_classifier(settings: &Settings) -> Result<(Classifier, Arc<ModelSpec
             "it names no normal class; set report.normal_class".into(),
         ));
     }
-    let mut spec = spec.clone();
+    // The settings' overrides go into the model's own spec, so the classifier and the
+    // stages read one set of numbers.
     if let Some(n) = &settings.normal_class {
-        spec.normal_class = Some(n.clone());
+        model.spec.normal_class = Some(n.clone());
     }
-    if spec.crop.um_per_px.is_none() {
-        spec.crop.um_per_px = settings.model_um_per_px;
+    if model.spec.crop.um_per_px.is_none() {
+        model.spec.crop.um_per_px = settings.model_um_per_px;
     }
-    let spec = Arc::new(spec);
-    let mut classifier = Classifier::new(model, settings.uncertain_below);
-    classifier.set_normal_class(spec.normal_class.clone());
-    Ok((classifier, spec))
+    let spec = Arc::new(model.spec.clone());
+    Ok((Classifier::new(model, settings.uncertain_below), spec))
 }
 
 fn runtime_options(settings: &Settings) -> RuntimeOptions {
@@ -258,7 +257,7 @@ fn reload(
         Ok((classifier, spec)) => {
             let id = classifier.id().id.clone();
             if swaps.send((classifier, spec)).is_ok() {
-                tel.set_model(&id.name, &id.sha256);
+                tel.set_model(&id);
                 tel.event(Event::Reloaded);
                 tracing::info!(model = %id.name, sha256 = %id.sha256, "reload: new model ready; it takes over between batches");
                 *current = new;
@@ -310,7 +309,7 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
         classify_in.clone(),
         publish_in.clone(),
     );
-    tel.set_model(&classifier.id().id.name, &classifier.id().id.sha256);
+    tel.set_model(&classifier.id().id);
     let segment_h = {
         let (tel, s, um) = (tel.clone(), settings.segment.clone(), settings.um_per_px);
         spawn("segment", move || {
@@ -433,10 +432,7 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
         report: tally.report(
             &settings.exclude_classes,
             settings.min_cells,
-            settings.reference_accuracy.map(|reference| Drift {
-                reference: f64::from(reference),
-                margin: f64::from(settings.drift_margin),
-            }),
+            drift_of(&settings),
         ),
         frames_per_sec: counts.frames_published_total as f64 / elapsed.max(1e-9),
         cells_per_sec: counts.cells_published_total as f64 / elapsed.max(1e-9),
@@ -444,6 +440,14 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
         counts,
         elapsed_secs: elapsed,
         stopped: stop.load(Ordering::SeqCst),
+    })
+}
+
+/// The model card's accuracy and margin the estimate is judged against, when configured.
+fn drift_of(settings: &Settings) -> Option<Drift> {
+    settings.reference_accuracy.map(|reference| Drift {
+        reference: f64::from(reference),
+        margin: f64::from(settings.drift_margin),
     })
 }
 
@@ -455,10 +459,7 @@ fn watch_drift(
     settings: &Settings,
     tel: &Telemetry,
 ) {
-    let reference = settings.reference_accuracy.map(|reference| Drift {
-        reference: f64::from(reference),
-        margin: f64::from(settings.drift_margin),
-    });
+    let reference = drift_of(settings);
     match watch.observe(estimate, reference, settings.drift_min_cells) {
         Some(DriftChange::Started) => {
             tel.event(Event::DriftSuspected);

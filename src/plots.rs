@@ -8,8 +8,7 @@ use plotters::prelude::*;
 
 use crate::calibration::{Bin, RocPoint};
 use crate::model::{Model, softmax};
-use crate::pose::{Jitter, cut_window};
-use crate::preprocess::{locate, prepare_crop};
+use crate::preprocess::prepare_crop_window;
 
 fn err<E: std::fmt::Debug>(e: E) -> String {
     format!("{e:?}")
@@ -131,7 +130,7 @@ pub fn reliability(path: &Path, title: &str, bins: &[Bin]) -> Result<(), String>
 /// beside the same window with the drop overlaid in red, both enlarged four times.
 pub fn saliency(path: &Path, model: &mut Model, crop: &RgbImage, k: usize) -> Result<(), String> {
     let spec = model.spec.clone();
-    let base = prepare_crop(crop, &spec);
+    let (base, window) = prepare_crop_window(crop, &spec);
     let size = spec.input.size_px as usize;
     let channels = spec.input.channels as usize;
     let block = 8usize;
@@ -160,12 +159,6 @@ pub fn saliency(path: &Path, model: &mut Model, crop: &RgbImage, k: usize) -> Re
     let p0 = p(0);
     let drops: Vec<f32> = (1..logits.len()).map(|i| (p0 - p(i)).max(0.0)).collect();
     let peak = drops.iter().copied().fold(1e-6f32, f32::max);
-    let window = cut_window(
-        crop,
-        &locate(crop, &spec).cut,
-        spec.input.size_px,
-        &Jitter::default(),
-    );
     let scale = 4u32;
     let side = spec.input.size_px * scale;
     let mut out = RgbImage::from_pixel(side * 2 + 8, side, Rgb([255, 255, 255]));

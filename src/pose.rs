@@ -53,6 +53,16 @@ pub enum Polarity {
 }
 
 impl HeadRegion {
+    /// Moves the region by (`dx`, `dy`) pixels: from a patch's coordinates into those of the
+    /// image the patch was cut from at that offset.
+    pub fn shift(&mut self, dx: u32, dy: u32) {
+        for p in self.pixels.iter_mut() {
+            p.0 += dx;
+            p.1 += dy;
+        }
+        self.centroid = (self.centroid.0 + dx as f32, self.centroid.1 + dy as f32);
+    }
+
     /// Direction from the head toward the tail: `atan2(dy, dx)` in image coordinates, degrees in [0, 360).
     pub fn angle_deg(&self) -> f32 {
         let a = self.tail_dir.1.atan2(self.tail_dir.0).to_degrees();

@@ -60,13 +60,19 @@ pub fn locate(img: &RgbImage, spec: &ModelSpec) -> Located {
 
 /// Crop → model inputs, with no augmentation: the serving path.
 pub fn prepare_crop(img: &RgbImage, spec: &ModelSpec) -> Prepared {
+    prepare_crop_window(img, spec).0
+}
+
+/// `prepare_crop`, also returning the upright window the pixels were taken from (pictures).
+pub fn prepare_crop_window(img: &RgbImage, spec: &ModelSpec) -> (Prepared, RgbImage) {
     let loc = locate(img, spec);
     let window = pose::cut_window(img, &loc.cut, spec.input.size_px, &Jitter::default());
-    Prepared {
+    let prepared = Prepared {
         pixels: to_tensor(&window, spec),
         features: standardise(&loc.raw_features, spec),
         head: loc.head,
-    }
+    };
+    (prepared, window)
 }
 
 /// How much larger than the model's window a training crop is, about: SMIDS crops are 150-205 px
@@ -115,14 +121,7 @@ pub fn prepare_head(
     };
     // Back to frame coordinates for the record.
     let mut in_frame = used;
-    in_frame.centroid = (
-        in_frame.centroid.0 + ox as f32,
-        in_frame.centroid.1 + oy as f32,
-    );
-    for p in in_frame.pixels.iter_mut() {
-        p.0 += ox;
-        p.1 += oy;
-    }
+    in_frame.shift(ox, oy);
     Prepared {
         pixels: to_tensor(&crop, spec),
         features,

@@ -112,11 +112,7 @@ fn measure_region(
     let tail_local = image::imageops::crop_imm(&t.tail, lx0, ly0, lw, lh).to_image();
     let stain_local = image::imageops::crop_imm(&t.stain, lx0, ly0, lw, lh).to_image();
     let mut head = pose::measure(&local, &tail_local, &stain_local);
-    for p in head.pixels.iter_mut() {
-        p.0 += lx0;
-        p.1 += ly0;
-    }
-    head.centroid = (head.centroid.0 + lx0 as f32, head.centroid.1 + ly0 as f32);
+    head.shift(lx0, ly0);
     if head.major_px / head.minor_px.max(1.0) > s.max_elongation {
         return None;
     }

@@ -168,12 +168,14 @@ fn serve(
             "/healthz" => {
                 let stalled: Vec<String> = tel
                     .iter()
-                    .filter(|(_, t)| t.stalled_for() > stall)
-                    .map(|(sample, t)| {
-                        format!(
-                            "stalled: sample {sample}: no frame for {:.1} s",
-                            t.stalled_for().as_secs_f32()
-                        )
+                    .filter_map(|(sample, t)| {
+                        let quiet = t.stalled_for();
+                        (quiet > stall).then(|| {
+                            format!(
+                                "stalled: sample {sample}: no frame for {:.1} s",
+                                quiet.as_secs_f32()
+                            )
+                        })
                     })
                     .collect();
                 if stalled.is_empty() {

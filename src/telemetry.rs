@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crate::frame::ModelId;
+
 /// Why a frame never reached the publisher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -108,15 +110,6 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 6] = [
-        Stage::Decode,
-        Stage::Segment,
-        Stage::Pose,
-        Stage::Classify,
-        Stage::Publish,
-        Stage::EndToEnd,
-    ];
-
     pub fn name(self) -> &'static str {
         match self {
             Stage::Decode => "decode",
@@ -194,7 +187,7 @@ pub struct Telemetry {
 #[derive(Debug, Clone, Default)]
 struct Gauges {
     queues: Vec<(&'static str, usize)>,
-    model: Option<(String, String)>,
+    model: Option<ModelId>,
     last_frame: Option<Instant>,
     /// Classified cells and their label-free accuracy estimate, as the publisher last saw.
     estimate: Option<(u64, f64)>,
@@ -229,8 +222,8 @@ impl Telemetry {
     }
 
     /// The model that classifies from now on.
-    pub fn set_model(&self, name: &str, sha256: &str) {
-        self.gauges().model = Some((name.to_string(), sha256.to_string()));
+    pub fn set_model(&self, id: &ModelId) {
+        self.gauges().model = Some(id.clone());
     }
 
     /// The sample's running label-free accuracy estimate (classified cells, mean confidence).
@@ -248,12 +241,13 @@ impl Telemetry {
     }
 
     pub fn event(&self, e: Event) {
+        // Taken before the counters, so no thread ever holds both locks.
+        if matches!(e, Event::FrameSeen) {
+            self.gauges().last_frame = Some(Instant::now());
+        }
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         match e {
-            Event::FrameSeen => {
-                c.frames_seen_total += 1;
-                self.gauges().last_frame = Some(Instant::now());
-            }
+            Event::FrameSeen => c.frames_seen_total += 1,
             Event::FramesDropped { reason, n } => {
                 *c.frames_dropped_total.entry(reason).or_default() += n
             }
@@ -505,12 +499,12 @@ pub fn render(parts: &[(String, std::sync::Arc<Telemetry>)]) -> String {
         for (q, n) in &g.queues {
             queues.push((format!("sample=\"{sample}\",stage=\"{q}\""), n.to_string()));
         }
-        if let Some((name, sha)) = &g.model {
+        if let Some(id) = &g.model {
             models.push((
                 format!(
                     "sample=\"{sample}\",name=\"{}\",sha256=\"{}\"",
-                    escape(name),
-                    escape(sha)
+                    escape(&id.name),
+                    escape(&id.sha256)
                 ),
                 "1".to_string(),
             ));

@@ -76,18 +76,13 @@ fn eval_reproduces_the_smids_model_accuracy() {
     let n_want = recorded["final_model"]["all_data"]["n"]
         .as_u64()
         .expect("n");
-    let out = Command::new(env!("CARGO_BIN_EXE_spermscope-eval"))
-        .arg("--json")
-        .arg("--model")
-        .arg(models().join("smids-3class.onnx"))
-        .arg("--dataset")
-        .arg(common::datasets().join("smids"))
-        .output()
-        .expect("run eval");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::run_ok(
+        Command::new(env!("CARGO_BIN_EXE_spermscope-eval"))
+            .arg("--json")
+            .arg("--model")
+            .arg(models().join("smids-3class.onnx"))
+            .arg("--dataset")
+            .arg(common::datasets().join("smids")),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let got = v["accuracy"].as_f64().expect("accuracy");

@@ -13,15 +13,7 @@ use serde_json::Value;
 use spermscope::model::{Model, RuntimeOptions};
 
 fn eval(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_spermscope-eval"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::run_ok(Command::new(env!("CARGO_BIN_EXE_spermscope-eval")).args(args));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

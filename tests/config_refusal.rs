@@ -101,16 +101,6 @@ fn bad_configs_and_models_exit_78_naming_the_problem() {
 #[test]
 fn good_configs_validate() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
-    let out = bin()
-        .arg("validate")
-        .arg("--config")
-        .arg(&example)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::run_ok(bin().arg("validate").arg("--config").arg(&example));
     assert!(String::from_utf8_lossy(&out.stdout).contains("smids-3class"));
 }

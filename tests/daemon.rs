@@ -6,10 +6,12 @@
 
 mod common;
 
+use common::run_ok;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -22,17 +24,6 @@ fn bin() -> Command {
 
 fn val_frames() -> PathBuf {
     common::datasets().join("sperm-parsing/val/frames")
-}
-
-fn run_ok(c: &mut Command) -> Output {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn lines(path: &Path) -> Vec<Value> {

@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![cfg(feature = "train")]
 
+mod common;
+
 use std::process::Command;
 
 use burn::prelude::*;
@@ -147,18 +149,13 @@ fn corrupt_images_are_reported_and_skipped() {
         .map(|c| c.to_string())
         .collect();
     std::fs::write(&model, export::to_onnx(net(4), &s).expect("export")).expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_spermscope-eval"))
-        .arg("--json")
-        .arg("--model")
-        .arg(&model)
-        .arg("--dataset")
-        .arg(dir.path())
-        .output()
-        .expect("run eval");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::run_ok(
+        Command::new(env!("CARGO_BIN_EXE_spermscope-eval"))
+            .arg("--json")
+            .arg("--model")
+            .arg(&model)
+            .arg("--dataset")
+            .arg(dir.path()),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["n"].as_u64(), Some(2));

@@ -46,19 +46,14 @@ fn montage_cells_agree_with_crop_level_classification() {
     )
     .unwrap();
     let rec = dir.path().join("r.jsonl");
-    let out = Command::new(env!("CARGO_BIN_EXE_spermscope"))
-        .arg("replay")
-        .arg(&frames)
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--records")
-        .arg(&rec)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::run_ok(
+        Command::new(env!("CARGO_BIN_EXE_spermscope"))
+            .arg("replay")
+            .arg(&frames)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--records")
+            .arg(&rec),
     );
     let records: Vec<Value> = std::fs::read_to_string(&rec)
         .unwrap()

@@ -291,16 +291,7 @@ fn several_microscopes_keep_their_records_and_reports_apart() {
         ),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_ok(Command::new(BIN).args(["run", "--config"]).arg(&cfg));
     for (sample, prefix, frames) in [("scope-a", "000", 8), ("scope-b", "003", 2)] {
         let tag = &sample[6..];
         let recs = records(&dir.path().join(format!("{tag}.jsonl")));

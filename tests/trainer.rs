@@ -57,23 +57,18 @@ seeds = [5]
 fn train(dir: &Path, features: bool) -> serde_json::Value {
     let cfg = experiment(dir, features);
     let out = dir.join("out");
-    let run = Command::new(env!("CARGO_BIN_EXE_spermscope-train"))
-        .args([
-            "--config",
-            cfg.to_str().expect("utf8"),
-            "--folds",
-            "--limit",
-            "40",
-            "-q",
-            "--out",
-        ])
-        .arg(&out)
-        .output()
-        .expect("run spermscope-train");
-    assert!(
-        run.status.success(),
-        "trainer failed: {}",
-        String::from_utf8_lossy(&run.stderr)
+    let run = common::run_ok(
+        Command::new(env!("CARGO_BIN_EXE_spermscope-train"))
+            .args([
+                "--config",
+                cfg.to_str().expect("utf8"),
+                "--folds",
+                "--limit",
+                "40",
+                "-q",
+                "--out",
+            ])
+            .arg(&out),
     );
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
@@ -160,17 +155,12 @@ fn trainer_smoke_export_and_parity_with_features() {
 
     // The evaluator goes through the same preprocessing and ONNX Runtime path: on the same
     // images it must reproduce the accuracy burn measured for the final model.
-    let eval = Command::new(env!("CARGO_BIN_EXE_spermscope-eval"))
-        .args(["--json", "--limit", "40", "--model"])
-        .arg(dir.path().join("out/smoke.onnx"))
-        .arg("--dataset")
-        .arg(common::datasets().join("hushem"))
-        .output()
-        .expect("run spermscope-eval");
-    assert!(
-        eval.status.success(),
-        "{}",
-        String::from_utf8_lossy(&eval.stderr)
+    let eval = common::run_ok(
+        Command::new(env!("CARGO_BIN_EXE_spermscope-eval"))
+            .args(["--json", "--limit", "40", "--model"])
+            .arg(dir.path().join("out/smoke.onnx"))
+            .arg("--dataset")
+            .arg(common::datasets().join("hushem")),
     );
     let v: serde_json::Value = serde_json::from_slice(&eval.stdout).expect("one json object");
     let burn_acc = report["final_model"]["all_data"]["accuracy"]
@@ -208,16 +198,11 @@ fn overfit_batch_and_lr_find_checks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = experiment(dir.path(), true);
     let run = |extra: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_spermscope-train"))
-            .args(["--config", cfg.to_str().expect("utf8"), "-q", "--out"])
-            .arg(dir.path().join("out"))
-            .args(extra)
-            .output()
-            .expect("run spermscope-train");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = common::run_ok(
+            Command::new(env!("CARGO_BIN_EXE_spermscope-train"))
+                .args(["--config", cfg.to_str().expect("utf8"), "-q", "--out"])
+                .arg(dir.path().join("out"))
+                .args(extra),
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
@@ -258,15 +243,10 @@ fn tuner_runs_nested_and_resumes_from_its_log() {
     .expect("write search");
     let out = dir.path().join("tune");
     let tune = || {
-        let run = Command::new(env!("CARGO_BIN_EXE_spermscope-tune"))
-            .args(["--search", search.to_str().expect("utf8"), "-q", "--out"])
-            .arg(&out)
-            .output()
-            .expect("run spermscope-tune");
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
+        let run = common::run_ok(
+            Command::new(env!("CARGO_BIN_EXE_spermscope-tune"))
+                .args(["--search", search.to_str().expect("utf8"), "-q", "--out"])
+                .arg(&out),
         );
         String::from_utf8_lossy(&run.stdout).into_owned()
     };

@@ -15,6 +15,9 @@ use spermscope::model::{Model, Provider, RuntimeOptions, softmax};
 use spermscope::preprocess;
 use spermscope::spec;
 
+/// One class's one-vs-rest ROC curve and its AUC.
+type RocCurve = (String, Vec<calibration::RocPoint>, f64);
+
 /// Evaluate a model on a labelled crop dataset (class-per-folder, or MHSMA's labels.csv).
 #[derive(Parser, Debug)]
 #[command(version)]
@@ -163,9 +166,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let pred: Vec<usize> = probs.iter().map(|p| calibration::top(p).0).collect();
     let scores = Scores::new(&classes, &truth, &pred);
     let crops_per_second = truth.len() as f64 / secs.max(1e-9);
-    let auc: BTreeMap<String, f64> = (0..classes.len())
-        .filter_map(|k| calibration::roc(&probs, &truth, k).map(|(_, a)| (classes[k].clone(), a)))
+    let curves: Vec<RocCurve> = (0..classes.len())
+        .filter_map(|k| {
+            calibration::roc(&probs, &truth, k).map(|(c, a)| (classes[k].clone(), c, a))
+        })
         .collect();
+    let auc: BTreeMap<String, f64> = curves.iter().map(|(c, _, a)| (c.clone(), *a)).collect();
     let (bins, ece) = calibration::reliability(&probs, &truth, 10);
     let estimate = calibration::estimated_accuracy(&probs);
     if let Some(out) = &args.fit_temperature {
@@ -189,7 +195,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         );
     }
     if let Some(dir) = &args.plots {
-        draw(dir, &mut model, &classes, &probs, &truth, &bins, &kept)?;
+        draw(dir, &mut model, &curves, &probs, &truth, &bins, &kept)?;
     }
     if args.json {
         let mut v = serde_json::to_value(&scores)?;
@@ -311,7 +317,7 @@ fn estimate_only(args: &Args, model: &mut Model, images: &Path) -> anyhow::Resul
 fn draw(
     dir: &Path,
     model: &mut Model,
-    classes: &[String],
+    curves: &[RocCurve],
     probs: &[Vec<f32>],
     truth: &[usize],
     bins: &[calibration::Bin],
@@ -319,13 +325,10 @@ fn draw(
 ) -> anyhow::Result<()> {
     use spermscope::plots;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let curves: Vec<(String, Vec<calibration::RocPoint>, f64)> = (0..classes.len())
-        .filter_map(|k| calibration::roc(probs, truth, k).map(|(c, a)| (classes[k].clone(), c, a)))
-        .collect();
     let name = &model.spec.name;
     let name = name.clone();
     let fail = |e: String| anyhow::anyhow!("drawing: {e}");
-    plots::roc(&dir.join(format!("{name}.roc.png")), &name, &curves).map_err(fail)?;
+    plots::roc(&dir.join(format!("{name}.roc.png")), &name, curves).map_err(fail)?;
     plots::reliability(&dir.join(format!("{name}.reliability.png")), &name, bins).map_err(fail)?;
     // Occlusion saliency for a few correct and a few wrong crops.
     let right: Vec<usize> = (0..truth.len())
@@ -351,7 +354,7 @@ fn draw(
 fn draw(
     _: &Path,
     _: &mut Model,
-    _: &[String],
+    _: &[RocCurve],
     _: &[Vec<f32>],
     _: &[usize],
     _: &[calibration::Bin],

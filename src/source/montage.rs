@@ -80,10 +80,6 @@ impl Montage {
         })
     }
 
-    pub fn classes(&self) -> &[String] {
-        &self.ds.classes
-    }
-
     /// Field number `index` (the same for the same seed) and what was pasted where.
     pub fn field(&self, index: u64) -> (RgbImage, Vec<Placed>) {
         let l = self.layout;

@@ -296,7 +296,12 @@ impl Experiment {
             path: path.to_path_buf(),
             source,
         })?;
-        let exp: Experiment = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate experiment text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Experiment, ConfigError> {
+        let exp: Experiment = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;

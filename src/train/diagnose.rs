@@ -8,8 +8,7 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 
 use super::config::{Balance, Experiment};
-use super::{TrainError, base_spec, fit, plot, subset};
-use crate::dataset;
+use super::{TrainError, fit, load_data, plot};
 
 /// What `--overfit-batch` found.
 #[derive(Debug, Clone, Serialize)]
@@ -38,16 +37,7 @@ fn load(
     limit: Option<usize>,
 ) -> Result<(Experiment, Vec<fit::Item>, crate::spec::ModelSpec), TrainError> {
     let exp = Experiment::load(config)?;
-    exp.validate(config)?;
-    let mut ds = dataset::open(&exp.data.dataset, &exp.data.mhsma_label, None)?;
-    if let Some(l) = limit {
-        subset(&mut ds, l);
-    }
-    let spec = base_spec(&exp, &ds.classes);
-    let (items, _) = fit::load_items(&ds, &spec, &ProgressBar::hidden());
-    if items.is_empty() {
-        return Err(TrainError::NoImages(ds.root.clone()));
-    }
+    let (_, spec, items, _) = load_data(&exp, limit, &ProgressBar::hidden())?;
     Ok((exp, items, spec))
 }
 

@@ -251,19 +251,15 @@ pub struct Fitted {
 /// Training stopped because the numbers went wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum FitError {
+    /// The weights are checked after every update, so a non-finite loss with finite weights
+    /// comes from the inputs or the loss itself.
     #[error(
-        "training diverged at epoch {epoch}, batch {batch}: the loss is {value}; {} (lower the learning rate or clip gradients with train.grad_clip_norm)",
-        match layer {
-            Some(l) => format!("the weights of layer {l} are not finite"),
-            None => "every layer's weights are finite, so the inputs or the loss produced it".to_string(),
-        }
+        "training diverged at epoch {epoch}, batch {batch}: the loss is {value}; every layer's weights are finite, so the inputs or the loss produced it (lower the learning rate or clip gradients with train.grad_clip_norm)"
     )]
     NonFinite {
         epoch: usize,
         batch: usize,
         value: f32,
-        /// The first layer with non-finite weights, if any.
-        layer: Option<String>,
     },
     #[error(
         "training diverged at epoch {epoch}, batch {batch}: the gradient of layer {layer} is not finite (lower the learning rate or clip gradients with train.grad_clip_norm)"
@@ -283,23 +279,15 @@ pub enum FitError {
     },
 }
 
-/// The loss of a batch, or the error that stops a diverged run, naming the first layer whose
-/// weights are not finite (looked up only when the loss is not).
-fn finite<M: burn::module::Module>(
-    value: f32,
-    epoch: usize,
-    batch: usize,
-    model: &M,
-) -> Result<f32, FitError> {
+/// The loss of a batch, or the error that stops a diverged run.
+fn finite(value: f32, epoch: usize, batch: usize) -> Result<f32, FitError> {
     if value.is_finite() {
         Ok(value)
     } else {
-        let norms = health::weight_norms(model);
         Err(FitError::NonFinite {
             epoch,
             batch,
             value,
-            layer: health::first_non_finite(&norms).map(str::to_string),
         })
     }
 }
@@ -526,7 +514,7 @@ pub fn fit(
             );
             let logits = model.forward(x, f);
             let loss = loss_fn.forward(logits.clone(), y);
-            let value = finite(loss.clone().into_scalar::<f32>(), epoch + 1, b + 1, &model)?;
+            let value = finite(loss.clone().into_scalar::<f32>(), epoch + 1, b + 1)?;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             let norms = health::gradient_norms(&model, &grads);
             if let Some(layer) = health::first_non_finite(&norms) {
@@ -552,21 +540,20 @@ pub fn fit(
         }
         images += seen;
         let grad_stats = grad_norms.stats();
-        let grad_warnings = health::judge(&grad_stats);
-        for (layer, trouble) in &grad_warnings {
-            if let Some(s) = grad_stats.iter().find(|s| &s.layer == layer) {
-                tracing::warn!(
-                    epoch = epoch + 1,
-                    layer = %layer,
-                    mean_norm = s.mean,
-                    max_norm = s.max,
-                    "gradient {}",
-                    match trouble {
-                        GradTrouble::Vanishing => "vanishing",
-                        GradTrouble::Exploding => "exploding",
-                    }
-                );
-            }
+        let mut grad_warnings = Vec::new();
+        for (s, trouble) in health::judge(&grad_stats) {
+            tracing::warn!(
+                epoch = epoch + 1,
+                layer = %s.layer,
+                mean_norm = s.mean,
+                max_norm = s.max,
+                "gradient {}",
+                match trouble {
+                    GradTrouble::Vanishing => "vanishing",
+                    GradTrouble::Exploding => "exploding",
+                }
+            );
+            grad_warnings.push((s.layer.clone(), trouble));
         }
         let mut log = EpochLog {
             epoch: epoch + 1,
@@ -765,11 +752,11 @@ mod tests {
             .init(&device)
             .forward(model.forward(poisoned, None), y)
             .into_scalar::<f32>();
-        let e = finite(loss, 3, 7, &model).unwrap_err();
+        let e = finite(loss, 3, 7).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("epoch 3, batch 7"), "{msg}");
         // The weights are fine here: the message must say the inputs or loss produced it.
         assert!(msg.contains("weights are finite"), "{msg}");
-        assert_eq!(finite(0.5, 1, 1, &model).unwrap(), 0.5);
+        assert_eq!(finite(0.5, 1, 1).unwrap(), 0.5);
     }
 }

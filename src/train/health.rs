@@ -143,14 +143,14 @@ impl EpochNorms {
 
 /// Layers whose gradient vanished (mean norm over the epoch below `VANISH_BELOW`) or exploded
 /// (some batch above `EXPLODE_ABOVE`).
-pub fn judge(stats: &[GradStats]) -> Vec<(String, GradTrouble)> {
+pub fn judge(stats: &[GradStats]) -> Vec<(&GradStats, GradTrouble)> {
     stats
         .iter()
         .filter_map(|s| {
             if s.max > EXPLODE_ABOVE {
-                Some((s.layer.clone(), GradTrouble::Exploding))
+                Some((s, GradTrouble::Exploding))
             } else if s.mean < VANISH_BELOW {
-                Some((s.layer.clone(), GradTrouble::Vanishing))
+                Some((s, GradTrouble::Vanishing))
             } else {
                 None
             }
@@ -274,8 +274,8 @@ mod tests {
         assert_eq!(
             judge(&stats),
             vec![
-                ("b".to_string(), GradTrouble::Vanishing),
-                ("c".to_string(), GradTrouble::Exploding)
+                (&stats[1], GradTrouble::Vanishing),
+                (&stats[2], GradTrouble::Exploding)
             ]
         );
     }

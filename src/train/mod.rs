@@ -182,6 +182,25 @@ fn subset(ds: &mut Dataset, limit: usize) {
         .collect();
 }
 
+/// The experiment's dataset (at most `limit` images, spread over it), its base spec, and
+/// every image decoded with its head located; unreadable images come back as skipped.
+fn load_data(
+    exp: &Experiment,
+    limit: Option<usize>,
+    bar: &ProgressBar,
+) -> Result<(Dataset, ModelSpec, Vec<Item>, Vec<Skipped>), TrainError> {
+    let mut ds = dataset::open(&exp.data.dataset, &exp.data.mhsma_label, None)?;
+    if let Some(l) = limit {
+        subset(&mut ds, l);
+    }
+    let spec = base_spec(exp, &ds.classes);
+    let (items, skipped) = fit::load_items(&ds, &spec, bar);
+    if items.is_empty() {
+        return Err(TrainError::NoImages(ds.root.clone()));
+    }
+    Ok((ds, spec, items, skipped))
+}
+
 /// The spec of a model trained by `exp` on `classes` (normalisation still to be fitted).
 pub fn base_spec(exp: &Experiment, classes: &[String]) -> ModelSpec {
     let c = exp.crop.channels as usize;
@@ -254,25 +273,17 @@ pub fn run(config_path: &Path, opts: &RunOptions) -> Result<RunReport, TrainErro
         exp.cv.seeds = s.clone();
     }
     exp.validate(config_path)?;
-    let mut ds = dataset::open(&exp.data.dataset, &exp.data.mhsma_label, None)?;
-    if let Some(l) = opts.limit {
-        subset(&mut ds, l);
-    }
     let multi = if opts.quiet {
         MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
     } else {
         MultiProgress::new()
     };
-    let spec0 = base_spec(&exp, &ds.classes);
     let load_bar = multi.add(
         ProgressBar::new(0)
             .with_style(bar_style())
             .with_prefix("images"),
     );
-    let (items, skipped) = fit::load_items(&ds, &spec0, &load_bar);
-    if items.is_empty() {
-        return Err(TrainError::NoImages(ds.root.clone()));
-    }
+    let (ds, spec0, items, skipped) = load_data(&exp, opts.limit, &load_bar)?;
     let heads_found = items.iter().filter(|i| i.loc.head.is_some()).count();
     tracing::info!(
         images = items.len(),
@@ -432,15 +443,19 @@ fn cross_validate(
                 seed * 1000 + fold as u64,
                 &epoch_bar,
             )?;
-            let logits = fit::predict(&fitted.model, items, &test, &spec);
-            if seed_no == 0 {
-                out_of_fold.extend(test.iter().copied().zip(logits.iter().cloned()));
-            }
             let truth: Vec<usize> = test.iter().map(|&i| items[i].label).collect();
+            // Both ways once; the model's own setting picks which are its predictions.
+            let mut logits = Vec::new();
             for (mirror, acc) in [(false, &mut plain), (true, &mut fused)] {
                 let l = fit::predict_with(&fitted.model, items, &test, &spec, mirror);
                 let p: Vec<usize> = l.iter().map(|l| argmax(l)).collect();
                 acc.push(Scores::new(&spec.classes, &truth, &p).accuracy);
+                if mirror == spec.test_time_mirror {
+                    logits = l;
+                }
+            }
+            if seed_no == 0 {
+                out_of_fold.extend(test.iter().copied().zip(logits.iter().cloned()));
             }
             let pred: Vec<usize> = logits.iter().map(|l| argmax(l)).collect();
             let s = Scores::new(&spec.classes, &truth, &pred);
@@ -523,10 +538,17 @@ fn train_final(
     );
     let fitted = fit::fit(exp, items, &train_idx, &val_idx, &spec, seed, &bar)?;
     bar.finish_and_clear();
+    // `all` is every item in order, so these logits are indexed by item.
+    let all_logits = fit::predict(&fitted.model, items, &all, &spec);
+    let test = (!test_idx.is_empty()).then(|| {
+        let truth: Vec<usize> = test_idx.iter().map(|&i| items[i].label).collect();
+        let pred: Vec<usize> = test_idx.iter().map(|&i| argmax(&all_logits[i])).collect();
+        Scores::new(&spec.classes, &truth, &pred)
+    });
     let calibration = match (exp.train.fit_temperature, val_idx.is_empty(), cv) {
         (false, _, _) => None,
         (true, false, _) => {
-            let logits = fit::predict(&fitted.model, items, &val_idx, &spec);
+            let logits: Vec<Vec<f32>> = val_idx.iter().map(|&i| all_logits[i].clone()).collect();
             let truth: Vec<usize> = val_idx.iter().map(|&i| items[i].label).collect();
             calibrate(&logits, &truth, "validation split")
         }
@@ -557,16 +579,10 @@ fn train_final(
             temperature = c.temperature,
             ece_before = c.ece_before,
             ece_after = c.ece_after,
-            "temperature fitted on the validation split"
+            "temperature fitted on the {}",
+            c.fitted_on
         );
     }
-    let test = (!test_idx.is_empty()).then(|| {
-        let logits = fit::predict(&fitted.model, items, &test_idx, &spec);
-        let truth: Vec<usize> = test_idx.iter().map(|&i| items[i].label).collect();
-        let pred: Vec<usize> = logits.iter().map(|l| argmax(l)).collect();
-        Scores::new(&spec.classes, &truth, &pred)
-    });
-    let all_logits = fit::predict(&fitted.model, items, &all, &spec);
     let all_data = Scores::new(
         &spec.classes,
         &items.iter().map(|i| i.label).collect::<Vec<_>>(),
@@ -579,10 +595,10 @@ fn train_final(
         .step_by((items.len() / 16).max(1))
         .take(16)
         .collect();
-    let parity_logits = fit::predict(&fitted.model, items, &parity_idx, &spec);
+    let parity_logits: Vec<Vec<f32>> = parity_idx.iter().map(|&i| all_logits[i].clone()).collect();
     let onnx_path = opts.out.join(format!("{}.onnx", exp.name));
     let title = exp.name.clone();
-    let history = fitted.history.clone();
+    let history = fitted.history;
     let bytes = export::to_onnx(fitted.model, &spec)?;
     export::save(&bytes, &onnx_path)?;
     let curves = opts.out.join(format!("{}.curves.png", exp.name));
@@ -619,7 +635,7 @@ fn train_final(
         all_data,
         spec,
         overfitting_from_epoch: fit::overfitting_from(&history),
-        history: history.clone(),
+        history,
         calibration,
     })
 }

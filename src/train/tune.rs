@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::config::{ConfigError, Experiment};
-use super::{TrainError, base_spec, fit, subset};
+use super::{TrainError, base_spec, fit, load_data};
 use crate::dataset;
 use crate::metrics::Scores;
 
@@ -80,6 +80,9 @@ pub struct Search {
     pub limit: Option<usize>,
     /// Dotted experiment key → how it is drawn.
     pub params: BTreeMap<String, Param>,
+    /// The experiment's text, read once by `load`.
+    #[serde(skip)]
+    base: String,
 }
 
 fn one() -> u64 {
@@ -184,7 +187,7 @@ impl Search {
             }
         }
         // Every parameter must land on a key the experiment accepts.
-        let base = std::fs::read_to_string(&s.experiment).map_err(|source| {
+        s.base = std::fs::read_to_string(&s.experiment).map_err(|source| {
             TrainError::Config(ConfigError::Read {
                 path: s.experiment.clone(),
                 source,
@@ -196,7 +199,7 @@ impl Search {
             .iter()
             .map(|(k, p)| (k.clone(), draw(p, &mut rng)))
             .collect();
-        experiment_with(&base, &probe, &s.experiment)?;
+        experiment_with(&s.base, &probe, &s.experiment)?;
         Ok(s)
     }
 }
@@ -231,13 +234,7 @@ pub fn experiment_with(
         t.insert(last.to_string(), value.clone());
     }
     let text = toml::to_string(&table).map_err(|e| invalid(path, "params", e.to_string()))?;
-    let exp: Experiment = toml::from_str(&text).map_err(|e| {
-        TrainError::Config(ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
-    })?;
-    exp.validate(path)?;
+    let exp = Experiment::parse(&text, path)?;
     Ok((exp, text))
 }
 
@@ -377,22 +374,9 @@ fn gauss(rng: &mut ChaCha8Rng) -> f64 {
 /// Run (or resume) a search; `log` is the JSON Lines file of finished trials.
 pub fn run(search: &Search, log: &Path, out: &Path, quiet: bool) -> Result<TuneReport, TrainError> {
     let started = Instant::now();
-    let base = std::fs::read_to_string(&search.experiment).map_err(|source| {
-        TrainError::Config(ConfigError::Read {
-            path: search.experiment.clone(),
-            source,
-        })
-    })?;
-    let (exp0, _) = experiment_with(&base, &BTreeMap::new(), &search.experiment)?;
-    let mut ds = dataset::open(&exp0.data.dataset, &exp0.data.mhsma_label, None)?;
-    if let Some(l) = search.limit {
-        subset(&mut ds, l);
-    }
-    let spec0 = base_spec(&exp0, &ds.classes);
-    let (items, _) = fit::load_items(&ds, &spec0, &ProgressBar::hidden());
-    if items.is_empty() {
-        return Err(TrainError::NoImages(ds.root.clone()));
-    }
+    let base = &search.base;
+    let (exp0, _) = experiment_with(base, &BTreeMap::new(), &search.experiment)?;
+    let (ds, _, items, _) = load_data(&exp0, search.limit, &ProgressBar::hidden())?;
     let write_err = |e: std::io::Error| TrainError::Write {
         path: log.to_path_buf(),
         reason: e.to_string(),
@@ -470,7 +454,7 @@ pub fn run(search: &Search, log: &Path, out: &Path, quiet: bool) -> Result<TuneR
                 }
                 return Ok(t.clone());
             }
-            let (mut exp, _) = experiment_with(&base, params, &search.experiment)?;
+            let (mut exp, _) = experiment_with(base, params, &search.experiment)?;
             let full = exp.train.epochs;
             exp.train.epochs = if search.halving && rung == 0 {
                 full.div_ceil(3)
@@ -540,7 +524,7 @@ pub fn run(search: &Search, log: &Path, out: &Path, quiet: bool) -> Result<TuneR
             .cloned()
             .ok_or_else(|| invalid(log, "trials", "no trial finished".into()))?;
         // The outer figure: the chosen configuration on the whole outer training part.
-        let (exp, _) = experiment_with(&base, &chosen.params, &search.experiment)?;
+        let (exp, _) = experiment_with(base, &chosen.params, &search.experiment)?;
         let outer_accuracy = train_and_score(&exp, &items, &ds.classes, &rest, &test)?;
         bar.inc(1);
         results.push(OuterResult {
@@ -561,7 +545,7 @@ pub fn run(search: &Search, log: &Path, out: &Path, quiet: bool) -> Result<TuneR
         .iter()
         .max_by(|a, b| a.inner_score.total_cmp(&b.inner_score))
         .ok_or_else(|| invalid(log, "trials", "no outer fold finished".into()))?;
-    let (_, text) = experiment_with(&base, &best.chosen, &search.experiment)?;
+    let (_, text) = experiment_with(base, &best.chosen, &search.experiment)?;
     std::fs::create_dir_all(out).map_err(write_err)?;
     let best_path = out.join(format!("{}.best.toml", exp0.name));
     let header = format!(

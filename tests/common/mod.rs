@@ -1,14 +1,27 @@
-//! Helpers shared by the integration tests: where the shared datasets are, and a fixture
-//! loader for the sperm-parsing full fields.
+//! Helpers shared by the integration tests: where the shared datasets are, running a binary
+//! that must succeed, and a fixture loader for the sperm-parsing full fields.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::{Command, Output};
 
 /// `../shared/datasets` beside the project.
 pub fn datasets() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets")
+}
+
+/// Run a command to its end; it must exit 0 (its exit code and stderr are shown if not).
+pub fn run_ok(c: &mut Command) -> Output {
+    let out = c.output().expect("spawn the command");
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// One head of a sperm-parsing frame with its ground-truth head→tail direction.
