@@ -206,8 +206,13 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, DatasetError> {
     })
 }
 
-/// Decode image bytes by content into RGB.
+/// Decode image bytes by content into RGB. A JPEG without its end-of-image marker is refused:
+/// decoders fill a cut-off file with grey, and a frame cut off in writing or in transfer (a
+/// replayed file, a camera's MJPEG frame) must not be analysed as if it were whole.
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_complete(bytes) {
+        return Err("truncated JPEG (no end-of-image marker)".into());
+    }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| e.to_string())?;
@@ -216,6 +221,15 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
     }
     let img = reader.decode().map_err(|e| e.to_string())?;
     Ok(img.to_rgb8())
+}
+
+/// A JPEG ends with its end-of-image marker `FF D9` (zero or newline padding after it allowed).
+fn jpeg_complete(bytes: &[u8]) -> bool {
+    let end = bytes
+        .iter()
+        .rposition(|&b| !matches!(b, 0x00 | b'\n' | b'\r'))
+        .map_or(0, |i| i + 1);
+    end >= 2 && bytes[end - 2..end] == [0xFF, 0xD9]
 }
 
 /// Decode every sample; unreadable ones are returned in `Skipped` (with path and reason).
@@ -306,6 +320,21 @@ pub fn folds_csv(ds: &Dataset, csv: &Path) -> Result<Vec<usize>, DatasetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_off_jpeg_is_refused_and_a_whole_one_decodes() {
+        let img = RgbImage::from_pixel(32, 24, image::Rgb([180, 90, 40]));
+        let mut bytes = Vec::new();
+        img.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Jpeg)
+            .unwrap();
+        assert_eq!(decode_rgb(&bytes).unwrap().dimensions(), (32, 24));
+        // Padding after the end-of-image marker is allowed.
+        let mut padded = bytes.clone();
+        padded.extend_from_slice(b"\n\0");
+        assert!(decode_rgb(&padded).is_ok());
+        let cut = &bytes[..bytes.len() * 2 / 3];
+        assert!(decode_rgb(cut).unwrap_err().contains("truncated JPEG"));
+    }
 
     #[test]
     fn class_names_drop_ordering_prefix() {

@@ -176,11 +176,18 @@ impl Sinks {
         self.socket.as_ref().map(|b| b.addr.clone())
     }
 
-    /// Send one frame's lines to every sink.
+    /// Send one frame's lines to every sink; a frame without cells still lets buffered
+    /// records out on time.
     pub fn write(&mut self, lines: &[String]) {
-        if lines.is_empty() {
-            return;
+        if !lines.is_empty() {
+            self.send(lines);
         }
+        if self.last_flush.elapsed() > Duration::from_secs(1) {
+            self.flush();
+        }
+    }
+
+    fn send(&mut self, lines: &[String]) {
         if let Some(out) = &mut self.stdout {
             let ok = lines.iter().all(|l| writeln!(out, "{l}").is_ok()) && out.flush().is_ok();
             if !ok {
@@ -197,9 +204,6 @@ impl Sinks {
         }
         if let Some(b) = &self.socket {
             b.send(lines);
-        }
-        if self.last_flush.elapsed() > Duration::from_secs(1) {
-            self.flush();
         }
     }
 

@@ -63,20 +63,7 @@ pub fn list(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
 
 fn decode(path: &Path) -> Result<image::RgbImage, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    // JPEG decoders fill a cut-off file with grey; a frame cut off in writing is refused.
-    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_complete(&bytes) {
-        return Err("truncated JPEG (no end-of-image marker)".into());
-    }
     decode_rgb(&bytes)
-}
-
-/// A JPEG ends with its end-of-image marker `FF D9` (zero or newline padding after it allowed).
-fn jpeg_complete(bytes: &[u8]) -> bool {
-    let end = bytes
-        .iter()
-        .rposition(|&b| !matches!(b, 0x00 | b'\n' | b'\r'))
-        .map_or(0, |i| i + 1);
-    end >= 2 && bytes[end - 2..end] == [0xFF, 0xD9]
 }
 
 impl Replay {
@@ -92,14 +79,6 @@ impl Replay {
             period: (fps > 0.0).then(|| Duration::from_secs_f32(1.0 / fps)),
             due: None,
         })
-    }
-
-    pub fn len(&self) -> usize {
-        self.files.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
     }
 }
 
