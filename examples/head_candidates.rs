@@ -7,8 +7,8 @@
 
 use std::path::PathBuf;
 
-use spermscope::dataset;
-use spermscope::segment::{MaskMatch, SegmentSettings, find_heads};
+use spermscope::core::imageio;
+use spermscope::daemon::segment::{MaskMatch, SegmentSettings, find_heads};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -30,10 +30,10 @@ fn main() {
         nucleus_margin: margin,
         ..SegmentSettings::default()
     };
-    let frames = spermscope::source::replay::list(&root.join("frames")).unwrap();
+    let frames = imageio::list_files(&root.join("frames")).unwrap();
     let (mut truth_n, mut heads, mut others) = (0usize, 0usize, 0usize);
     for f in &frames {
-        let img = dataset::load_rgb(f).unwrap();
+        let img = imageio::load_rgb(f).unwrap();
         let stem = f.file_stem().unwrap().to_string_lossy().to_string();
         let truth = image::open(root.join("heads").join(format!("{stem}.png")))
             .unwrap()

@@ -6,8 +6,9 @@
 use std::path::PathBuf;
 
 use image::{Rgb, RgbImage, imageops};
-use spermscope::dataset;
-use spermscope::pose::{self, Contrast, Cut, Jitter};
+use spermscope::core::dataset;
+use spermscope::core::imageio;
+use spermscope::core::pose::{self, Contrast, Cut, Jitter};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -25,7 +26,7 @@ fn main() -> anyhow::Result<()> {
     let rows = (n as u32).div_ceil(cols);
     let mut sheet = RgbImage::from_pixel(cols * cell * 2, rows * cell, Rgb([255, 255, 255]));
     for (k, s) in ds.samples.iter().step_by(step).take(n).enumerate() {
-        let img = dataset::load_rgb(&s.path)?;
+        let img = imageio::load_rgb(&s.path)?;
         let (x, y) = ((k as u32 % cols) * cell * 2, (k as u32 / cols) * cell);
         let small = imageops::resize(&img, cell, cell, imageops::FilterType::Triangle);
         imageops::overlay(&mut sheet, &small, x as i64, y as i64);

@@ -8,9 +8,9 @@
 
 use std::path::PathBuf;
 
-use spermscope::dataset;
-use spermscope::model::{Model, RuntimeOptions};
-use spermscope::segment::{MaskMatch, SegmentSettings, Verifier, find_heads};
+use spermscope::core::imageio;
+use spermscope::core::model::{Model, RuntimeOptions};
+use spermscope::daemon::segment::{MaskMatch, SegmentSettings, Verifier, find_heads};
 
 fn main() {
     let split = std::env::args().nth(4).unwrap_or_else(|| "val".into());
@@ -25,7 +25,7 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(128);
-    let mut frames = spermscope::source::replay::list(&root.join("frames")).unwrap();
+    let mut frames = imageio::list_files(&root.join("frames")).unwrap();
     frames.drain(..skip.min(frames.len()));
     frames.truncate(limit);
     let mut verifier = std::env::args().nth(2).filter(|p| p != "-").map(|p| {
@@ -41,7 +41,7 @@ fn main() {
     let mut edge = 0;
     let t0 = std::time::Instant::now();
     for f in &frames {
-        let img = dataset::load_rgb(f).unwrap();
+        let img = imageio::load_rgb(f).unwrap();
         let stem = f.file_stem().unwrap().to_string_lossy().to_string();
         let truth = image::open(root.join("heads").join(format!("{stem}.png")))
             .unwrap()

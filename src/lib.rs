@@ -1,28 +1,9 @@
-//! spermscope: sperm heads found, turned upright and classified with ONNX Runtime; this crate
-//! holds the daemon's stages and the parts the evaluator and the trainers share.
+//! spermscope: sperm heads found, turned upright and classified with ONNX Runtime. Three
+//! layers: `core` (the image and model maths every program shares), `daemon` (the streaming
+//! service) and `offline` (datasets, evaluation, training, tuning); `core` imports neither of
+//! the others, and `daemon` and `offline` never import each other (ARCHITECTURE.md).
 
-pub mod calibration;
-pub mod classify;
 pub mod cli;
-pub mod config;
-pub mod dataset;
-pub mod frame;
-pub mod metrics;
-pub mod model;
-pub mod morphometry;
-pub mod pipeline;
-#[cfg(feature = "plots")]
-pub mod plots;
-pub mod pose;
-pub mod preprocess;
-pub mod publish;
-pub mod regions;
-pub mod report;
-pub mod segment;
-pub mod service;
-pub mod source;
-pub mod spec;
-pub mod telemetry;
-
-#[cfg(feature = "train")]
-pub mod train;
+pub mod core;
+pub mod daemon;
+pub mod offline;

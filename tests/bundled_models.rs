@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use spermscope::model::{Model, RuntimeOptions};
+use spermscope::core::model::{Model, RuntimeOptions};
 
 fn models() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models")

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
-use spermscope::model::{Model, RuntimeOptions};
+use spermscope::core::model::{Model, RuntimeOptions};
 
 fn eval(args: &[&str]) -> Value {
     let out = common::run_ok(Command::new(env!("CARGO_BIN_EXE_spermscope-eval")).args(args));

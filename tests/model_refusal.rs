@@ -10,13 +10,13 @@ mod common;
 use std::process::Command;
 
 use burn::prelude::*;
-use spermscope::model::{Model, ModelError, RuntimeOptions};
-use spermscope::pose::Contrast;
-use spermscope::spec::{
+use spermscope::core::model::{Model, ModelError, RuntimeOptions};
+use spermscope::core::pose::Contrast;
+use spermscope::core::spec::{
     CropSpec, InputSpec, METADATA_KEY, ModelSpec, PoseMode, SPEC_FORMAT, embed_metadata,
 };
-use spermscope::train::config::NetConfig;
-use spermscope::train::{export, net::Net};
+use spermscope::offline::train::config::NetConfig;
+use spermscope::offline::train::{export, net::Net};
 
 fn spec(classes: usize) -> ModelSpec {
     ModelSpec {

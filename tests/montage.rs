@@ -10,9 +10,9 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
-use spermscope::model::{Model, RuntimeOptions};
-use spermscope::preprocess::prepare_crop;
-use spermscope::source::montage::{Layout, Montage, Placed};
+use spermscope::core::imageio;
+use spermscope::core::model::{Model, RuntimeOptions};
+use spermscope::daemon::source::montage::{Layout, Montage, Placed};
 
 #[test]
 fn montage_cells_agree_with_crop_level_classification() {
@@ -80,8 +80,8 @@ fn montage_cells_agree_with_crop_level_classification() {
                 .collect();
             let [r] = hits.as_slice() else { continue };
             matched += 1;
-            let crop = spermscope::dataset::load_rgb(&p.crop).unwrap();
-            let logits = model.logits(&[prepare_crop(&crop, &model.spec)]).unwrap();
+            let crop = imageio::load_rgb(&p.crop).unwrap();
+            let logits = model.logits(&[model.preprocessor().crop(&crop)]).unwrap();
             let best = logits[0]
                 .iter()
                 .enumerate()

@@ -6,8 +6,9 @@
 mod common;
 
 use image::imageops;
-use spermscope::dataset;
-use spermscope::pose::{self, Contrast, Cut, Jitter};
+use spermscope::core::dataset;
+use spermscope::core::imageio;
+use spermscope::core::pose::{self, Contrast, Cut, Jitter};
 
 fn angle_error(a: (f32, f32), b: (f32, f32)) -> f32 {
     let dot = (a.0 * b.0 + a.1 * b.1).clamp(-1.0, 1.0);
@@ -20,7 +21,7 @@ fn crop_pose_matches_midpiece_direction() {
     let mut errors = Vec::new();
     let mut missed = 0;
     for h in heads.iter().filter(|h| h.tail_dir.is_some()) {
-        let frame = dataset::load_rgb(&h.frame).expect("frame");
+        let frame = imageio::load_rgb(&h.frame).expect("frame");
         // A 200 px crop centred on the head, like a HuSHeM/SMIDS crop.
         let half = 100i64;
         let x0 = (h.centroid.0 as i64 - half).clamp(0, frame.width() as i64 - 2 * half) as u32;
@@ -96,7 +97,7 @@ fn upright_hushem_crops_stay_upright() {
     let ds = dataset::open(&common::datasets().join("hushem"), "head", None).expect("hushem");
     let mut errs = Vec::new();
     for s in ds.samples.iter().step_by(9) {
-        let img = dataset::load_rgb(&s.path).expect("image");
+        let img = imageio::load_rgb(&s.path).expect("image");
         let head = pose::find_head_in_crop(&img, Contrast::Dark).expect("head");
         let up = pose::cut_window(&img, &Cut::upright(&head, 110.0), 110, &Jitter::default());
         let again = pose::find_head_in_crop(&up, Contrast::Dark).expect("head in upright crop");

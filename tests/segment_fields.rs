@@ -5,8 +5,8 @@
 
 mod common;
 
-use spermscope::dataset;
-use spermscope::segment::{MaskMatch, SegmentSettings, find_heads};
+use spermscope::core::imageio;
+use spermscope::daemon::segment::{MaskMatch, SegmentSettings, find_heads};
 
 #[test]
 fn classical_segmentation_finds_heads_in_full_fields() {
@@ -21,7 +21,7 @@ fn classical_segmentation_finds_heads_in_full_fields() {
     let s = SegmentSettings::default();
     let mut total = MaskMatch::default();
     for f in &frames {
-        let img = dataset::load_rgb(f).unwrap();
+        let img = imageio::load_rgb(f).unwrap();
         let stem = f.file_stem().unwrap().to_string_lossy().to_string();
         let truth = image::open(root.join("heads").join(format!("{stem}.png")))
             .unwrap()

@@ -10,10 +10,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use spermscope::dataset;
-use spermscope::model::{Model, RuntimeOptions};
-use spermscope::preprocess;
-use spermscope::spec::ModelSpec;
+use spermscope::core::imageio;
+use spermscope::core::model::{Model, RuntimeOptions};
+use spermscope::core::spec::ModelSpec;
 
 fn experiment(dir: &Path, features: bool) -> PathBuf {
     let hushem = common::datasets().join("hushem");
@@ -121,7 +120,7 @@ fn parity(dir: &Path, report: &serde_json::Value) {
         Model::load(&dir.join("out/smoke.onnx"), &RuntimeOptions::default()).expect("load");
     // Metadata round trip: the spec read back through ONNX Runtime is the one trained with.
     let trained: ModelSpec = serde_json::from_value(fin["spec"].clone()).expect("spec");
-    assert_eq!(model.spec, trained);
+    assert_eq!(*model.spec, trained);
     let items: Vec<PathBuf> = serde_json::from_value(fin["parity_items"].clone()).expect("items");
     let want: Vec<Vec<f32>> = serde_json::from_value(fin["parity_logits"].clone()).expect("logits");
     assert!(
@@ -131,7 +130,11 @@ fn parity(dir: &Path, report: &serde_json::Value) {
     );
     let batch: Vec<_> = items
         .iter()
-        .map(|p| preprocess::prepare_crop(&dataset::load_rgb(p).expect("image"), &model.spec))
+        .map(|p| {
+            model
+                .preprocessor()
+                .crop(&imageio::load_rgb(p).expect("image"))
+        })
         .collect();
     let got = model.logits(&batch).expect("run");
     let mut worst = 0f32;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use spermscope::train::{self, RunOptions, config::Protocol};
+use spermscope::offline::train::{self, RunOptions, config::Protocol};
 
 /// Train a morphology classifier from an experiment file and export it to ONNX.
 #[derive(Parser, Debug)]
@@ -18,7 +18,7 @@ struct Args {
     #[arg(long)]
     folds: bool,
     /// Override the experiment's protocol: stratified, folds-csv or given-split.
-    #[arg(long, value_parser = parse_protocol)]
+    #[arg(long, value_enum)]
     protocol: Option<Protocol>,
     /// Override the seeds, comma separated (each repeats the cross-validation).
     #[arg(long, value_delimiter = ',')]
@@ -46,17 +46,6 @@ struct Args {
     /// OUT/NAME.lr-find.png, with a suggested rate.
     #[arg(long)]
     lr_find: bool,
-}
-
-fn parse_protocol(s: &str) -> Result<Protocol, String> {
-    match s {
-        "stratified" => Ok(Protocol::Stratified),
-        "folds-csv" | "folds_csv" => Ok(Protocol::FoldsCsv),
-        "given-split" | "given_split" => Ok(Protocol::GivenSplit),
-        other => Err(format!(
-            "unknown protocol '{other}' (stratified, folds-csv, given-split)"
-        )),
-    }
 }
 
 fn main() -> ExitCode {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use spermscope::train::tune::{self, Search};
+use spermscope::offline::train::tune::{self, Search};
 
 /// Search a trainer experiment's settings (see config/tune/ for search files).
 #[derive(Parser, Debug)]

@@ -1,0 +1,587 @@
+//! Pose correction: find the head in a crop, measure its axis, resolve head from tail and cut
+//! an upright window around it. The trainer and the daemon both call this one implementation.
+
+use image::{GrayImage, Luma, Rgb, RgbImage};
+use imageproc::contrast::otsu_level;
+
+/// How heads differ from the background in an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Contrast {
+    /// Stained preparations: heads are darker than the background.
+    Dark,
+    /// Unstained or phase-contrast images: heads differ from the background either way.
+    Any,
+}
+
+/// Why no head could be found in a crop.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PoseError {
+    #[error("image is empty")]
+    Empty,
+    #[error("image has no contrast to separate a head from the background")]
+    NoContrast,
+    #[error("no head-sized region found (largest region {largest_px} px)")]
+    NoHead { largest_px: usize },
+}
+
+/// A segmented head in a crop or frame: its pixels and its second-moment geometry.
+#[derive(Debug, Clone)]
+pub struct HeadRegion {
+    /// Pixel coordinates (x, y) of every head pixel, holes filled.
+    pub pixels: Vec<(u32, u32)>,
+    /// Centroid in pixels.
+    pub centroid: (f32, f32),
+    /// Unit vector from the head toward the tail, in image coordinates (y down).
+    pub tail_dir: (f32, f32),
+    /// Length of the major axis in pixels (4 sigma of the pixel spread along it).
+    pub major_px: f32,
+    /// Length of the minor axis in pixels.
+    pub minor_px: f32,
+    /// How the head/tail direction was decided.
+    pub polarity: Polarity,
+}
+
+/// The evidence used to tell the head's front from its back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Polarity {
+    /// Stained midpiece/tail pixels leave the head at this end.
+    Tail,
+    /// No clear tail: the darker (post-acrosomal) half was taken as the back.
+    Intensity,
+}
+
+impl HeadRegion {
+    /// Moves the region by (`dx`, `dy`) pixels: from a patch's coordinates into those of the
+    /// image the patch was cut from at that offset.
+    pub fn shift(&mut self, dx: u32, dy: u32) {
+        for p in self.pixels.iter_mut() {
+            p.0 += dx;
+            p.1 += dy;
+        }
+        self.centroid = (self.centroid.0 + dx as f32, self.centroid.1 + dy as f32);
+    }
+
+    /// Direction from the head toward the tail: `atan2(dy, dx)` in image coordinates, degrees in [0, 360).
+    pub fn angle_deg(&self) -> f32 {
+        let a = self.tail_dir.1.atan2(self.tail_dir.0).to_degrees();
+        if a < 0.0 { a + 360.0 } else { a }
+    }
+
+    pub fn area_px(&self) -> usize {
+        self.pixels.len()
+    }
+}
+
+/// Stain intensity: 0 for the brightest background, high where the stain absorbs.
+pub fn stain_map(img: &RgbImage, contrast: Contrast) -> GrayImage {
+    let (w, h) = img.dimensions();
+    let mut out = GrayImage::new(w, h);
+    match contrast {
+        Contrast::Dark => {
+            for (o, p) in out.iter_mut().zip(img.as_raw().chunks_exact(3)) {
+                let l = 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32;
+                *o = (255.0 - l).clamp(0.0, 255.0) as u8;
+            }
+        }
+        Contrast::Any => {
+            // Distance from the median grey level: heads stand out either brighter or darker.
+            let mut hist = [0usize; 256];
+            let lum: Vec<u8> = img
+                .pixels()
+                .map(|p| (0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32) as u8)
+                .collect();
+            for &l in &lum {
+                hist[l as usize] += 1;
+            }
+            let half = lum.len() / 2;
+            let mut acc = 0;
+            let mut median = 0u8;
+            for (v, &c) in hist.iter().enumerate() {
+                acc += c;
+                if acc > half {
+                    median = v as u8;
+                    break;
+                }
+            }
+            for (i, l) in lum.iter().enumerate() {
+                let d = (*l as i32 - median as i32).unsigned_abs().min(127) * 2;
+                out.put_pixel(i as u32 % w, i as u32 / w, Luma([d as u8]));
+            }
+        }
+    }
+    out
+}
+
+/// Box-blur a grey image with a 3x3 kernel (the mean of the neighbours inside the image), to
+/// steady the threshold on noisy crops.
+fn blur3(img: &GrayImage) -> GrayImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let src = img.as_raw();
+    let mut out = GrayImage::new(w as u32, h as u32);
+    if w == 0 || h == 0 {
+        return out;
+    }
+    // Column sums over three rows, then sums across three columns.
+    let mut col = vec![0u32; w];
+    let dst: &mut [u8] = &mut out;
+    for y in 0..h {
+        let (y0, y1) = (y.saturating_sub(1), (y + 1).min(h - 1));
+        let rows = (y1 - y0 + 1) as u32;
+        col.fill(0);
+        for yy in y0..=y1 {
+            for (c, &v) in col.iter_mut().zip(&src[yy * w..(yy + 1) * w]) {
+                *c += v as u32;
+            }
+        }
+        let row = &mut dst[y * w..(y + 1) * w];
+        if w >= 3 {
+            for x in 1..w - 1 {
+                row[x] = ((col[x - 1] + col[x] + col[x + 1]) / (rows * 3)) as u8;
+            }
+        }
+        for x in [0, w - 1] {
+            let (x0, x1) = (x.saturating_sub(1), (x + 1).min(w - 1));
+            let s: u32 = col[x0..=x1].iter().sum();
+            row[x] = (s / (rows * (x1 - x0 + 1) as u32)) as u8;
+        }
+    }
+    out
+}
+
+/// Find the one head in a crop centred on a sperm cell (HuSHeM, SMIDS, MHSMA style).
+///
+/// Threshold the stain map (Otsu), open it to cut the thin midpiece and tail off, keep the
+/// region that is large and near the centre, fill its holes (vacuoles), then measure it.
+pub fn find_head_in_crop(img: &RgbImage, contrast: Contrast) -> Result<HeadRegion, PoseError> {
+    let (w, h) = img.dimensions();
+    if w < 8 || h < 8 {
+        return Err(PoseError::Empty);
+    }
+    let t = Thresholded::new(img, contrast);
+    let (lo, hi) = t
+        .stain
+        .pixels()
+        .fold((255u8, 0u8), |(lo, hi), p| (lo.min(p[0]), hi.max(p[0])));
+    if hi.saturating_sub(lo) < 12 {
+        return Err(PoseError::NoContrast);
+    }
+    let k = ((w.min(h) as f32 / 45.0).round() as u8).clamp(2, 4);
+    let min_area = ((w * h) as f32 * 0.004).max(20.0) as usize;
+    // Regions left by the opening, each with its area and centroid.
+    let regions = crate::core::regions::opened_regions(&t.head, k, min_area);
+    let (cx0, cy0) = (w as f64 / 2.0, h as f64 / 2.0);
+    let diag = ((w * w + h * h) as f64).sqrt();
+    let mut best: Option<(usize, f64)> = None;
+    for (i, px) in regions.iter().enumerate() {
+        let n = px.len();
+        if n < min_area {
+            continue;
+        }
+        let (sx, sy) = px.iter().fold((0.0f64, 0.0f64), |(a, b), &(x, y)| {
+            (a + x as f64, b + y as f64)
+        });
+        let d = ((sx / n as f64 - cx0).powi(2) + (sy / n as f64 - cy0).powi(2)).sqrt() / diag;
+        let score = n as f64 / (1.0 + 4.0 * d).powi(2);
+        if best.is_none_or(|(_, s)| score > s) {
+            best = Some((i, score));
+        }
+    }
+    let Some((index, _)) = best else {
+        return Err(PoseError::NoHead {
+            largest_px: regions.iter().map(Vec::len).max().unwrap_or(0),
+        });
+    };
+    let mut mask = GrayImage::new(w, h);
+    for &(x, y) in &regions[index] {
+        mask.put_pixel(x, y, Luma([255]));
+    }
+    fill_holes(&mut mask);
+    Ok(measure(&mask, &t.tail, &t.stain))
+}
+
+/// Share of the Otsu level (above background) at which head pixels start.
+const HEAD_LEVEL: f32 = 0.6;
+/// Share of the Otsu level (above background) at which tail pixels start.
+const TAIL_LEVEL: f32 = 0.3;
+
+/// The stain map of an image and the head and tail masks cut from it; crops (`find_head_in_crop`)
+/// and full fields (`segment`) threshold the same way.
+pub(crate) struct Thresholded {
+    /// Smoothed stain intensity.
+    pub stain: GrayImage,
+    /// Otsu's level of the stain map.
+    pub otsu: u8,
+    /// Otsu's level above the background level (at least 1).
+    pub span: f32,
+    /// Pixels above the head level.
+    pub head: GrayImage,
+    /// Pixels above the (lower) tail level.
+    pub tail: GrayImage,
+}
+
+impl Thresholded {
+    /// Otsu splits the darkest stain (nucleus) from the rest; the acrosome and the tail take up
+    /// less stain, so the head is cut at a level between background and Otsu's, and the tail is
+    /// looked for at a lower level still.
+    pub(crate) fn new(img: &RgbImage, contrast: Contrast) -> Self {
+        let stain = blur3(&stain_map(img, contrast));
+        let otsu = otsu_level(&stain);
+        let bg = percentile(&stain, 0.3) as f32;
+        let span = (otsu as f32 - bg).max(1.0);
+        let head = threshold_above(&stain, (bg + HEAD_LEVEL * span) as u8);
+        let tail = threshold_above(&stain, (bg + TAIL_LEVEL * span) as u8);
+        Self {
+            stain,
+            otsu,
+            span,
+            head,
+            tail,
+        }
+    }
+}
+
+/// The grey level below which `q` of the pixels lie.
+fn percentile(img: &GrayImage, q: f32) -> u8 {
+    let mut hist = [0usize; 256];
+    for p in img.pixels() {
+        hist[p[0] as usize] += 1;
+    }
+    let target = (img.pixels().len() as f32 * q) as usize;
+    let mut acc = 0;
+    for (v, &c) in hist.iter().enumerate() {
+        acc += c;
+        if acc > target {
+            return v as u8;
+        }
+    }
+    255
+}
+
+/// Binary image of the pixels strictly above `level`.
+pub fn threshold_above(img: &GrayImage, level: u8) -> GrayImage {
+    let mut out = GrayImage::new(img.width(), img.height());
+    for (o, &p) in out.iter_mut().zip(img.as_raw()) {
+        *o = if p > level { 255 } else { 0 };
+    }
+    out
+}
+
+/// Fill background regions that do not touch the image border.
+pub fn fill_holes(mask: &mut GrayImage) {
+    let (w, h) = (mask.width() as usize, mask.height() as usize);
+    if w == 0 || h == 0 {
+        return;
+    }
+    let px: &mut [u8] = mask;
+    // Flood the background from the border; what it cannot reach is a hole.
+    let mut outside = vec![false; w * h];
+    let mut stack: Vec<usize> = Vec::new();
+    let visit = |i: usize, outside: &mut Vec<bool>, stack: &mut Vec<usize>| {
+        if !outside[i] && px[i] == 0 {
+            outside[i] = true;
+            stack.push(i);
+        }
+    };
+    for x in 0..w {
+        visit(x, &mut outside, &mut stack);
+        visit((h - 1) * w + x, &mut outside, &mut stack);
+    }
+    for y in 0..h {
+        visit(y * w, &mut outside, &mut stack);
+        visit(y * w + w - 1, &mut outside, &mut stack);
+    }
+    while let Some(i) = stack.pop() {
+        let (x, y) = (i % w, i / w);
+        if x > 0 {
+            visit(i - 1, &mut outside, &mut stack);
+        }
+        if y > 0 {
+            visit(i - w, &mut outside, &mut stack);
+        }
+        if x + 1 < w {
+            visit(i + 1, &mut outside, &mut stack);
+        }
+        if y + 1 < h {
+            visit(i + w, &mut outside, &mut stack);
+        }
+    }
+    for (p, out) in px.iter_mut().zip(&outside) {
+        if !out {
+            *p = 255;
+        }
+    }
+}
+
+/// Second moments of a head mask, and its polarity from the tail (`raw`: the stain mask
+/// before opening, which still holds the midpiece) or else from the stain asymmetry.
+pub fn measure(head: &GrayImage, raw: &GrayImage, stain: &GrayImage) -> HeadRegion {
+    let pixels: Vec<(u32, u32)> = head
+        .enumerate_pixels()
+        .filter(|(_, _, p)| p[0] != 0)
+        .map(|(x, y, _)| (x, y))
+        .collect();
+    let n = pixels.len().max(1) as f64;
+    let (sx, sy) = pixels
+        .iter()
+        .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x as f64, b + y as f64));
+    let (cx, cy) = (sx / n, sy / n);
+    let (mut m20, mut m02, mut m11) = (0.0, 0.0, 0.0);
+    for &(x, y) in &pixels {
+        let (dx, dy) = (x as f64 - cx, y as f64 - cy);
+        m20 += dx * dx;
+        m02 += dy * dy;
+        m11 += dx * dy;
+    }
+    m20 /= n;
+    m02 /= n;
+    m11 /= n;
+    let theta = 0.5 * (2.0 * m11).atan2(m20 - m02);
+    let common = ((m20 - m02).powi(2) / 4.0 + m11 * m11).sqrt();
+    let l1 = ((m20 + m02) / 2.0 + common).max(0.0);
+    let l2 = ((m20 + m02) / 2.0 - common).max(0.0);
+    let major = 4.0 * l1.sqrt();
+    let minor = 4.0 * l2.sqrt();
+    let u = (theta.cos(), theta.sin());
+
+    // Evidence 1: stained pixels outside the head, just beyond either end of the major axis.
+    let (w, h) = head.dimensions();
+    let half = major / 2.0;
+    let (mut plus, mut minus) = (0usize, 0usize);
+    for y in 0..h {
+        for x in 0..w {
+            if raw.get_pixel(x, y)[0] == 0 || head.get_pixel(x, y)[0] != 0 {
+                continue;
+            }
+            let (dx, dy) = (x as f64 - cx, y as f64 - cy);
+            let t = dx * u.0 + dy * u.1;
+            let p = (-dx * u.1 + dy * u.0).abs();
+            if p > 0.3 * major.max(4.0) {
+                continue;
+            }
+            // Skip the faint rim around the head (a pale acrosome reaches past the head mask):
+            // only stain well clear of the head's ellipse counts as midpiece or tail.
+            let r = (t / (major / 2.0).max(1.0)).powi(2) + (p / (minor / 2.0).max(1.0)).powi(2);
+            if r < 1.3 * 1.3 {
+                continue;
+            }
+            if t > half * 0.8 && t < half + 0.7 * major {
+                plus += 1;
+            } else if t < -half * 0.8 && t > -half - 0.7 * major {
+                minus += 1;
+            }
+        }
+    }
+    let min_tail = (0.01 * n).max(4.0) as usize;
+    let tail_sign =
+        if plus.max(minus) >= min_tail && plus.max(minus) as f64 >= 2.0 * plus.min(minus) as f64 {
+            Some(if plus > minus { 1.0 } else { -1.0 })
+        } else {
+            None
+        };
+    let (sign, polarity) = match tail_sign {
+        Some(s) => (s, Polarity::Tail),
+        None => {
+            // Evidence 2: the acrosome (front) takes up less stain than the back of the head.
+            let (mut sp, mut np, mut sm, mut nm) = (0.0, 0.0, 0.0, 0.0);
+            for &(x, y) in &pixels {
+                let t = (x as f64 - cx) * u.0 + (y as f64 - cy) * u.1;
+                let s = stain.get_pixel(x, y)[0] as f64;
+                if t > 0.0 {
+                    sp += s;
+                    np += 1.0;
+                } else {
+                    sm += s;
+                    nm += 1.0;
+                }
+            }
+            let mp = if np > 0.0 { sp / np } else { 0.0 };
+            let mm = if nm > 0.0 { sm / nm } else { 0.0 };
+            (if mp >= mm { 1.0 } else { -1.0 }, Polarity::Intensity)
+        }
+    };
+    HeadRegion {
+        pixels,
+        centroid: (cx as f32, cy as f32),
+        tail_dir: ((sign * u.0) as f32, (sign * u.1) as f32),
+        major_px: major as f32,
+        minor_px: minor as f32,
+        polarity,
+    }
+}
+
+/// Small changes to an upright cut, used by training-time augmentation (identity by default).
+#[derive(Debug, Clone, Copy)]
+pub struct Jitter {
+    /// Extra rotation in degrees.
+    pub rotate_deg: f32,
+    /// Mirror left-right after turning upright (keeps the head up).
+    pub mirror: bool,
+    /// Magnification factor (>1 zooms in).
+    pub scale: f32,
+    /// Shift of the window centre, as a fraction of the window.
+    pub shift: (f32, f32),
+}
+
+impl Default for Jitter {
+    fn default() -> Self {
+        Self {
+            rotate_deg: 0.0,
+            mirror: false,
+            scale: 1.0,
+            shift: (0.0, 0.0),
+        }
+    }
+}
+
+/// Where and how to cut: centre and tail direction in the source, window size in source pixels.
+#[derive(Debug, Clone, Copy)]
+pub struct Cut {
+    pub centre: (f32, f32),
+    /// Unit vector from head to tail in the source; it points down in the output.
+    pub tail_dir: (f32, f32),
+    pub window_px: f32,
+}
+
+impl Cut {
+    /// A cut that keeps the source orientation (tail direction taken as straight down).
+    pub fn unrotated(centre: (f32, f32), window_px: f32) -> Self {
+        Self {
+            centre,
+            tail_dir: (0.0, 1.0),
+            window_px,
+        }
+    }
+
+    pub fn upright(head: &HeadRegion, window_px: f32) -> Self {
+        Self {
+            centre: head.centroid,
+            tail_dir: head.tail_dir,
+            window_px,
+        }
+    }
+}
+
+/// Resample a square `out_px` crop: the cut's centre in the middle, its tail direction pointing
+/// down, bilinear sampling with edge pixels repeated outside the source.
+pub fn cut_window(img: &RgbImage, cut: &Cut, out_px: u32, jitter: &Jitter) -> RgbImage {
+    let (sw, sh) = img.dimensions();
+    let a = jitter.rotate_deg.to_radians();
+    let (ca, sa) = (a.cos(), a.sin());
+    let d = cut.tail_dir;
+    // Output "down" maps to the tail direction, rotated by the jitter angle.
+    let down = (d.0 * ca - d.1 * sa, d.0 * sa + d.1 * ca);
+    let mut right = (down.1, -down.0);
+    if jitter.mirror {
+        right = (-right.0, -right.1);
+    }
+    let step = cut.window_px / out_px as f32 / jitter.scale.max(1e-3);
+    let centre = (
+        cut.centre.0 + jitter.shift.0 * cut.window_px,
+        cut.centre.1 + jitter.shift.1 * cut.window_px,
+    );
+    let half = out_px as f32 / 2.0;
+    let mut out = RgbImage::new(out_px, out_px);
+    for oy in 0..out_px {
+        for ox in 0..out_px {
+            let u = (ox as f32 + 0.5 - half) * step;
+            let v = (oy as f32 + 0.5 - half) * step;
+            let sx = centre.0 + u * right.0 + v * down.0 - 0.5;
+            let sy = centre.1 + u * right.1 + v * down.1 - 0.5;
+            out.put_pixel(ox, oy, bilinear(img, sx, sy, sw, sh));
+        }
+    }
+    out
+}
+
+fn bilinear(img: &RgbImage, x: f32, y: f32, w: u32, h: u32) -> Rgb<u8> {
+    let x = x.clamp(0.0, (w - 1) as f32);
+    let y = y.clamp(0.0, (h - 1) as f32);
+    let (x0, y0) = (x.floor() as u32, y.floor() as u32);
+    let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+    let (fx, fy) = (x - x0 as f32, y - y0 as f32);
+    let p00 = img.get_pixel(x0, y0);
+    let p10 = img.get_pixel(x1, y0);
+    let p01 = img.get_pixel(x0, y1);
+    let p11 = img.get_pixel(x1, y1);
+    let mut o = [0u8; 3];
+    for c in 0..3 {
+        let top = p00[c] as f32 * (1.0 - fx) + p10[c] as f32 * fx;
+        let bot = p01[c] as f32 * (1.0 - fx) + p11[c] as f32 * fx;
+        o[c] = (top * (1.0 - fy) + bot * fy).round().clamp(0.0, 255.0) as u8;
+    }
+    Rgb(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dark ellipse (head) with a thin dark line (tail) leaving it at `tail_deg`.
+    pub(crate) fn synthetic_sperm(size: u32, tail_deg: f32) -> RgbImage {
+        let mut img = RgbImage::from_pixel(size, size, Rgb([225, 215, 220]));
+        let c = size as f32 / 2.0;
+        let t = tail_deg.to_radians();
+        let (ux, uy) = (t.cos(), t.sin());
+        for y in 0..size {
+            for x in 0..size {
+                let (dx, dy) = (x as f32 - c, y as f32 - c);
+                let a = dx * ux + dy * uy;
+                let b = -dx * uy + dy * ux;
+                if (a / 20.0).powi(2) + (b / 13.0).powi(2) <= 1.0 {
+                    // Front (a < 0) lighter: an acrosome.
+                    let v = if a < 0.0 { 120 } else { 70 };
+                    img.put_pixel(x, y, Rgb([v, v / 2, v]));
+                } else if a > 0.0 && a < 60.0 && b.abs() < 1.5 {
+                    img.put_pixel(x, y, Rgb([90, 60, 100]));
+                }
+            }
+        }
+        img
+    }
+
+    #[test]
+    fn finds_head_and_tail_direction_at_every_angle() {
+        for deg in (0..360).step_by(15) {
+            let img = synthetic_sperm(131, deg as f32);
+            let head = find_head_in_crop(&img, Contrast::Dark).expect("head");
+            let err = (head.angle_deg() - deg as f32 + 540.0).rem_euclid(360.0) - 180.0;
+            assert!(err.abs() < 4.0, "angle {deg}: got {}", head.angle_deg());
+            assert!(
+                (head.major_px - 40.0).abs() < 4.0,
+                "major {}",
+                head.major_px
+            );
+            assert!(
+                (head.minor_px - 26.0).abs() < 4.0,
+                "minor {}",
+                head.minor_px
+            );
+        }
+    }
+
+    #[test]
+    fn upright_cut_puts_tail_down() {
+        let img = synthetic_sperm(131, 30.0);
+        let head = find_head_in_crop(&img, Contrast::Dark).expect("head");
+        let up = cut_window(&img, &Cut::upright(&head, 100.0), 100, &Jitter::default());
+        let again = find_head_in_crop(&up, Contrast::Dark).expect("head after cut");
+        let err = (again.angle_deg() - 90.0).abs();
+        assert!(err < 4.0, "upright angle {}", again.angle_deg());
+    }
+
+    #[test]
+    fn blank_image_is_an_error_not_a_panic() {
+        let img = RgbImage::from_pixel(64, 64, Rgb([200, 200, 200]));
+        assert_eq!(
+            find_head_in_crop(&img, Contrast::Dark).unwrap_err(),
+            PoseError::NoContrast
+        );
+        let tiny = RgbImage::new(3, 3);
+        assert_eq!(
+            find_head_in_crop(&tiny, Contrast::Dark).unwrap_err(),
+            PoseError::Empty
+        );
+    }
+}

@@ -1,0 +1,17 @@
+//! The streaming daemon: frame sources, head finding, classification, publishing, the report,
+//! telemetry, the service glue, and the pipeline that wires them. It builds on `core` only.
+
+pub mod check;
+pub mod classify;
+pub mod config;
+pub mod exit;
+pub mod frame;
+pub mod host;
+pub mod pipeline;
+pub mod publish;
+pub mod report;
+pub mod segment;
+pub mod service;
+pub mod source;
+pub mod supervisor;
+pub mod telemetry;

@@ -1,0 +1,592 @@
+//! The wiring: stage threads joined by bounded channels (source → segment → pose → classify →
+//! publish), backpressure, accounting and shutdown. What each stage does to a frame lives in
+//! the stage modules and the supervisor's judgement in `supervisor`; this is the one place
+//! that creates threads and channels and knows how they connect.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
+
+use crate::core::preprocess::Preprocessor;
+use crate::daemon::classify::{Classifier, ClassifyError, prepare_cells};
+use crate::daemon::config::Settings;
+use crate::daemon::frame::{Frame, StageTimes, Work};
+use crate::daemon::publish::{Record, SinkError, Sinks};
+use crate::daemon::report::{Report, Tally};
+use crate::daemon::segment::{SegmentSettings, Verifier, VerifierError, segment_frame};
+use crate::daemon::service::Notify;
+use crate::daemon::source::{self, FrameSource, Pull, SourceError, SourceNote};
+use crate::daemon::supervisor::{Reread, Supervisor, Swap};
+use crate::daemon::telemetry::{
+    CellDropReason, Counts, Event, FrameDropReason, Latency, Stage, Telemetry,
+};
+
+/// Why the pipeline cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Classifier(#[from] ClassifyError),
+    #[error(transparent)]
+    Verifier(#[from] VerifierError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+/// Why a running pipeline failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("a pipeline thread could not start: {0}")]
+    Spawn(std::io::Error),
+    #[error("pipeline stage {0} stopped unexpectedly")]
+    StageFailed(&'static str),
+}
+
+/// Everything opened and loaded, ready to run.
+pub struct Ready {
+    settings: Settings,
+    source: Box<dyn FrameSource>,
+    classifier: Classifier,
+    verifier: Option<Verifier>,
+    sinks: Sinks,
+    telemetry: Arc<Telemetry>,
+}
+
+/// Load the models the settings name, the way start-up and `validate` do.
+pub fn load_models(settings: &Settings) -> Result<(Classifier, Option<Verifier>), StartError> {
+    let runtime = settings.runtime();
+    let r = &settings.reload;
+    let classifier = Classifier::load(&r.classify, r.report.normal_class.as_deref(), &runtime)?;
+    let verifier = settings
+        .restart
+        .verifier
+        .as_ref()
+        .map(|v| Verifier::load(v, &runtime))
+        .transpose()?;
+    Ok((classifier, verifier))
+}
+
+/// Check what the settings name and open it all: models first (a bad model is refused before
+/// any frame is read), then the source, then the sinks.
+pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, StartError> {
+    let (classifier, verifier) = load_models(&settings)?;
+    let source = source::open(&settings.restart.source)?;
+    let sinks = Sinks::open(&settings.restart.publish, telemetry.clone())?;
+    Ok(Ready {
+        settings,
+        source,
+        classifier,
+        verifier,
+        sinks,
+        telemetry,
+    })
+}
+
+impl Ready {
+    pub fn describe(&self) -> String {
+        let m = self.classifier.model();
+        let verifier = match &self.verifier {
+            Some(v) => format!("head verifier {}", v.model().spec.name),
+            None => "no head verifier".into(),
+        };
+        format!(
+            "{}; model {} ({}, {}), {verifier}, sample {}",
+            self.source.describe(),
+            m.spec.name,
+            m.path.display(),
+            m.provider,
+            self.settings.sample_id()
+        )
+    }
+
+    pub fn socket_addr(&self) -> Option<String> {
+        self.sinks.socket_addr()
+    }
+}
+
+/// What a finished run leaves.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub report: Report,
+    pub counts: Counts,
+    pub latency: BTreeMap<&'static str, Latency>,
+    pub elapsed_secs: f64,
+    pub frames_per_sec: f64,
+    pub cells_per_sec: f64,
+    /// The run ended on a stop request rather than at the end of the source.
+    pub stopped: bool,
+}
+
+impl Outcome {
+    /// The benchmark lines: frames/s, cells/s and per-stage latency percentiles.
+    pub fn throughput_text(&self) -> String {
+        let mut s = format!(
+            "throughput {:.1} frames/s, {:.1} cells/s ({} frames, {} cells in {:.2} s)\nlatency ms    {:>8} {:>8} {:>8}",
+            self.frames_per_sec,
+            self.cells_per_sec,
+            self.counts.frames_published_total,
+            self.counts.cells_published_total,
+            self.elapsed_secs,
+            "p50",
+            "p99",
+            "max"
+        );
+        for (stage, l) in &self.latency {
+            s.push_str(&format!(
+                "\n  {stage:<11} {:>8.2} {:>8.2} {:>8.2}",
+                l.p50_ms, l.p99_ms, l.max_ms
+            ));
+        }
+        s
+    }
+}
+
+fn spawn<T: Send + 'static>(
+    name: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, RunError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(RunError::Spawn)
+}
+
+/// How the outside world steers a run.
+pub struct Control {
+    /// Set: stop the source and drain.
+    pub stop: Arc<AtomicBool>,
+    /// Set: re-read the configuration and swap the model between batches.
+    pub reload: Option<(Arc<AtomicBool>, Reread)>,
+    /// The service manager to tell about readiness, status, watchdog and stopping.
+    pub notify: Option<Box<dyn Notify>>,
+}
+
+impl Control {
+    /// Only a stop flag (tests, replay without a service manager).
+    pub fn stop_only(stop: Arc<AtomicBool>) -> Self {
+        Self {
+            stop,
+            reload: None,
+            notify: None,
+        }
+    }
+}
+
+/// The stage threads of a running pipeline, and the ends the supervisor keeps.
+struct Stages {
+    handles: Vec<(&'static str, JoinHandle<()>)>,
+    publish: JoinHandle<Tally>,
+    swaps: Sender<Swap>,
+    /// Receivers of each queue, for their depths (they do not keep a channel open).
+    depths: [(&'static str, Receiver<Work>); 3],
+    classify_depth: Receiver<ToClassify>,
+}
+
+/// Start every stage thread, joined by bounded channels.
+fn start(
+    settings: &Settings,
+    source: Box<dyn FrameSource>,
+    classifier: Classifier,
+    verifier: Option<Verifier>,
+    sinks: Sinks,
+    stop: &Arc<AtomicBool>,
+    tel: &Arc<Telemetry>,
+) -> Result<Stages, RunError> {
+    let r = &settings.restart;
+    let q = r.pipeline.queue_frames;
+    let (to_segment, segment_in) = bounded::<Work>(q);
+    let (to_pose, pose_in) = bounded::<Work>(q);
+    let (to_classify, classify_in) = bounded::<ToClassify>(q);
+    let (swap_tx, swap_rx) = crossbeam_channel::unbounded::<Swap>();
+    let (to_publish, publish_in) = bounded::<Work>(q);
+    let depths = [
+        ("segment", segment_in.clone()),
+        ("pose", pose_in.clone()),
+        ("publish", publish_in.clone()),
+    ];
+    let classify_depth = classify_in.clone();
+    let (tel, um) = (tel.clone(), r.source.um_per_px);
+    tel.set_model(&classifier.id().id);
+    let mut handles = Vec::new();
+    // A live source makes room by taking the oldest frame off its own queue.
+    let oldest = (r.source.live || source.live()).then(|| segment_in.clone());
+    let (t, stop) = (tel.clone(), stop.clone());
+    let h = spawn("source", move || {
+        source_stage(source, to_segment, oldest, &stop, &t)
+    })?;
+    handles.push(("source", h));
+    let (t, seg) = (tel.clone(), r.segment.clone());
+    let h = spawn("segment", move || {
+        segment_stage(segment_in, to_pose, &seg, verifier, um, &t)
+    })?;
+    handles.push(("segment", h));
+    let (t, pre) = (tel.clone(), classifier.preprocessor());
+    let h = spawn("pose", move || {
+        pose_stage(pose_in, to_classify, swap_rx, pre, um, &t)
+    })?;
+    handles.push(("pose", h));
+    let c = &settings.reload.classify;
+    let batching = (c.max_batch, Duration::from_millis(c.batch_wait_ms));
+    let t = tel.clone();
+    let h = spawn("classify", move || {
+        classify_stage(classify_in, to_publish, classifier, batching, &t)
+    })?;
+    handles.push(("classify", h));
+    let (t, tally) = (tel.clone(), Tally::new(&r.sample_id));
+    let publish = spawn("publish", move || {
+        publish_stage(publish_in, sinks, tally, &t)
+    })?;
+    Ok(Stages {
+        handles,
+        publish,
+        swaps: swap_tx,
+        depths,
+        classify_depth,
+    })
+}
+
+/// Run until the source ends or `stop` is set; every stage drains before this returns.
+pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
+    let Control {
+        stop,
+        reload: mut reloader,
+        notify,
+    } = control;
+    let Ready {
+        mut settings,
+        source,
+        classifier,
+        verifier,
+        sinks,
+        telemetry: tel,
+    } = ready;
+    let started = Instant::now();
+    let stages = start(&settings, source, classifier, verifier, sinks, &stop, &tel)?;
+    let interval = Duration::from_secs_f32(settings.restart.pipeline.status_interval_secs);
+    let rules = settings.reload.report.clone();
+    let mut supervisor = Supervisor::new(settings.sample_id(), interval, rules, notify, started);
+    supervisor.ready();
+    // Supervise until the last stage has drained: status lines, watchdog pings, reloads.
+    while !stages.publish.is_finished() {
+        std::thread::sleep(Duration::from_millis(20));
+        let mut depths: Vec<(&'static str, usize)> =
+            stages.depths.iter().map(|(n, r)| (*n, r.len())).collect();
+        depths.push(("classify", stages.classify_depth.len()));
+        tel.set_queue_depths(depths);
+        supervisor.tick(Instant::now(), &tel, stop.load(Ordering::SeqCst));
+        if let Some((flag, reread)) = &mut reloader
+            && flag.swap(false, Ordering::SeqCst)
+            && let Some(swap) = supervisor.reload(reread, &mut settings, &tel)
+        {
+            // The pose stage passes it on in order with the frames.
+            let _ = stages.swaps.send(swap);
+        }
+    }
+    let Stages {
+        handles,
+        publish,
+        swaps,
+        ..
+    } = stages;
+    drop(swaps);
+    for (name, h) in handles {
+        h.join().map_err(|_| RunError::StageFailed(name))?;
+    }
+    let tally = publish
+        .join()
+        .map_err(|_| RunError::StageFailed("publish"))?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let counts = tel.counts();
+    Ok(Outcome {
+        report: settings.reload.report.report(&tally),
+        frames_per_sec: counts.frames_published_total as f64 / elapsed.max(1e-9),
+        cells_per_sec: counts.cells_published_total as f64 / elapsed.max(1e-9),
+        latency: tel.latencies(),
+        counts,
+        elapsed_secs: elapsed,
+        stopped: stop.load(Ordering::SeqCst),
+    })
+}
+
+/// Count a frame (and its cells) that could not go on because the next stage is gone.
+fn lost(tel: &Telemetry, w: &Work) {
+    tel.event(Event::FramesDropped {
+        reason: FrameDropReason::PipelineClosed,
+        n: 1,
+    });
+    if !w.cells.is_empty() {
+        tel.event(Event::CellsDropped {
+            reason: CellDropReason::FrameDropped,
+            n: w.cells.len() as u64,
+        });
+    }
+}
+
+/// Send a frame on, or count it lost when the next stage is gone.
+fn pass(tx: &Sender<Work>, w: Work, tel: &Telemetry) {
+    if let Err(e) = tx.send(w) {
+        lost(tel, &e.into_inner());
+    }
+}
+
+fn source_stage(
+    mut src: Box<dyn FrameSource>,
+    tx: Sender<Work>,
+    oldest: Option<Receiver<Work>>,
+    stop: &AtomicBool,
+    tel: &Telemetry,
+) {
+    let mut seq = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let (name, image, decode_ms) = match src.pull() {
+            Pull::End => break,
+            Pull::Idle(note) => {
+                match note {
+                    Some(SourceNote::Disconnected(reason)) => {
+                        tel.event(Event::SourceLost { reason })
+                    }
+                    Some(SourceNote::Reconnected) => tel.event(Event::SourceBack),
+                    None => {}
+                }
+                continue;
+            }
+            Pull::Unreadable { name, reason } => {
+                seq += 1;
+                tel.event(Event::FrameSeen);
+                tel.event(Event::FramesDropped {
+                    reason: FrameDropReason::Undecodable,
+                    n: 1,
+                });
+                tracing::warn!(frame = %name, %reason, "frame skipped: it cannot be decoded");
+                continue;
+            }
+            Pull::Frame {
+                name,
+                image,
+                decode_ms,
+            } => (name, image, decode_ms),
+        };
+        seq += 1;
+        tel.event(Event::FrameSeen);
+        if decode_ms > 0.0 {
+            tel.latency(Stage::Decode, decode_ms);
+        }
+        let work = Work {
+            frame: Frame {
+                seq,
+                name,
+                // The frame counts as captured when its decoding began.
+                timestamp: SystemTime::now(),
+                captured: Instant::now() - Duration::from_secs_f32(decode_ms / 1e3),
+                image,
+            },
+            cells: Vec::new(),
+            times: StageTimes {
+                decode_ms,
+                ..StageTimes::default()
+            },
+            model: None,
+        };
+        let sent = match &oldest {
+            None => tx.send(work).map_err(|e| e.into_inner()),
+            Some(queue) => send_dropping_oldest(&tx, queue, work, tel),
+        };
+        if let Err(w) = sent {
+            lost(tel, &w);
+            break;
+        }
+    }
+}
+
+/// Live sources never wait: when the queue is full the oldest queued frame is dropped.
+fn send_dropping_oldest(
+    tx: &Sender<Work>,
+    queue: &Receiver<Work>,
+    mut work: Work,
+    tel: &Telemetry,
+) -> Result<(), Work> {
+    loop {
+        match tx.try_send(work) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Disconnected(w)) => return Err(w),
+            Err(TrySendError::Full(w)) => {
+                work = w;
+                if queue.try_recv().is_ok() {
+                    tel.event(Event::FramesDropped {
+                        reason: FrameDropReason::QueueFull,
+                        n: 1,
+                    });
+                    tracing::debug!("frame dropped: pipeline behind a live source");
+                }
+            }
+        }
+    }
+}
+
+fn segment_stage(
+    rx: Receiver<Work>,
+    tx: Sender<Work>,
+    settings: &SegmentSettings,
+    mut verifier: Option<Verifier>,
+    um_per_px: f32,
+    tel: &Telemetry,
+) {
+    for mut w in rx {
+        let t = Instant::now();
+        let seg = segment_frame(&w.frame.image, settings, verifier.as_mut(), um_per_px);
+        match seg.verifier_error {
+            None => tel.event(Event::CandidatesRejected {
+                n: seg.rejected as u64,
+            }),
+            Some(e) => {
+                tel.event(Event::VerifierFailed);
+                tracing::warn!(error = %e, frame = w.frame.seq, "head verifier failed; candidates kept unverified");
+            }
+        }
+        w.cells = seg.cells;
+        w.times.segment_ms = t.elapsed().as_secs_f32() * 1e3;
+        tel.latency(Stage::Segment, w.times.segment_ms);
+        tel.event(Event::CellsFound {
+            n: w.cells.len() as u64,
+        });
+        tracing::debug!(frame = w.frame.seq, cells = w.cells.len(), "segmented");
+        pass(&tx, w, tel);
+    }
+}
+
+/// What the classify stage receives: frames, and in between them a new classifier to use
+/// from the next frame on (a reload travels in order with the frames, so no frame prepared
+/// for one model is classified by another).
+enum ToClassify {
+    Work(Work),
+    Swap(Box<Swap>),
+}
+
+fn pose_stage(
+    rx: Receiver<Work>,
+    tx: Sender<ToClassify>,
+    swaps: Receiver<Swap>,
+    mut pre: Preprocessor,
+    um_per_px: f32,
+    tel: &Telemetry,
+) {
+    for mut w in rx {
+        if let Ok(swap) = swaps.try_recv() {
+            pre = swap.classifier.preprocessor();
+            if tx.send(ToClassify::Swap(Box::new(swap))).is_err() {
+                lost(tel, &w);
+                continue;
+            }
+        }
+        let t = Instant::now();
+        prepare_cells(&mut w, &pre, um_per_px);
+        w.times.pose_ms = t.elapsed().as_secs_f32() * 1e3;
+        tel.latency(Stage::Pose, w.times.pose_ms);
+        if let Err(e) = tx.send(ToClassify::Work(w))
+            && let ToClassify::Work(w) = e.into_inner()
+        {
+            lost(tel, &w);
+        }
+    }
+}
+
+fn classify_stage(
+    rx: Receiver<ToClassify>,
+    tx: Sender<Work>,
+    mut classifier: Classifier,
+    (mut max_batch, mut wait): (usize, Duration),
+    tel: &Telemetry,
+) {
+    let pending = |w: &Work| w.cells.iter().filter(|c| c.prepared.is_some()).count();
+    let mut held: Option<ToClassify> = None;
+    loop {
+        let next = match held.take() {
+            Some(m) => m,
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+        };
+        let first = match next {
+            ToClassify::Swap(s) => {
+                tracing::info!(
+                    from = %classifier.id().id.name,
+                    to = %s.classifier.id().id.name,
+                    "model swapped between batches"
+                );
+                (classifier, max_batch, wait) = (s.classifier, s.max_batch, s.batch_wait);
+                continue;
+            }
+            ToClassify::Work(w) => w,
+        };
+        let mut n = pending(&first);
+        let mut batch = vec![first];
+        let deadline = Instant::now() + wait;
+        while !wait.is_zero() && n < max_batch {
+            match rx.recv_deadline(deadline) {
+                Ok(ToClassify::Work(w)) => {
+                    n += pending(&w);
+                    batch.push(w);
+                }
+                Ok(swap) => {
+                    held = Some(swap);
+                    break;
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let t = Instant::now();
+        classifier.classify_frames(&mut batch, max_batch);
+        let ms = t.elapsed().as_secs_f32() * 1e3;
+        for mut w in batch {
+            w.times.classify_ms = ms;
+            w.model = Some(classifier.id().clone());
+            tel.latency(Stage::Classify, ms);
+            pass(&tx, w, tel);
+        }
+    }
+}
+
+fn publish_stage(rx: Receiver<Work>, mut sinks: Sinks, mut tally: Tally, tel: &Telemetry) -> Tally {
+    for w in rx {
+        let t = Instant::now();
+        let latency_ms = w.frame.captured.elapsed().as_secs_f32() * 1e3;
+        let (records, dropped) = Record::of_frame(&tally.sample, &w, latency_ms);
+        let mut classes: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut lines = Vec::with_capacity(records.len());
+        for r in &records {
+            tally.add_record(r);
+            if let Some(c) = &r.class {
+                *classes.entry(c.as_str()).or_default() += 1;
+            }
+            lines.push(r.to_line());
+        }
+        sinks.write(&lines);
+        for (reason, n) in dropped {
+            tel.event(Event::CellsDropped { reason, n });
+        }
+        for (class, n) in classes {
+            tel.event(Event::CellsClassified {
+                class: class.to_string(),
+                n,
+            });
+        }
+        tel.event(Event::CellsPublished {
+            n: lines.len() as u64,
+        });
+        tel.set_estimate(tally.estimate());
+        tel.event(Event::FramePublished);
+        tel.latency(Stage::Publish, t.elapsed().as_secs_f32() * 1e3);
+        tel.latency(
+            Stage::EndToEnd,
+            w.frame.captured.elapsed().as_secs_f32() * 1e3,
+        );
+    }
+    sinks.close();
+    tally
+}

@@ -1,0 +1,491 @@
+//! Records and sinks: the only place cells are serialized. One JSON object per cell (JSON
+//! Lines) goes to standard output, an appended file and a socket that any number of
+//! subscribers read; a slow or vanished subscriber is dropped, never waited for.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, TrySendError, bounded};
+
+use crate::core::model::ModelId;
+use crate::core::morphometry::HeadSize;
+use crate::daemon::check::{Base, ConfigError, invalid, loopback};
+use crate::daemon::frame::{Cell, Unclassified, Work};
+use crate::daemon::telemetry::{CellDropReason, Event, SubscriberDropReason, Telemetry};
+
+/// `[publish]`: where records go.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPublish {
+    /// Write records to standard output.
+    pub stdout: bool,
+    /// Append records to this JSON Lines file.
+    pub file: Option<PathBuf>,
+    /// Serve records to any number of subscribers: `unix:/path/to.sock` or
+    /// `tcp:127.0.0.1:PORT` (loopback only).
+    pub socket: Option<String>,
+    /// Records queued per subscriber before a slow one is dropped.
+    pub subscriber_queue: usize,
+}
+
+impl Default for RawPublish {
+    fn default() -> Self {
+        Self {
+            stdout: false,
+            file: None,
+            socket: None,
+            subscriber_queue: 4096,
+        }
+    }
+}
+
+/// Where a socket sink listens.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum SocketAddrSpec {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+/// The sinks' resolved settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PublishSettings {
+    pub stdout: bool,
+    pub file: Option<PathBuf>,
+    pub socket: Option<SocketAddrSpec>,
+    pub subscriber_queue: usize,
+}
+
+impl RawPublish {
+    /// Check every value (no I/O).
+    pub fn resolve(&self, base: Base<'_>) -> Result<PublishSettings, ConfigError> {
+        if self.subscriber_queue == 0 {
+            return Err(invalid("publish.subscriber_queue", "must be at least 1"));
+        }
+        Ok(PublishSettings {
+            stdout: self.stdout,
+            file: self.file.as_deref().map(|p| base.path(p)),
+            socket: self.socket.as_deref().map(parse_socket).transpose()?,
+            subscriber_queue: self.subscriber_queue,
+        })
+    }
+}
+
+fn parse_socket(s: &str) -> Result<SocketAddrSpec, ConfigError> {
+    const KEY: &str = "publish.socket";
+    if let Some(p) = s.strip_prefix("unix:") {
+        if p.is_empty() {
+            return Err(invalid(KEY, "unix: needs a path"));
+        }
+        return Ok(SocketAddrSpec::Unix(PathBuf::from(p)));
+    }
+    if let Some(a) = s.strip_prefix("tcp:") {
+        return Ok(SocketAddrSpec::Tcp(loopback(KEY, a)?));
+    }
+    Err(invalid(KEY, format!("'{s}' must start with unix: or tcp:")))
+}
+
+/// Which frame a cell came from.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct FrameRef {
+    pub seq: u64,
+    pub name: String,
+}
+
+/// Head sizes in µm.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Morphometry {
+    pub head_length_um: f32,
+    pub head_width_um: f32,
+    pub head_area_um2: f32,
+    pub head_perimeter_um: f32,
+    pub ellipticity: f32,
+}
+
+impl From<HeadSize> for Morphometry {
+    fn from(s: HeadSize) -> Self {
+        Self {
+            head_length_um: s.length_um,
+            head_width_um: s.width_um,
+            head_area_um2: s.area_um2,
+            head_perimeter_um: s.perimeter_um,
+            ellipticity: s.ellipticity,
+        }
+    }
+}
+
+/// One cell, as published. `schema/record.schema.json` documents it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Record {
+    pub sample: String,
+    pub frame: FrameRef,
+    /// Capture time, RFC 3339 UTC.
+    pub timestamp: String,
+    /// Index of the cell in its frame.
+    pub cell: usize,
+    pub bbox: [u32; 4],
+    pub at_edge: bool,
+    pub touching: bool,
+    pub centroid: [f32; 2],
+    pub angle_deg: f32,
+    pub morphometry: Morphometry,
+    /// Class, `uncertain`, or null when the cell was not classified (at the edge, touching).
+    pub class: Option<String>,
+    /// Whether `class` is the model's normal class; null when not classified.
+    pub normal: Option<bool>,
+    pub confidence: Option<f32>,
+    pub probs: Option<BTreeMap<String, f32>>,
+    pub model: Option<ModelId>,
+    /// From capture to publication, ms.
+    pub latency_ms: f32,
+}
+
+impl Record {
+    /// The records of a frame's published cells, and the cells dropped on the way (by reason).
+    pub fn of_frame(
+        sample: &str,
+        work: &Work,
+        latency_ms: f32,
+    ) -> (Vec<Record>, BTreeMap<CellDropReason, u64>) {
+        let mut dropped: BTreeMap<CellDropReason, u64> = BTreeMap::new();
+        let mut records = Vec::with_capacity(work.cells.len());
+        for c in &work.cells {
+            match c.dropped {
+                Some(reason) => *dropped.entry(reason).or_default() += 1,
+                None => records.push(Record::of(sample, work, c, latency_ms)),
+            }
+        }
+        (records, dropped)
+    }
+
+    pub fn of(sample: &str, work: &Work, cell: &Cell, latency_ms: f32) -> Record {
+        let f = &work.frame;
+        let v = cell.verdict.as_ref();
+        let classes: &[String] = work.model.as_deref().map_or(&[], |m| &m.classes);
+        Record {
+            sample: sample.to_string(),
+            frame: FrameRef {
+                seq: f.seq,
+                name: f.name.clone(),
+            },
+            timestamp: humantime::format_rfc3339_millis(f.timestamp).to_string(),
+            cell: cell.index,
+            bbox: cell.bbox,
+            at_edge: cell.unclassified == Some(Unclassified::AtEdge),
+            touching: cell.unclassified == Some(Unclassified::Touching),
+            centroid: [round1(cell.centroid.0), round1(cell.centroid.1)],
+            angle_deg: round1(cell.angle_deg),
+            morphometry: cell.size.into(),
+            class: v.map(|v| v.class.clone()),
+            normal: v.map(|v| v.normal),
+            confidence: v.map(|v| v.confidence),
+            probs: v.map(|v| {
+                classes
+                    .iter()
+                    .cloned()
+                    .zip(v.probs.iter().copied())
+                    .collect()
+            }),
+            model: v.and(work.model.as_deref().map(|m| m.id.clone())),
+            latency_ms: (latency_ms * 100.0).round() / 100.0,
+        }
+    }
+
+    pub fn to_line(&self) -> String {
+        // A struct of plain fields and string-keyed maps always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+fn round1(v: f32) -> f32 {
+    (v * 10.0).round() / 10.0
+}
+
+/// Why a sink could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("records file {path} cannot be opened for appending: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("record socket {addr} cannot be bound: {reason}")]
+    Bind { addr: String, reason: String },
+}
+
+/// Every place records go.
+pub struct Sinks {
+    stdout: Option<BufWriter<std::io::Stdout>>,
+    file: Option<(PathBuf, BufWriter<File>)>,
+    socket: Option<Broadcaster>,
+    telemetry: Arc<Telemetry>,
+    last_flush: Instant,
+}
+
+impl Sinks {
+    pub fn open(s: &PublishSettings, telemetry: Arc<Telemetry>) -> Result<Sinks, SinkError> {
+        let file = match &s.file {
+            Some(p) => {
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| SinkError::File {
+                        path: p.clone(),
+                        reason: e.to_string(),
+                    })?;
+                Some((p.clone(), BufWriter::new(f)))
+            }
+            None => None,
+        };
+        let socket = s
+            .socket
+            .as_ref()
+            .map(|a| Broadcaster::bind(a, s.subscriber_queue, telemetry.clone()))
+            .transpose()?;
+        Ok(Sinks {
+            stdout: s.stdout.then(|| BufWriter::new(std::io::stdout())),
+            file,
+            socket,
+            telemetry,
+            last_flush: Instant::now(),
+        })
+    }
+
+    /// Where subscribers connect, if a socket is served.
+    pub fn socket_addr(&self) -> Option<String> {
+        self.socket.as_ref().map(|b| b.addr.clone())
+    }
+
+    /// Send one frame's lines to every sink; a frame without cells still lets buffered
+    /// records out on time.
+    pub fn write(&mut self, lines: &[String]) {
+        if !lines.is_empty() {
+            self.send(lines);
+        }
+        if self.last_flush.elapsed() > Duration::from_secs(1) {
+            self.flush();
+        }
+    }
+
+    fn send(&mut self, lines: &[String]) {
+        if let Some(out) = &mut self.stdout {
+            let ok = lines.iter().all(|l| writeln!(out, "{l}").is_ok()) && out.flush().is_ok();
+            if !ok {
+                self.telemetry
+                    .event(Event::SinkWriteFailed { sink: "stdout" });
+            }
+        }
+        if let Some((path, out)) = &mut self.file
+            && !lines.iter().all(|l| writeln!(out, "{l}").is_ok())
+        {
+            tracing::warn!(path = %path.display(), "records file write failed");
+            self.telemetry
+                .event(Event::SinkWriteFailed { sink: "file" });
+        }
+        if let Some(b) = &self.socket {
+            b.send(lines);
+        }
+    }
+
+    pub fn flush(&mut self) {
+        self.last_flush = Instant::now();
+        if let Some((path, out)) = &mut self.file
+            && let Err(e) = out.flush()
+        {
+            tracing::warn!(path = %path.display(), error = %e, "records file flush failed");
+            self.telemetry
+                .event(Event::SinkWriteFailed { sink: "file" });
+        }
+        if let Some(out) = &mut self.stdout {
+            let _ = out.flush();
+        }
+    }
+
+    /// Flush everything and stop serving subscribers.
+    pub fn close(mut self) {
+        self.flush();
+        if let Some(b) = self.socket.take() {
+            b.close();
+        }
+    }
+}
+
+type Subscriber = Sender<Arc<str>>;
+
+/// A subscriber whose socket takes no bytes for this long is cut off.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves records to subscribers of a Unix or loopback TCP socket. Each subscriber has its own
+/// bounded queue and writer thread; the publisher only ever `try_send`s.
+pub struct Broadcaster {
+    addr: String,
+    subscribers: Arc<Mutex<Vec<Subscriber>>>,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<Vec<JoinHandle<()>>>>,
+    unix_path: Option<PathBuf>,
+    telemetry: Arc<Telemetry>,
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Broadcaster {
+    fn bind(
+        spec: &SocketAddrSpec,
+        queue: usize,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Self, SinkError> {
+        let bind_err = |addr: String, e: std::io::Error| SinkError::Bind {
+            addr,
+            reason: e.to_string(),
+        };
+        let (listener, addr, unix_path) = match spec {
+            SocketAddrSpec::Unix(p) => {
+                // A socket file left by an earlier run would block the bind.
+                if std::fs::symlink_metadata(p)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    let _ = std::fs::remove_file(p);
+                }
+                let name = format!("unix:{}", p.display());
+                let l = UnixListener::bind(p).map_err(|e| bind_err(name.clone(), e))?;
+                l.set_nonblocking(true)
+                    .map_err(|e| bind_err(name.clone(), e))?;
+                (Listener::Unix(l), name, Some(p.clone()))
+            }
+            SocketAddrSpec::Tcp(a) => {
+                let l = TcpListener::bind(a).map_err(|e| bind_err(format!("tcp:{a}"), e))?;
+                l.set_nonblocking(true)
+                    .map_err(|e| bind_err(format!("tcp:{a}"), e))?;
+                let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                (Listener::Tcp(l), format!("tcp:{local}"), None)
+            }
+        };
+        let subscribers: Arc<Mutex<Vec<Subscriber>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acceptor = {
+            let (subs, stop, tel) = (subscribers.clone(), stop.clone(), telemetry.clone());
+            std::thread::Builder::new()
+                .name("subscribers".into())
+                .spawn(move || accept_loop(listener, subs, stop, queue, tel))
+                .map_err(|e| bind_err(addr.clone(), e))?
+        };
+        Ok(Broadcaster {
+            addr,
+            subscribers,
+            stop,
+            acceptor: Some(acceptor),
+            unix_path,
+            telemetry,
+        })
+    }
+
+    fn send(&self, lines: &[String]) {
+        let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        if subs.is_empty() {
+            return;
+        }
+        let lines: Vec<Arc<str>> = lines.iter().map(|l| Arc::from(l.as_str())).collect();
+        subs.retain(|s| {
+            for l in &lines {
+                match s.try_send(l.clone()) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {
+                        tracing::warn!("record subscriber dropped: it reads too slowly");
+                        self.telemetry.event(Event::SubscriberDropped {
+                            reason: SubscriberDropReason::Slow,
+                        });
+                        return false;
+                    }
+                    Err(TrySendError::Disconnected(_)) => {
+                        tracing::info!("record subscriber left");
+                        self.telemetry.event(Event::SubscriberDropped {
+                            reason: SubscriberDropReason::Gone,
+                        });
+                        return false;
+                    }
+                }
+            }
+            true
+        });
+    }
+
+    fn close(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let writers = self
+            .acceptor
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        // Dropping the senders lets each writer drain its queue and exit.
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        for w in writers {
+            let _ = w.join();
+        }
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn accept_loop(
+    listener: Listener,
+    subs: Arc<Mutex<Vec<Subscriber>>>,
+    stop: Arc<AtomicBool>,
+    queue: usize,
+    telemetry: Arc<Telemetry>,
+) -> Vec<JoinHandle<()>> {
+    let mut writers: Vec<JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let stream: Option<Box<dyn Write + Send>> = match &listener {
+            Listener::Unix(l) => l.accept().ok().and_then(|(s, _)| {
+                s.set_nonblocking(false).ok()?;
+                s.set_write_timeout(Some(WRITE_TIMEOUT)).ok()?;
+                Some(Box::new(s) as Box<dyn Write + Send>)
+            }),
+            Listener::Tcp(l) => l.accept().ok().and_then(|(s, _)| {
+                s.set_nonblocking(false).ok()?;
+                s.set_write_timeout(Some(WRITE_TIMEOUT)).ok()?;
+                let _ = s.set_nodelay(true);
+                Some(Box::new(s) as Box<dyn Write + Send>)
+            }),
+        };
+        let Some(mut stream) = stream else {
+            std::thread::sleep(Duration::from_millis(25));
+            writers.retain(|h| !h.is_finished());
+            continue;
+        };
+        let (tx, rx) = bounded::<Arc<str>>(queue);
+        subs.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
+        telemetry.event(Event::SubscriberJoined);
+        tracing::info!("record subscriber joined");
+        let spawned = std::thread::Builder::new()
+            .name("subscriber".into())
+            .spawn(move || {
+                for line in rx {
+                    if stream.write_all(line.as_bytes()).is_err()
+                        || stream.write_all(b"\n").is_err()
+                    {
+                        // Returning drops the receiver; the publisher sees it as gone.
+                        return;
+                    }
+                }
+                let _ = stream.flush();
+            });
+        match spawned {
+            Ok(h) => writers.push(h),
+            Err(e) => tracing::warn!(error = %e, "subscriber writer thread could not start"),
+        }
+    }
+    writers
+}

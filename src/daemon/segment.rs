@@ -1,0 +1,454 @@
+//! Full-field head finding: every head in a stained microscope frame, with the same stain
+//! levels and the same measurement as the crop path in `pose`, plus area and shape filters and
+//! a flag for heads cut by the frame border.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+use image::{GrayImage, Luma, RgbImage};
+use serde::{Deserialize, Serialize};
+
+use crate::core::model::{Model, ModelError, RuntimeOptions, softmax};
+use crate::core::morphometry::{self, HeadSize};
+use crate::core::pose::{self, Contrast, HeadRegion, Thresholded};
+use crate::core::regions;
+use crate::daemon::check::{Base, ConfigError, bundled, invalid, positive, within};
+use crate::daemon::frame::{Cell, Unclassified};
+use crate::daemon::source::DEFAULT_UM_PER_PX;
+
+/// Head verifier the embedded defaults use, relative to the project root.
+pub const DEFAULT_VERIFIER: &str = "models/head-verifier.onnx";
+
+/// `[segment]`: full-field head finding.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSegment {
+    /// `dark` for stained preparations (heads darker than the background), `any` for
+    /// unstained, grayscale or phase-contrast input.
+    pub contrast: Contrast,
+    /// Smallest head area accepted, µm².
+    pub min_head_area_um2: f32,
+    /// Largest head area accepted, µm².
+    pub max_head_area_um2: f32,
+    /// Radius of the opening that separates heads from midpieces and tails, µm.
+    pub open_radius_um: f32,
+    /// Largest length/width ratio of a head.
+    pub max_elongation: f32,
+    /// Smallest area / convex hull share; below it a region is flagged as touching heads.
+    pub min_solidity: f32,
+    /// How far past Otsu's level (as a share of the stain span) a head's darker fifth must be.
+    pub nucleus_margin: f32,
+    /// Give every candidate a second look with a learned head verifier, which rejects round
+    /// cells, bacteria, debris and merged pairs.
+    pub verify: bool,
+    /// Verifier model (a `head` / `not_head` classifier from spermscope-train); relative paths
+    /// are taken from the config file's folder. Unset: the bundled head verifier.
+    pub verifier_model: Option<PathBuf>,
+    /// Candidates with a lower head probability than this are rejected.
+    pub verifier_min_prob: f32,
+}
+
+impl Default for RawSegment {
+    fn default() -> Self {
+        let px = SegmentSettings::default();
+        let um = DEFAULT_UM_PER_PX;
+        Self {
+            contrast: px.contrast,
+            min_head_area_um2: round2(px.min_area_px as f32 * um * um),
+            max_head_area_um2: round2(px.max_area_px as f32 * um * um),
+            open_radius_um: round2(px.open_radius_px as f32 * um),
+            max_elongation: px.max_elongation,
+            min_solidity: px.min_solidity,
+            nucleus_margin: px.nucleus_margin,
+            verify: true,
+            verifier_model: None,
+            verifier_min_prob: 0.1,
+        }
+    }
+}
+
+fn round2(v: f32) -> f32 {
+    (v * 100.0).round() / 100.0
+}
+
+/// The head verifier to load, when verification is on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VerifierSettings {
+    pub model: PathBuf,
+    /// Candidates below this head probability are rejected.
+    pub min_prob: f32,
+}
+
+impl RawSegment {
+    /// Check every value (no I/O); areas and radii become pixels at the frame scale `um_per_px`.
+    pub fn resolve(
+        &self,
+        um_per_px: f32,
+        base: Base<'_>,
+    ) -> Result<(SegmentSettings, Option<VerifierSettings>), ConfigError> {
+        positive("segment.min_head_area_um2", self.min_head_area_um2)?;
+        positive("segment.max_head_area_um2", self.max_head_area_um2)?;
+        if self.max_head_area_um2 <= self.min_head_area_um2 {
+            return Err(invalid(
+                "segment.max_head_area_um2",
+                "must be larger than segment.min_head_area_um2",
+            ));
+        }
+        if !(self.open_radius_um.is_finite() && self.open_radius_um >= 0.0) {
+            return Err(invalid("segment.open_radius_um", "must be 0 or more"));
+        }
+        let open_px = (self.open_radius_um / um_per_px).round();
+        if open_px > 60.0 {
+            return Err(invalid(
+                "segment.open_radius_um",
+                format!("is {open_px} px at source.um_per_px = {um_per_px}; at most 60 px"),
+            ));
+        }
+        if !(self.max_elongation.is_finite() && self.max_elongation >= 1.0) {
+            return Err(invalid("segment.max_elongation", "must be 1 or more"));
+        }
+        within("segment.min_solidity", self.min_solidity, 0.0, 1.0)?;
+        within("segment.nucleus_margin", self.nucleus_margin, -1.0, 2.0)?;
+        within(
+            "segment.verifier_min_prob",
+            self.verifier_min_prob,
+            0.0,
+            1.0,
+        )?;
+        let px2 = um_per_px * um_per_px;
+        let settings = SegmentSettings {
+            contrast: self.contrast,
+            min_area_px: (self.min_head_area_um2 / px2).round().max(1.0) as usize,
+            max_area_px: (self.max_head_area_um2 / px2).round() as usize,
+            open_radius_px: open_px as u8,
+            max_elongation: self.max_elongation,
+            min_solidity: self.min_solidity,
+            nucleus_margin: self.nucleus_margin,
+        };
+        let verifier = self.verify.then(|| VerifierSettings {
+            model: match &self.verifier_model {
+                Some(p) => base.path(p),
+                None => bundled(DEFAULT_VERIFIER),
+            },
+            min_prob: self.verifier_min_prob,
+        });
+        Ok((settings, verifier))
+    }
+}
+
+/// Settings of the classical segmenter, in pixels of the frame.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SegmentSettings {
+    pub contrast: Contrast,
+    /// Smallest and largest head area accepted.
+    pub min_area_px: usize,
+    pub max_area_px: usize,
+    /// Radius of the opening that removes tails and midpieces.
+    pub open_radius_px: u8,
+    /// Largest length/width ratio of a head.
+    pub max_elongation: f32,
+    /// Smallest area/convex-hull share; below it the region is taken as touching heads.
+    pub min_solidity: f32,
+    /// How far above Otsu's level (as a share of Otsu's level above background) the darkest
+    /// fifth of a head's pixels must reach.
+    pub nucleus_margin: f32,
+}
+
+impl Default for SegmentSettings {
+    fn default() -> Self {
+        Self {
+            contrast: Contrast::Dark,
+            min_area_px: 600,
+            max_area_px: 16000,
+            open_radius_px: 5,
+            max_elongation: 3.5,
+            min_solidity: 0.8,
+            nucleus_margin: 0.6,
+        }
+    }
+}
+
+/// A head found in a frame.
+#[derive(Debug, Clone)]
+pub struct FoundHead {
+    pub head: HeadRegion,
+    /// `[x0, y0, x1, y1]` inclusive pixel bounds.
+    pub bbox: [u32; 4],
+    /// The head touches the frame border: reported, not classified.
+    pub at_edge: bool,
+    /// Area / convex hull area.
+    pub solidity: f32,
+    /// The region looks like two or more touching heads.
+    pub touching: bool,
+}
+
+/// Find every head in a frame, in raster order of their first pixel.
+pub fn find_heads(frame: &RgbImage, s: &SegmentSettings) -> Vec<FoundHead> {
+    let (w, h) = frame.dimensions();
+    if w < 16 || h < 16 {
+        return Vec::new();
+    }
+    let t = Thresholded::new(frame, s.contrast);
+    let mut regions = regions::opened_regions(&t.head, s.open_radius_px, s.min_area_px);
+    regions.retain(|px| px.len() >= s.min_area_px && px.len() <= s.max_area_px);
+    regions
+        .into_iter()
+        .filter_map(|px| measure_region(px, &t, s, w, h))
+        .collect()
+}
+
+/// Filter one opened region (nucleus, elongation) and measure it as a head.
+fn measure_region(
+    px: Vec<(u32, u32)>,
+    t: &Thresholded,
+    s: &SegmentSettings,
+    w: u32,
+    h: u32,
+) -> Option<FoundHead> {
+    // A head holds a dark nucleus: its darker pixels pass Otsu's level. Pale round cells and
+    // debris only pass the lower head level.
+    let mut vals: Vec<u8> = px
+        .iter()
+        .map(|&(x, y)| t.stain.get_pixel(x, y)[0])
+        .collect();
+    vals.sort_unstable();
+    let q80 = vals[(vals.len() - 1) * 4 / 5];
+    if (q80 as f32) < t.otsu as f32 + s.nucleus_margin * t.span {
+        return None;
+    }
+    let (x0, y0, x1, y1) = px
+        .iter()
+        .fold((u32::MAX, u32::MAX, 0, 0), |(a, b, c, d), &(x, y)| {
+            (a.min(x), b.min(y), c.max(x), d.max(y))
+        });
+    let at_edge = x0 == 0 || y0 == 0 || x1 == w - 1 || y1 == h - 1;
+    // Measure in a local window (head plus room for the tail search), exactly as a crop.
+    let side = (x1 - x0).max(y1 - y0) as f32;
+    let m = (side * 1.3) as u32 + 4;
+    let (lx0, ly0) = (x0.saturating_sub(m), y0.saturating_sub(m));
+    let (lx1, ly1) = ((x1 + m).min(w - 1), (y1 + m).min(h - 1));
+    let (lw, lh) = (lx1 - lx0 + 1, ly1 - ly0 + 1);
+    let mut local = GrayImage::new(lw, lh);
+    for &(x, y) in &px {
+        local.put_pixel(x - lx0, y - ly0, Luma([255]));
+    }
+    pose::fill_holes(&mut local);
+    let tail_local = image::imageops::crop_imm(&t.tail, lx0, ly0, lw, lh).to_image();
+    let stain_local = image::imageops::crop_imm(&t.stain, lx0, ly0, lw, lh).to_image();
+    let mut head = pose::measure(&local, &tail_local, &stain_local);
+    head.shift(lx0, ly0);
+    if head.major_px / head.minor_px.max(1.0) > s.max_elongation {
+        return None;
+    }
+    let solidity = morphometry::solidity(&head);
+    Some(FoundHead {
+        touching: solidity < s.min_solidity,
+        head,
+        bbox: [x0, y0, x1, y1],
+        at_edge,
+        solidity,
+    })
+}
+
+/// Class a verifier model must have: the candidate is one sperm head.
+pub const HEAD_CLASS: &str = "head";
+
+/// A learned second look at each candidate the classical segmenter finds: a small classifier
+/// (trained by `spermscope-train` on `sperm-parsing/train` candidates) that keeps heads and
+/// rejects round cells, bacteria, debris and merged pairs.
+pub struct Verifier {
+    model: Model,
+    head_index: usize,
+    min_prob: f32,
+}
+
+/// Why a head verifier cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifierError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(
+        "model {path} is not a head verifier: it needs a '{HEAD_CLASS}' class, and has {classes:?}"
+    )]
+    NoHeadClass { path: PathBuf, classes: Vec<String> },
+}
+
+impl Verifier {
+    /// Load the verifier the settings name (start-up and tools share this).
+    pub fn load(s: &VerifierSettings, runtime: &RuntimeOptions) -> Result<Verifier, VerifierError> {
+        Verifier::new(Model::load(&s.model, runtime)?, s.min_prob)
+    }
+
+    /// Wrap a loaded model; it must have a `head` class.
+    pub fn new(model: Model, min_prob: f32) -> Result<Verifier, VerifierError> {
+        let head_index = model
+            .spec
+            .classes
+            .iter()
+            .position(|c| c == HEAD_CLASS)
+            .ok_or_else(|| VerifierError::NoHeadClass {
+                path: model.path.clone(),
+                classes: model.spec.classes.clone(),
+            })?;
+        Ok(Verifier {
+            model,
+            head_index,
+            min_prob,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Keep the candidates the model takes for heads (probability at least `min_prob`) and
+    /// return how many were rejected. On an error the candidates are left as they were.
+    pub fn retain(
+        &mut self,
+        frame: &RgbImage,
+        found: &mut Vec<FoundHead>,
+        um_per_px: f32,
+    ) -> Result<usize, ModelError> {
+        if found.is_empty() {
+            return Ok(0);
+        }
+        let pre = self.model.preprocessor();
+        let inputs: Vec<_> = found
+            .iter()
+            .map(|f| {
+                let mut p = pre.head(frame, &f.head, Some(um_per_px));
+                p.head = None;
+                p
+            })
+            .collect();
+        let temperature = self.model.spec.temperature;
+        let logits = self.model.logits(&inputs)?;
+        let mut keep = logits.iter().map(|l| {
+            softmax(l, temperature)
+                .get(self.head_index)
+                .is_some_and(|&p| p >= self.min_prob)
+        });
+        let before = found.len();
+        found.retain(|_| keep.next().unwrap_or(false));
+        Ok(before - found.len())
+    }
+}
+
+/// What head finding gave for one frame: the cells, and how many candidates the verifier
+/// rejected (or why it could not look at them).
+pub struct Segmented {
+    pub cells: Vec<Cell>,
+    pub rejected: usize,
+    pub verifier_error: Option<ModelError>,
+}
+
+/// The segment stage's work on one frame: classical head finding, the verifier's second look,
+/// and one `Cell` per head kept (at the edge or touching: published but not classified).
+pub fn segment_frame(
+    frame: &RgbImage,
+    settings: &SegmentSettings,
+    verifier: Option<&mut Verifier>,
+    um_per_px: f32,
+) -> Segmented {
+    let mut found = find_heads(frame, settings);
+    let (mut rejected, mut verifier_error) = (0, None);
+    if let Some(v) = verifier {
+        match v.retain(frame, &mut found, um_per_px) {
+            Ok(n) => rejected = n,
+            Err(e) => verifier_error = Some(e),
+        }
+    }
+    let cells = found
+        .into_iter()
+        .enumerate()
+        .map(|(index, f)| Cell {
+            index,
+            angle_deg: f.head.angle_deg(),
+            centroid: f.head.centroid,
+            bbox: f.bbox,
+            unclassified: if f.at_edge {
+                Some(Unclassified::AtEdge)
+            } else if f.touching {
+                Some(Unclassified::Touching)
+            } else {
+                None
+            },
+            size: HeadSize::default(),
+            head: Some(f.head),
+            prepared: None,
+            verdict: None,
+            dropped: None,
+        })
+        .collect();
+    Segmented {
+        cells,
+        rejected,
+        verifier_error,
+    }
+}
+
+/// Detections matched against an instance mask (0 background, 1..n one id per true head): a
+/// detection counts when its centroid lies inside a true head and their IoU is at least 0.5,
+/// each true head matched at most once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaskMatch {
+    pub true_heads: usize,
+    pub found: usize,
+    pub matched: usize,
+}
+
+impl MaskMatch {
+    pub fn score(found: &[FoundHead], truth: &GrayImage) -> MaskMatch {
+        let (flags, true_heads) = Self::flags(found, truth);
+        MaskMatch {
+            true_heads,
+            found: found.len(),
+            matched: flags.iter().filter(|&&m| m).count(),
+        }
+    }
+
+    /// Whether each detection matches a true head (in order, each head at most once), and the
+    /// number of true heads.
+    pub fn flags(found: &[FoundHead], truth: &GrayImage) -> (Vec<bool>, usize) {
+        let mut area: HashMap<u8, usize> = HashMap::new();
+        for p in truth.pixels() {
+            if p[0] > 0 {
+                *area.entry(p[0]).or_default() += 1;
+            }
+        }
+        let mut used = HashSet::new();
+        let flags = found
+            .iter()
+            .map(|d| {
+                let (cx, cy) = (d.head.centroid.0 as u32, d.head.centroid.1 as u32);
+                let id = truth.get_pixel(cx, cy)[0];
+                let Some(&true_area) = area.get(&id) else {
+                    return false;
+                };
+                let inter = d
+                    .head
+                    .pixels
+                    .iter()
+                    .filter(|&&(x, y)| truth.get_pixel(x, y)[0] == id)
+                    .count();
+                let iou = inter as f64 / (d.head.area_px() + true_area - inter) as f64;
+                iou >= 0.5 && used.insert(id)
+            })
+            .collect();
+        (flags, area.len())
+    }
+
+    pub fn add(&mut self, other: MaskMatch) {
+        self.true_heads += other.true_heads;
+        self.found += other.found;
+        self.matched += other.matched;
+    }
+
+    pub fn precision(&self) -> f64 {
+        self.matched as f64 / self.found.max(1) as f64
+    }
+
+    pub fn recall(&self) -> f64 {
+        self.matched as f64 / self.true_heads.max(1) as f64
+    }
+}

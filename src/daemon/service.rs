@@ -1,0 +1,238 @@
+//! Process-level service concerns: signals (handlers only set flags), the systemd notify
+//! protocol (READY, STATUS, WATCHDOG, RELOADING, STOPPING) and the metrics/health endpoint.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::flag;
+
+use crate::daemon::check::{ConfigError, loopback, positive};
+use crate::daemon::telemetry::Telemetry;
+
+/// `[service]`: running as a service.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawService {
+    /// Serve `/metrics` (Prometheus) and `/healthz` here, e.g. "127.0.0.1:9464" (loopback
+    /// only). Unset: no endpoint.
+    pub metrics_addr: Option<String>,
+    /// `/healthz` answers 503 when the source has delivered no frame for this long, seconds.
+    pub stall_secs: f32,
+}
+
+impl Default for RawService {
+    fn default() -> Self {
+        Self {
+            metrics_addr: None,
+            stall_secs: 10.0,
+        }
+    }
+}
+
+/// The service endpoints' resolved settings (one set per process).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ServiceSettings {
+    pub metrics_addr: Option<SocketAddr>,
+    pub stall_secs: f32,
+}
+
+impl RawService {
+    /// Check every value (no I/O).
+    pub fn resolve(&self) -> Result<ServiceSettings, ConfigError> {
+        positive("service.stall_secs", self.stall_secs)?;
+        Ok(ServiceSettings {
+            metrics_addr: self
+                .metrics_addr
+                .as_deref()
+                .map(|a| loopback("service.metrics_addr", a))
+                .transpose()?,
+            stall_secs: self.stall_secs,
+        })
+    }
+}
+
+/// Exit status when a second stop signal cuts the drain short.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// A flag that SIGINT or SIGTERM sets. The first signal asks the pipeline to drain and stop;
+/// a second one, while the flag is already set, exits immediately.
+pub fn stop_flag() -> io::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // Order matters: the conditional exit sees the flag as the first signal left it.
+        flag::register_conditional_shutdown(sig, EXIT_INTERRUPTED, Arc::clone(&stop))?;
+        flag::register(sig, Arc::clone(&stop))?;
+    }
+    Ok(stop)
+}
+
+/// A flag that SIGHUP sets: re-read the configuration.
+pub fn reload_flag() -> io::Result<Arc<AtomicBool>> {
+    let reload = Arc::new(AtomicBool::new(false));
+    flag::register(SIGHUP, Arc::clone(&reload))?;
+    Ok(reload)
+}
+
+/// What the supervisor tells the service manager.
+pub trait Notify: Send {
+    fn ready(&mut self);
+    fn status(&mut self, line: &str);
+    fn watchdog(&mut self);
+    fn reloading(&mut self);
+    fn stopping(&mut self);
+    /// How often to ping the watchdog, if the manager expects it.
+    fn watchdog_every(&self) -> Option<Duration>;
+}
+
+/// The systemd notify protocol, through `NOTIFY_SOCKET`; silent when not run by systemd.
+pub struct Systemd {
+    watchdog: Option<Duration>,
+}
+
+impl Systemd {
+    pub fn from_env() -> Self {
+        let mut usec = 0u64;
+        let watchdog = sd_notify::watchdog_enabled(false, &mut usec)
+            .then(|| Duration::from_micros(usec / 2).max(Duration::from_millis(50)));
+        Self { watchdog }
+    }
+
+    fn send(&self, state: &[NotifyState]) {
+        if let Err(e) = sd_notify::notify(false, state) {
+            tracing::debug!(error = %e, "service manager notification failed");
+        }
+    }
+}
+
+impl Notify for Systemd {
+    fn ready(&mut self) {
+        self.send(&[NotifyState::Ready]);
+    }
+    fn status(&mut self, line: &str) {
+        self.send(&[NotifyState::Status(line)]);
+    }
+    fn watchdog(&mut self) {
+        self.send(&[NotifyState::Watchdog]);
+    }
+    fn reloading(&mut self) {
+        self.send(&[NotifyState::Reloading]);
+    }
+    fn stopping(&mut self) {
+        self.send(&[NotifyState::Stopping]);
+    }
+    fn watchdog_every(&self) -> Option<Duration> {
+        self.watchdog
+    }
+}
+
+/// Why the metrics endpoint cannot start.
+#[derive(Debug, thiserror::Error)]
+#[error("metrics endpoint {addr} cannot be bound: {reason}")]
+pub struct MetricsError {
+    pub addr: SocketAddr,
+    pub reason: String,
+}
+
+/// `/metrics` (Prometheus text format) and `/healthz` (200 while frames flow, 503 when the
+/// source has stalled longer than `stall`).
+pub struct MetricsServer {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+    pub addr: SocketAddr,
+}
+
+impl MetricsServer {
+    /// Serve the pipelines' telemetry (sample id, counters); `/healthz` fails when any source
+    /// has stalled.
+    pub fn start(
+        addr: SocketAddr,
+        telemetry: Vec<(String, Arc<Telemetry>)>,
+        stall: Duration,
+    ) -> Result<MetricsServer, MetricsError> {
+        let server = tiny_http::Server::http(addr).map_err(|e| MetricsError {
+            addr,
+            reason: e.to_string(),
+        })?;
+        let bound = server.server_addr().to_ip().unwrap_or(addr);
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("metrics".into())
+                .spawn(move || serve(server, &telemetry, stall, &stop))
+                .map_err(|e| MetricsError {
+                    addr,
+                    reason: e.to_string(),
+                })?
+        };
+        Ok(MetricsServer {
+            stop,
+            handle: Some(handle),
+            addr: bound,
+        })
+    }
+
+    pub fn close(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn serve(
+    server: tiny_http::Server,
+    tel: &[(String, Arc<Telemetry>)],
+    stall: Duration,
+    stop: &AtomicBool,
+) {
+    let text = tiny_http::Header::from_bytes(
+        &b"Content-Type"[..],
+        &b"text/plain; version=0.0.4; charset=utf-8"[..],
+    )
+    .ok();
+    while !stop.load(Ordering::SeqCst) {
+        let request = match server.recv_timeout(Duration::from_millis(100)) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint failed");
+                return;
+            }
+        };
+        let (code, body) = match request.url() {
+            "/metrics" => (200, crate::daemon::telemetry::render(tel)),
+            "/healthz" => {
+                let stalled: Vec<String> = tel
+                    .iter()
+                    .filter_map(|(sample, t)| {
+                        let quiet = t.stalled_for();
+                        (quiet > stall).then(|| {
+                            format!(
+                                "stalled: sample {sample}: no frame for {:.1} s",
+                                quiet.as_secs_f32()
+                            )
+                        })
+                    })
+                    .collect();
+                if stalled.is_empty() {
+                    (200, "ok\n".to_string())
+                } else {
+                    (503, stalled.join("\n") + "\n")
+                }
+            }
+            _ => (404, "not found: try /metrics or /healthz\n".to_string()),
+        };
+        let mut response = tiny_http::Response::from_string(body).with_status_code(code);
+        if let Some(h) = &text {
+            response.add_header(h.clone());
+        }
+        let _ = request.respond(response);
+    }
+}

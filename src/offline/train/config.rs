@@ -1,0 +1,431 @@
+//! Experiment files (`config/train/*.toml`): raw structs with defaults, checked without I/O.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::core::pose::Contrast;
+use crate::core::spec::PoseMode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: '{key}' {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+/// One training experiment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Model name; the ONNX file is `<out>/<name>.onnx`.
+    pub name: String,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub crop: CropConfig,
+    #[serde(default)]
+    pub model: NetConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub augment: AugmentConfig,
+    #[serde(default)]
+    pub cv: CvConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Dataset folder (class-per-folder, or MHSMA with `labels.csv`), relative to the working
+    /// directory.
+    pub dataset: PathBuf,
+    /// MHSMA: which binary label to learn (`head`, `acrosome`, `vacuole`, `tail`).
+    #[serde(default = "default_label")]
+    pub mhsma_label: String,
+    /// The class reports count as a normal form.
+    pub normal_class: Option<String>,
+    /// Pixel scale of the images in µm/px, when known.
+    pub um_per_px: Option<f32>,
+}
+
+fn default_label() -> String {
+    "head".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CropConfig {
+    /// `upright` (find the head, rotate it tail-down), `head` (centre on the head, keep its
+    /// orientation) or `centre` (keep the crop as it is).
+    pub pose: PoseMode,
+    /// `dark` for stained heads, `any` for unstained images.
+    pub contrast: Contrast,
+    /// Side of the window cut around the head, in image pixels.
+    pub window_px: f32,
+    /// Side of the network input in pixels.
+    pub size_px: u32,
+    /// 3 for RGB, 1 for luminance.
+    pub channels: u32,
+}
+
+impl Default for CropConfig {
+    fn default() -> Self {
+        Self {
+            pose: PoseMode::Upright,
+            contrast: Contrast::Dark,
+            window_px: 96.0,
+            size_px: 64,
+            channels: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetConfig {
+    /// Output channels of each block (each block halves the resolution).
+    pub widths: Vec<usize>,
+    /// Convolutions per block.
+    pub convs_per_block: usize,
+    /// Add a residual (1x1 projection) shortcut around each block.
+    pub residual: bool,
+    /// Dropout before the classifier.
+    pub dropout: f64,
+    /// Feed the morphometric features beside the CNN's pooled features.
+    pub features: bool,
+    /// Width of the morphometric branch's hidden layer.
+    pub feature_hidden: usize,
+    /// Test-time fusion: average the logits of each window and its mirror image.
+    pub test_time_mirror: bool,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            widths: vec![16, 32, 64, 128],
+            convs_per_block: 2,
+            residual: true,
+            dropout: 0.3,
+            features: true,
+            feature_hidden: 32,
+            test_time_mirror: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    Adamw,
+    /// SGD with Nesterov momentum.
+    Sgd,
+    /// Lion: the sign of an interpolation of momentum and gradient (Chen et al. 2023).
+    Lion,
+    /// Signum: the sign of the momentum (Bernstein et al. 2018); Lion with beta_1 = beta_2.
+    Signum,
+}
+
+impl Optimizer {
+    /// The seed method's starting points: (learning rate, beta_1, beta_2, weight decay).
+    /// AdamW 3e-4, 0.9/0.95, 0.1; Lion 3e-4, 0.9/0.95; Signum 3e-4, 0.9; SGD 3e-4, 0.9.
+    pub fn seed_defaults(self) -> (f64, f32, f32, f32) {
+        match self {
+            Optimizer::Adamw => (3e-4, 0.9, 0.95, 0.1),
+            Optimizer::Lion => (3e-4, 0.9, 0.95, 0.0),
+            Optimizer::Signum => (3e-4, 0.9, 0.9, 0.0),
+            Optimizer::Sgd => (3e-4, 0.9, 0.9, 0.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Plain shuffling and an unweighted loss.
+    None,
+    /// Loss weights inversely proportional to class frequency.
+    Weights,
+    /// Each batch drawn with equal class probability.
+    Sampling,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub optimizer: Optimizer,
+    /// Peak learning rate (after warm-up; cosine decay to zero after it).
+    pub lr: f64,
+    pub warmup_epochs: usize,
+    pub weight_decay: f32,
+    /// SGD momentum.
+    pub momentum: f64,
+    pub label_smoothing: f32,
+    /// First moment decay (AdamW, Lion; Signum's momentum). Unset: 0.9.
+    pub beta_1: Option<f32>,
+    /// Second moment decay (AdamW) or momentum decay (Lion). Unset: AdamW 0.999, Lion 0.99
+    /// (the library defaults the committed models were trained with).
+    pub beta_2: Option<f32>,
+    /// Clip the gradient to this L2 norm before each step. Unset: no clipping.
+    pub grad_clip_norm: Option<f32>,
+    pub balance: Balance,
+    /// Share of the training data held out for early stopping.
+    pub val_fraction: f64,
+    /// Epochs without a better validation loss before stopping (0: never stop early).
+    pub patience: usize,
+    pub seed: u64,
+    /// Fit the softmax temperature on the final model's validation split and store it in the
+    /// model (calibrated confidences for the label-free accuracy estimate).
+    pub fit_temperature: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 60,
+            batch_size: 32,
+            optimizer: Optimizer::Adamw,
+            lr: 2e-3,
+            warmup_epochs: 3,
+            weight_decay: 5e-4,
+            momentum: 0.9,
+            label_smoothing: 0.05,
+            beta_1: None,
+            beta_2: None,
+            grad_clip_norm: None,
+            balance: Balance::Weights,
+            val_fraction: 0.15,
+            patience: 0,
+            seed: 1,
+            fit_temperature: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    /// Probability of an extra rotation, and its largest angle in degrees (180: any angle).
+    pub rotate_prob: f32,
+    pub rotate_max_deg: f32,
+    /// Probability of a left-right mirror (keeps the head upright).
+    pub mirror_prob: f32,
+    /// Probability of turning the crop upside down (only sensible without pose correction).
+    pub flip_vertical_prob: f32,
+    /// Probability and range of a zoom (factor in 1 ± range).
+    pub scale_prob: f32,
+    pub scale_range: f32,
+    /// Probability and largest shift, as a fraction of the window.
+    pub shift_prob: f32,
+    pub shift_max: f32,
+    /// Probability of colour jitter, and its strengths.
+    pub color_prob: f32,
+    pub brightness: f32,
+    pub contrast: f32,
+    pub hue: f32,
+    /// Probability of a cutout (a patch filled with the crop's mean colour) and its side.
+    pub cutout_prob: f32,
+    pub cutout_frac: f32,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self {
+            rotate_prob: 0.8,
+            rotate_max_deg: 12.0,
+            mirror_prob: 0.5,
+            flip_vertical_prob: 0.0,
+            scale_prob: 0.5,
+            scale_range: 0.08,
+            shift_prob: 0.5,
+            shift_max: 0.04,
+            color_prob: 0.8,
+            brightness: 0.12,
+            contrast: 0.15,
+            hue: 0.03,
+            cutout_prob: 0.25,
+            cutout_frac: 0.2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// Seeded stratified random folds.
+    Stratified,
+    /// The dataset's own `folds.csv`.
+    FoldsCsv,
+    /// The dataset's own train/valid/test split (MHSMA).
+    GivenSplit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CvConfig {
+    pub folds: usize,
+    pub protocol: Protocol,
+    /// Seeds of repeated cross-validation (each reshuffles the folds and the initial weights).
+    pub seeds: Vec<u64>,
+}
+
+impl Default for CvConfig {
+    fn default() -> Self {
+        Self {
+            folds: 5,
+            protocol: Protocol::Stratified,
+            seeds: vec![1],
+        }
+    }
+}
+
+impl Experiment {
+    pub fn load(path: &Path) -> Result<Experiment, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate experiment text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Experiment, ConfigError> {
+        let exp: Experiment = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        exp.validate(path)?;
+        Ok(exp)
+    }
+
+    /// Check values without touching the file system.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, reason: &str| {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        if self.name.is_empty() || self.name.contains('/') {
+            return bad("name", "must be a plain file name");
+        }
+        if self.crop.size_px < 16 {
+            return bad("crop.size_px", "must be at least 16");
+        }
+        if self.crop.channels != 1 && self.crop.channels != 3 {
+            return bad("crop.channels", "must be 1 or 3");
+        }
+        if self.crop.window_px <= 4.0 {
+            return bad("crop.window_px", "must be larger than 4");
+        }
+        if self.model.widths.is_empty() || self.model.widths.contains(&0) {
+            return bad("model.widths", "needs at least one non-zero width");
+        }
+        if self.crop.size_px >> self.model.widths.len() == 0 {
+            return bad(
+                "model.widths",
+                "has more blocks than the input size can halve",
+            );
+        }
+        if self.model.convs_per_block == 0 {
+            return bad("model.convs_per_block", "must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.model.dropout) {
+            return bad("model.dropout", "must be in [0, 1)");
+        }
+        let t = &self.train;
+        if t.epochs == 0 || t.batch_size < 2 {
+            return bad("train.epochs", "epochs must be > 0 and batch_size >= 2");
+        }
+        if !(t.lr > 0.0 && t.lr < 1.0) {
+            return bad("train.lr", "must be in (0, 1)");
+        }
+        for (key, beta) in [("train.beta_1", t.beta_1), ("train.beta_2", t.beta_2)] {
+            if beta.is_some_and(|b| !(0.0..1.0).contains(&b)) {
+                return bad(key, "must be in [0, 1)");
+            }
+        }
+        if t.grad_clip_norm
+            .is_some_and(|c| !(c.is_finite() && c > 0.0))
+        {
+            return bad("train.grad_clip_norm", "must be above 0");
+        }
+        if !(0.0..0.5).contains(&t.val_fraction) {
+            return bad("train.val_fraction", "must be in [0, 0.5)");
+        }
+        if !(0.0..1.0).contains(&t.label_smoothing) {
+            return bad("train.label_smoothing", "must be in [0, 1)");
+        }
+        let a = &self.augment;
+        for (key, p) in [
+            ("augment.rotate_prob", a.rotate_prob),
+            ("augment.mirror_prob", a.mirror_prob),
+            ("augment.flip_vertical_prob", a.flip_vertical_prob),
+            ("augment.scale_prob", a.scale_prob),
+            ("augment.shift_prob", a.shift_prob),
+            ("augment.color_prob", a.color_prob),
+            ("augment.cutout_prob", a.cutout_prob),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return bad(key, "is a probability and must be in [0, 1]");
+            }
+        }
+        if self.cv.folds < 2 && self.cv.protocol != Protocol::GivenSplit {
+            return bad("cv.folds", "must be at least 2");
+        }
+        if self.cv.seeds.is_empty() {
+            return bad("cv.seeds", "needs at least one seed");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_experiment_parses() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/train");
+        let mut n = 0;
+        for dir in [root.clone(), root.join("ablation"), root.join("optimisers")] {
+            for e in std::fs::read_dir(&dir).expect("config/train exists") {
+                let p = e.expect("entry").path();
+                if p.extension().is_some_and(|x| x == "toml") {
+                    Experiment::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                    n += 1;
+                }
+            }
+        }
+        assert!(
+            n >= 16,
+            "expected the model, ablation and optimiser experiments, found {n}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let p = Path::new("x.toml");
+        let err = toml::from_str::<Experiment>("name='a'\nbogus=1\n[data]\ndataset='d'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let mut e: Experiment = toml::from_str("name='a'\n[data]\ndataset='d'\n").expect("minimal");
+        assert!(e.validate(p).is_ok());
+        e.augment.mirror_prob = 1.5;
+        let err = e.validate(p).unwrap_err().to_string();
+        assert!(err.contains("augment.mirror_prob"), "{err}");
+    }
+}

@@ -1,0 +1,760 @@
+//! Training: data made ready once (heads located, features measured), batches augmented on the
+//! fly, the optimisation loop with warm-up + cosine schedule and early stopping, and prediction.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamWConfig, GradientsParams, LionConfig, ModuleOptimizer, SgdConfig};
+use burn::prelude::*;
+use image::RgbImage;
+use indicatif::ProgressBar;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::augment;
+use super::config::{Balance, Experiment, Optimizer};
+use super::health::{self, EpochNorms, GradStats, GradTrouble};
+use super::net::Net;
+use crate::core::calibration::argmax;
+use crate::core::dataset::{Dataset, Skipped};
+use crate::core::imageio;
+use crate::core::pose::Jitter;
+use crate::core::preprocess::{Located, Preprocessor};
+use crate::core::spec::{FeatureSpec, ModelSpec};
+
+/// A training image with its head located and its raw features measured.
+pub struct Item {
+    pub path: PathBuf,
+    pub label: usize,
+    pub split: Option<String>,
+    pub img: RgbImage,
+    pub loc: Located,
+}
+
+/// Decode and locate every image (in parallel); unreadable images are returned as skipped.
+pub fn load_items(ds: &Dataset, spec: &ModelSpec, bar: &ProgressBar) -> (Vec<Item>, Vec<Skipped>) {
+    bar.set_length(ds.samples.len() as u64);
+    bar.set_message("decoding and locating heads");
+    let pre = Preprocessor::new(Arc::new(spec.clone()));
+    let results: Vec<Result<Item, Skipped>> = ds
+        .samples
+        .par_iter()
+        .map(|s| {
+            let r = imageio::load_rgb(&s.path)
+                .map(|img| {
+                    let loc = pre.locate(&img);
+                    Item {
+                        path: s.path.clone(),
+                        label: s.label,
+                        split: s.split.clone(),
+                        img,
+                        loc,
+                    }
+                })
+                .map_err(|e| Skipped {
+                    path: s.path.clone(),
+                    reason: e.to_string(),
+                });
+            bar.inc(1);
+            r
+        })
+        .collect();
+    let mut items = Vec::new();
+    let mut skipped = Vec::new();
+    for r in results {
+        match r {
+            Ok(i) => items.push(i),
+            Err(s) => {
+                tracing::warn!(path = %s.path.display(), reason = %s.reason, "image skipped");
+                skipped.push(s)
+            }
+        }
+    }
+    bar.finish_and_clear();
+    (items, skipped)
+}
+
+/// Fit normalisation (pixel mean/std per channel, feature mean/std) on the training items only.
+pub fn fit_normalisation(items: &[Item], idx: &[usize], spec: &mut ModelSpec) {
+    let c = spec.input.channels as usize;
+    spec.input.mean = vec![0.0; c];
+    spec.input.std = vec![1.0; c];
+    let mut sum = vec![0f64; c];
+    let mut sq = vec![0f64; c];
+    let mut n = 0f64;
+    let pre = Preprocessor::new(Arc::new(spec.clone()));
+    for &i in idx.iter().step_by((idx.len() / 400).max(1)) {
+        let item = &items[i];
+        let t = pre
+            .finish(
+                &pre.window(&item.img, &item.loc, &Jitter::default()),
+                &item.loc,
+            )
+            .pixels;
+        let per = t.len() / c;
+        for ch in 0..c {
+            for v in &t[ch * per..(ch + 1) * per] {
+                sum[ch] += *v as f64;
+                sq[ch] += (*v as f64).powi(2);
+            }
+        }
+        n += per as f64;
+    }
+    for ch in 0..c {
+        let m = sum[ch] / n.max(1.0);
+        let var = (sq[ch] / n.max(1.0) - m * m).max(1e-6);
+        spec.input.mean[ch] = m as f32;
+        spec.input.std[ch] = var.sqrt() as f32;
+    }
+    if let Some(fs) = spec.features.as_mut() {
+        let k = fs.count;
+        let mut m = vec![0f64; k];
+        let mut s2 = vec![0f64; k];
+        for &i in idx {
+            for (j, v) in items[i].loc.raw_features.iter().enumerate().take(k) {
+                m[j] += *v as f64;
+                s2[j] += (*v as f64).powi(2);
+            }
+        }
+        let n = idx.len().max(1) as f64;
+        fs.mean = m.iter().map(|v| (v / n) as f32).collect();
+        fs.std = (0..k)
+            .map(|j| ((s2[j] / n - (m[j] / n).powi(2)).max(0.0).sqrt() as f32).max(1e-3))
+            .collect();
+    }
+}
+
+/// Model inputs for a set of items, augmented when `aug` is given.
+fn inputs(
+    items: &[Item],
+    idx: &[usize],
+    spec: &ModelSpec,
+    aug: Option<(&super::config::AugmentConfig, u64)>,
+) -> (Vec<f32>, Vec<f32>) {
+    let pre = Preprocessor::new(Arc::new(spec.clone()));
+    let per: Vec<(Vec<f32>, Vec<f32>)> = idx
+        .par_iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            let item = &items[i];
+            let img = match aug {
+                Some((cfg, seed)) => {
+                    let mut rng =
+                        ChaCha8Rng::seed_from_u64(seed ^ ((k as u64 + 1) * 0x9E37_79B9_7F4A_7C15));
+                    let (j, _) = augment::draw_jitter(cfg, &mut rng);
+                    let mut w = pre.window(&item.img, &item.loc, &j);
+                    augment::photometric(&mut w, cfg, &mut rng);
+                    w
+                }
+                None => pre.window(&item.img, &item.loc, &Jitter::default()),
+            };
+            let p = pre.finish(&img, &item.loc);
+            (p.pixels, p.features)
+        })
+        .collect();
+    let mut px = Vec::new();
+    let mut fs = Vec::new();
+    for (p, f) in per {
+        px.extend(p);
+        fs.extend(f);
+    }
+    (px, fs)
+}
+
+fn tensors(
+    px: Vec<f32>,
+    fs: Vec<f32>,
+    n: usize,
+    spec: &ModelSpec,
+    device: &Device,
+) -> (Tensor<4>, Option<Tensor<4>>) {
+    let s = spec.input.size_px as usize;
+    let c = spec.input.channels as usize;
+    let x = Tensor::<4>::from_data(TensorData::new(px, [n, c, s, s]), device);
+    let f = spec.features.as_ref().map(|f: &FeatureSpec| {
+        Tensor::<4>::from_data(TensorData::new(fs, [n, f.count, 1, 1]), device)
+    });
+    (x, f)
+}
+
+/// Logits of a trained (validation-mode) model for the given items, without augmentation,
+/// fused with the mirror image when the spec asks for it (as the ONNX reader does).
+pub fn predict(model: &Net, items: &[Item], idx: &[usize], spec: &ModelSpec) -> Vec<Vec<f32>> {
+    predict_with(model, items, idx, spec, spec.test_time_mirror)
+}
+
+/// Logits with or without test-time mirror fusion.
+pub fn predict_with(
+    model: &Net,
+    items: &[Item],
+    idx: &[usize],
+    spec: &ModelSpec,
+    mirror: bool,
+) -> Vec<Vec<f32>> {
+    let device = Device::flex();
+    let k = spec.classes.len();
+    let mut views_spec = spec.clone();
+    views_spec.test_time_mirror = mirror;
+    let pre = Preprocessor::new(Arc::new(views_spec));
+    let mut out = Vec::with_capacity(idx.len());
+    for chunk in idx.chunks(64) {
+        let (px, fs) = inputs(items, chunk, spec, None);
+        let outputs: Vec<Vec<f32>> = pre
+            .views(px)
+            .into_iter()
+            .map(|view| {
+                let (x, f) = tensors(view, fs.clone(), chunk.len(), spec, &device);
+                model.forward(x, f).into_data().iter::<f32>().collect()
+            })
+            .collect();
+        out.extend(Preprocessor::fuse(outputs).chunks(k).map(<[f32]>::to_vec));
+    }
+    out
+}
+
+/// One epoch's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    pub seconds: f64,
+    /// Each layer's gradient L2 norm over the epoch's batches (before clipping).
+    pub grad_norms: Vec<GradStats>,
+    /// Layers whose gradient vanished or exploded this epoch.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub grad_warnings: Vec<(String, GradTrouble)>,
+}
+
+/// A fitted model (validation mode) and how it got there.
+pub struct Fitted {
+    pub model: Net,
+    pub history: Vec<EpochLog>,
+    /// Epoch whose weights were kept (1-based).
+    pub best_epoch: usize,
+    pub images_per_second: f64,
+}
+
+/// Training stopped because the numbers went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum FitError {
+    /// The weights are checked after every update, so a non-finite loss with finite weights
+    /// comes from the inputs or the loss itself.
+    #[error(
+        "training diverged at epoch {epoch}, batch {batch}: the loss is {value}; every layer's weights are finite, so the inputs or the loss produced it (lower the learning rate or clip gradients with train.grad_clip_norm)"
+    )]
+    NonFinite {
+        epoch: usize,
+        batch: usize,
+        value: f32,
+    },
+    #[error(
+        "training diverged at epoch {epoch}, batch {batch}: the gradient of layer {layer} is not finite (lower the learning rate or clip gradients with train.grad_clip_norm)"
+    )]
+    NonFiniteGradient {
+        epoch: usize,
+        batch: usize,
+        layer: String,
+    },
+    #[error(
+        "training diverged at epoch {epoch}, batch {batch}: the update left the weights of layer {layer} not finite (lower the learning rate or clip gradients with train.grad_clip_norm)"
+    )]
+    NonFiniteWeights {
+        epoch: usize,
+        batch: usize,
+        layer: String,
+    },
+}
+
+/// The loss of a batch, or the error that stops a diverged run.
+fn finite(value: f32, epoch: usize, batch: usize) -> Result<f32, FitError> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(FitError::NonFinite {
+            epoch,
+            batch,
+            value,
+        })
+    }
+}
+
+/// The optimiser an experiment asks for, with its clipping.
+pub fn optimizer(t: &super::config::TrainConfig) -> ModuleOptimizer {
+    let clip = t.grad_clip_norm.map(GradientClippingConfig::Norm);
+    let b1 = t.beta_1.unwrap_or(0.9);
+    match t.optimizer {
+        Optimizer::Adamw => AdamWConfig::new()
+            .with_weight_decay(t.weight_decay)
+            .with_beta_1(b1)
+            .with_beta_2(t.beta_2.unwrap_or(0.999))
+            .with_epsilon(1e-8)
+            .with_grad_clipping(clip)
+            .init(),
+        Optimizer::Sgd => SgdConfig::new()
+            .with_momentum(Some(
+                MomentumConfig::new()
+                    .with_momentum(t.momentum)
+                    .with_dampening(0.0)
+                    .with_nesterov(true),
+            ))
+            .with_weight_decay(Some(WeightDecayConfig::new(t.weight_decay)))
+            .with_gradient_clipping(clip)
+            .init(),
+        Optimizer::Lion => LionConfig::new()
+            .with_beta_1(b1)
+            .with_beta_2(t.beta_2.unwrap_or(0.99))
+            .with_weight_decay(t.weight_decay)
+            .with_grad_clipping(clip)
+            .init(),
+        // Lion with equal betas updates with the sign of the momentum: Signum.
+        Optimizer::Signum => LionConfig::new()
+            .with_beta_1(b1)
+            .with_beta_2(b1)
+            .with_weight_decay(t.weight_decay)
+            .with_grad_clipping(clip)
+            .init(),
+    }
+}
+
+/// The epoch from which the model overfits: validation loss rises for three epochs in a row
+/// while training loss falls. Returns the first of those epochs (1-based).
+pub fn overfitting_from(history: &[EpochLog]) -> Option<usize> {
+    history.windows(4).find_map(|w| {
+        let rising = w.windows(2).all(|p| match (p[0].val_loss, p[1].val_loss) {
+            (Some(a), Some(b)) => b > a,
+            _ => false,
+        });
+        let falling = w.windows(2).all(|p| p[1].train_loss < p[0].train_loss);
+        (rising && falling).then_some(w[1].epoch)
+    })
+}
+
+/// A learning-rate range test: from `lo` to `hi` exponentially over `steps` batches (with the
+/// experiment's augmentation), the training loss at each rate. Stops early once the loss is
+/// four times its best or no longer finite.
+pub fn lr_range(
+    exp: &Experiment,
+    items: &[Item],
+    idx: &[usize],
+    spec: &ModelSpec,
+    seed: u64,
+    (lo, hi, steps): (f64, f64, usize),
+) -> Vec<(f64, f64)> {
+    let device = Device::flex().autodiff();
+    device.seed(seed);
+    let k = spec.classes.len();
+    let n_feat = spec.features.as_ref().map_or(0, |f| f.count);
+    let mut model = Net::new(&device, &exp.model, spec.input.channels as usize, n_feat, k);
+    let mut optim = optimizer(&exp.train);
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut order = idx.to_vec();
+    let mut out = Vec::new();
+    let mut best = f64::MAX;
+    let mut pos = order.len();
+    for step in 0..steps {
+        if pos + exp.train.batch_size > order.len() {
+            order.shuffle(&mut rng);
+            pos = 0;
+        }
+        let chunk = &order[pos..(pos + exp.train.batch_size).min(order.len())];
+        pos += chunk.len();
+        let lr = lo * (hi / lo).powf(step as f64 / (steps.max(2) - 1) as f64);
+        let (px, fs) = inputs(items, chunk, spec, Some((&exp.augment, rng.random())));
+        let (x, f) = tensors(px, fs, chunk.len(), spec, &device);
+        let labels: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
+        let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [chunk.len()]), &device);
+        let loss = loss_fn.forward(model.forward(x, f), y);
+        let value = loss.clone().into_scalar::<f32>() as f64;
+        if !value.is_finite() {
+            break;
+        }
+        out.push((lr, value));
+        best = best.min(value);
+        if value > 4.0 * best && step > 10 {
+            break;
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(lr, model, grads);
+    }
+    out
+}
+
+/// The learning rate a range test suggests: a tenth of the rate at the lowest smoothed loss.
+pub fn suggest_lr(curve: &[(f64, f64)]) -> Option<f64> {
+    let mut smooth = 0.0;
+    let mut best: Option<(f64, f64)> = None;
+    for (i, &(lr, loss)) in curve.iter().enumerate() {
+        smooth = if i == 0 {
+            loss
+        } else {
+            0.8 * smooth + 0.2 * loss
+        };
+        if best.is_none_or(|(_, b)| smooth < b) {
+            best = Some((lr, smooth));
+        }
+    }
+    best.map(|(lr, _)| lr / 10.0)
+}
+
+/// Learning rate at a fractional epoch: linear warm-up, then cosine decay to zero.
+pub fn lr_at(exp: &Experiment, epoch_f: f64) -> f64 {
+    let t = &exp.train;
+    let warm = t.warmup_epochs as f64;
+    if epoch_f < warm {
+        return t.lr * (epoch_f + 1.0 / 8.0).min(warm) / warm;
+    }
+    let span = (t.epochs as f64 - warm).max(1.0);
+    let p = ((epoch_f - warm) / span).clamp(0.0, 1.0);
+    t.lr * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+}
+
+/// Train on `train_idx`; when `val_idx` is not empty it drives early stopping and the choice
+/// of the kept weights (lowest validation loss).
+pub fn fit(
+    exp: &Experiment,
+    items: &[Item],
+    train_idx: &[usize],
+    val_idx: &[usize],
+    spec: &ModelSpec,
+    seed: u64,
+    bar: &ProgressBar,
+) -> Result<Fitted, FitError> {
+    let device = Device::flex().autodiff();
+    device.seed(seed);
+    let k = spec.classes.len();
+    let n_feat = spec.features.as_ref().map_or(0, |f| f.count);
+    let mut model = Net::new(&device, &exp.model, spec.input.channels as usize, n_feat, k);
+    let t = &exp.train;
+    let mut optim = optimizer(t);
+    let mut counts = vec![0usize; k];
+    for &i in train_idx {
+        counts[items[i].label] += 1;
+    }
+    let weights = match t.balance {
+        Balance::Weights => {
+            let n = train_idx.len() as f32;
+            Some(
+                counts
+                    .iter()
+                    .map(|&c| n / (k as f32 * c.max(1) as f32))
+                    .collect::<Vec<f32>>(),
+            )
+        }
+        _ => None,
+    };
+    let smoothing = (t.label_smoothing > 0.0).then_some(t.label_smoothing);
+    let loss_fn = CrossEntropyLossConfig::new()
+        .with_weights(weights)
+        .with_smoothing(smoothing)
+        .init(&device);
+    let eval_loss = CrossEntropyLossConfig::new().init(&Device::flex());
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(7));
+    let by_class: Vec<Vec<usize>> = (0..k)
+        .map(|c| {
+            train_idx
+                .iter()
+                .copied()
+                .filter(|&i| items[i].label == c)
+                .collect()
+        })
+        .collect();
+
+    let mut history = Vec::new();
+    let mut best: Option<(f64, usize, Net)> = None;
+    let mut since_best = 0;
+    let mut images = 0usize;
+    let started = Instant::now();
+    bar.set_length(t.epochs as u64);
+    bar.set_position(0);
+    for epoch in 0..t.epochs {
+        let t0 = Instant::now();
+        let mut order: Vec<usize> = match t.balance {
+            Balance::Sampling => (0..train_idx.len())
+                .map(|_| {
+                    let nonempty: Vec<&Vec<usize>> =
+                        by_class.iter().filter(|v| !v.is_empty()).collect();
+                    let cls = nonempty[rng.random_range(0..nonempty.len())];
+                    cls[rng.random_range(0..cls.len())]
+                })
+                .collect(),
+            _ => train_idx.to_vec(),
+        };
+        order.shuffle(&mut rng);
+        let batches: Vec<&[usize]> = order
+            .chunks(t.batch_size)
+            .filter(|b| b.len() >= 2)
+            .collect();
+        let nb = batches.len().max(1);
+        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+        let mut grad_norms = EpochNorms::default();
+        let mut lr = t.lr;
+        for (b, chunk) in batches.into_iter().enumerate() {
+            lr = lr_at(exp, epoch as f64 + b as f64 / nb as f64);
+            let (px, fs) = inputs(items, chunk, spec, Some((&exp.augment, rng.random())));
+            let (x, f) = tensors(px, fs, chunk.len(), spec, &device);
+            let labels: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
+            let y = Tensor::<1, Int>::from_data(
+                TensorData::new(labels.clone(), [chunk.len()]),
+                &device,
+            );
+            let logits = model.forward(x, f);
+            let loss = loss_fn.forward(logits.clone(), y);
+            let value = finite(loss.clone().into_scalar::<f32>(), epoch + 1, b + 1)?;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let norms = health::gradient_norms(&model, &grads);
+            if let Some(layer) = health::first_non_finite(&norms) {
+                return Err(FitError::NonFiniteGradient {
+                    epoch: epoch + 1,
+                    batch: b + 1,
+                    layer: layer.to_string(),
+                });
+            }
+            grad_norms.add(&norms);
+            model = optim.step(lr, model, grads);
+            if let Some(layer) = health::first_non_finite(&health::weight_norms(&model)) {
+                return Err(FitError::NonFiniteWeights {
+                    epoch: epoch + 1,
+                    batch: b + 1,
+                    layer: layer.to_string(),
+                });
+            }
+            loss_sum += value as f64 * chunk.len() as f64;
+            let preds: Vec<i64> = logits.argmax(1).into_data().iter::<i64>().collect();
+            correct += preds.iter().zip(&labels).filter(|(p, l)| p == l).count();
+            seen += chunk.len();
+        }
+        images += seen;
+        let grad_stats = grad_norms.stats();
+        let mut grad_warnings = Vec::new();
+        for (s, trouble) in health::judge(&grad_stats) {
+            tracing::warn!(
+                epoch = epoch + 1,
+                layer = %s.layer,
+                mean_norm = s.mean,
+                max_norm = s.max,
+                "gradient {}",
+                match trouble {
+                    GradTrouble::Vanishing => "vanishing",
+                    GradTrouble::Exploding => "exploding",
+                }
+            );
+            grad_warnings.push((s.layer.clone(), trouble));
+        }
+        let mut log = EpochLog {
+            epoch: epoch + 1,
+            lr,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_accuracy: correct as f64 / seen.max(1) as f64,
+            val_loss: None,
+            val_accuracy: None,
+            seconds: 0.0,
+            grad_norms: grad_stats,
+            grad_warnings,
+        };
+        if !val_idx.is_empty() {
+            let valid = model.valid();
+            let logits = predict(&valid, items, val_idx, spec);
+            let labels: Vec<i64> = val_idx.iter().map(|&i| items[i].label as i64).collect();
+            let acc = logits
+                .iter()
+                .zip(&labels)
+                .filter(|(l, y)| argmax(l) as i64 == **y)
+                .count() as f64
+                / labels.len() as f64;
+            let flat: Vec<f32> = logits.concat();
+            let dev = Device::flex();
+            let lt = Tensor::<2>::from_data(TensorData::new(flat, [labels.len(), k]), &dev);
+            let yt = Tensor::<1, Int>::from_data(TensorData::new(labels, [val_idx.len()]), &dev);
+            let vl = eval_loss.forward(lt, yt).into_scalar::<f32>() as f64;
+            log.val_loss = Some(vl);
+            log.val_accuracy = Some(acc);
+            if best.as_ref().is_none_or(|(b, _, _)| vl < *b) {
+                best = Some((vl, epoch + 1, valid));
+                since_best = 0;
+            } else {
+                since_best += 1;
+            }
+        }
+        log.seconds = t0.elapsed().as_secs_f64();
+        bar.set_message(format!(
+            "loss {:.3} acc {:.3}{}",
+            log.train_loss,
+            log.train_accuracy,
+            log.val_accuracy
+                .map_or(String::new(), |a| format!(" val_acc {a:.3}"))
+        ));
+        bar.inc(1);
+        tracing::debug!(?log, "epoch");
+        history.push(log);
+        if t.patience > 0 && since_best >= t.patience {
+            break;
+        }
+    }
+    let ips = images as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    let last = history.len();
+    let (model, best_epoch) = match best {
+        Some((_, e, m)) => (m, e),
+        None => (model.valid(), last),
+    };
+    Ok(Fitted {
+        model,
+        history,
+        best_epoch,
+        images_per_second: ips,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::offline::train::config::{NetConfig, TrainConfig};
+
+    /// Eight 3x32x32 images: class 0 bright on the left, class 1 bright on the right.
+    fn batch(device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
+        let (n, s) = (8usize, 32usize);
+        let mut px = vec![0f32; n * 3 * s * s];
+        let mut labels = Vec::new();
+        for i in 0..n {
+            let class = i % 2;
+            labels.push(class as i64);
+            for c in 0..3 {
+                for y in 0..s {
+                    for x in 0..s {
+                        let left = x < s / 2;
+                        let v = if left == (class == 0) { 1.0 } else { -1.0 };
+                        px[((i * 3 + c) * s + y) * s + x] =
+                            v + 0.1 * ((x * 7 + y * 3 + i) % 5) as f32;
+                    }
+                }
+            }
+        }
+        (
+            Tensor::<4>::from_data(TensorData::new(px, [n, 3, s, s]), device),
+            Tensor::<1, Int>::from_data(TensorData::new(labels, [n]), device),
+        )
+    }
+
+    #[test]
+    fn every_optimiser_lowers_the_loss_on_a_fixed_batch() {
+        for opt in [
+            Optimizer::Adamw,
+            Optimizer::Sgd,
+            Optimizer::Lion,
+            Optimizer::Signum,
+        ] {
+            let device = Device::flex().autodiff();
+            device.seed(1);
+            let net = NetConfig {
+                dropout: 0.0,
+                ..NetConfig::default()
+            };
+            let (lr, b1, b2, wd) = opt.seed_defaults();
+            let train = TrainConfig {
+                optimizer: opt,
+                beta_1: Some(b1),
+                beta_2: Some(b2),
+                weight_decay: wd,
+                grad_clip_norm: Some(1.0),
+                ..TrainConfig::default()
+            };
+            let mut model = Net::new(&device, &net, 3, 0, 2);
+            let mut optim = optimizer(&train);
+            let loss_fn = CrossEntropyLossConfig::new().init(&device);
+            let (x, y) = batch(&device);
+            let loss_of = |m: &Net| {
+                loss_fn
+                    .forward(m.forward(x.clone(), None), y.clone())
+                    .into_scalar::<f32>()
+            };
+            let first = loss_of(&model);
+            for _ in 0..20 {
+                let loss = loss_fn.forward(model.forward(x.clone(), None), y.clone());
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(lr, model, grads);
+            }
+            let last = loss_of(&model);
+            assert!(last < first, "{opt:?}: loss {first} -> {last}");
+        }
+    }
+
+    fn log(epoch: usize, train_loss: f64, val_loss: f64) -> EpochLog {
+        EpochLog {
+            epoch,
+            lr: 1e-3,
+            train_loss,
+            train_accuracy: 0.5,
+            val_loss: Some(val_loss),
+            val_accuracy: Some(0.5),
+            seconds: 1.0,
+            grad_norms: Vec::new(),
+            grad_warnings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn overfitting_is_dated_from_the_first_rise_of_validation_loss() {
+        let losses = [
+            (1.0, 1.0),
+            (0.8, 0.8),
+            (0.6, 0.7),
+            (0.5, 0.72),
+            (0.4, 0.75),
+            (0.3, 0.8),
+        ];
+        let h: Vec<EpochLog> = losses
+            .iter()
+            .enumerate()
+            .map(|(i, &(t, v))| log(i + 1, t, v))
+            .collect();
+        assert_eq!(overfitting_from(&h), Some(4));
+        // Both falling: no overfitting.
+        let h: Vec<EpochLog> = (1..8)
+            .map(|e| log(e, 1.0 / e as f64, 1.0 / e as f64))
+            .collect();
+        assert_eq!(overfitting_from(&h), None);
+    }
+
+    #[test]
+    fn suggested_rate_is_a_tenth_of_the_lowest_loss() {
+        let curve: Vec<(f64, f64)> = (0..50)
+            .map(|i| {
+                let lr = 1e-5 * 10f64.powf(i as f64 / 10.0);
+                (lr, (lr.log10() + 2.0).powi(2) + 1.0)
+            })
+            .collect();
+        let s = suggest_lr(&curve).unwrap();
+        assert!(s > 3e-4 && s < 3e-3, "{s}");
+    }
+
+    #[test]
+    fn a_nan_loss_stops_training_naming_epoch_batch_and_layer() {
+        let device = Device::flex().autodiff();
+        device.seed(1);
+        let model = Net::new(&device, &NetConfig::default(), 3, 0, 2);
+        let (x, y) = batch(&device);
+        let poisoned = x.mul_scalar(f32::NAN);
+        let loss = CrossEntropyLossConfig::new()
+            .init(&device)
+            .forward(model.forward(poisoned, None), y)
+            .into_scalar::<f32>();
+        let e = finite(loss, 3, 7).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("epoch 3, batch 7"), "{msg}");
+        // The weights are fine here: the message must say the inputs or loss produced it.
+        assert!(msg.contains("weights are finite"), "{msg}");
+        assert_eq!(finite(0.5, 1, 1).unwrap(), 0.5);
+    }
+}

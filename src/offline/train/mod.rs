@@ -1,0 +1,591 @@
+//! The offline trainer (feature `train`): experiments, cross-validation under the published
+//! protocols, the final model, its ONNX export, metrics and pictures.
+
+pub mod augment;
+pub mod config;
+pub mod diagnose;
+pub mod export;
+pub mod fit;
+pub mod health;
+pub mod net;
+pub mod plot;
+pub mod tune;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::core::calibration::argmax;
+use crate::core::dataset::{self, Dataset, Skipped};
+use crate::core::morphometry;
+use crate::core::spec::{
+    CropSpec, FEATURES_WITH_FLAG, FeatureSpec, InputSpec, ModelSpec, SPEC_FORMAT,
+};
+use crate::offline::eval::Calibration;
+use crate::offline::metrics::{Scores, mean_std};
+use config::{Experiment, Protocol};
+use fit::Item;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Dataset(#[from] dataset::DatasetError),
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
+    #[error("no usable images in {0}")]
+    NoImages(PathBuf),
+    #[error("protocol {protocol:?} needs {what}")]
+    Protocol { protocol: Protocol, what: String },
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Fit(#[from] fit::FitError),
+}
+
+/// What the command line may change in an experiment.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Run cross-validation (or the given split) before training the final model.
+    pub folds: bool,
+    pub protocol: Option<Protocol>,
+    pub seeds: Option<Vec<u64>>,
+    pub epochs: Option<usize>,
+    /// Use at most this many images (spread over the classes): smoke runs.
+    pub limit: Option<usize>,
+    /// Skip the final model (cross-validation figures only).
+    pub no_final: bool,
+    /// Folder for the model and its metrics/pictures.
+    pub out: PathBuf,
+    pub quiet: bool,
+}
+
+/// Cross-validation figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct CvReport {
+    pub protocol: Protocol,
+    pub folds: usize,
+    pub seeds: Vec<u64>,
+    /// Accuracy of every fold of every seed, in run order.
+    pub fold_accuracy: Vec<f64>,
+    pub fold_macro_f1: Vec<f64>,
+    /// Mean over all folds and seeds, and the standard deviation across folds.
+    pub accuracy_mean: f64,
+    pub accuracy_std: f64,
+    pub macro_f1_mean: f64,
+    pub macro_f1_std: f64,
+    /// Pooled-prediction accuracy of each seed's whole run.
+    pub seed_accuracy: Vec<f64>,
+    /// The same folds scored both ways, whichever the model uses: without and with test-time
+    /// mirror fusion (mean accuracy over all folds and seeds).
+    pub accuracy_plain: f64,
+    pub accuracy_mirror_fused: f64,
+    /// All test predictions pooled.
+    pub pooled: Scores,
+    pub seconds: f64,
+    /// The first seed's out-of-fold logits (item index, logits): validation data for a final
+    /// model that keeps no validation split.
+    #[serde(skip)]
+    pub out_of_fold: Vec<(usize, Vec<f32>)>,
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub name: String,
+    pub config: PathBuf,
+    pub dataset: PathBuf,
+    pub images: usize,
+    pub skipped: Vec<String>,
+    pub heads_found: usize,
+    pub cv: Option<CvReport>,
+    pub final_model: Option<FinalReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FinalReport {
+    pub path: PathBuf,
+    pub epochs_run: usize,
+    pub best_epoch: usize,
+    pub train_images: usize,
+    pub val_images: usize,
+    pub seconds: f64,
+    pub images_per_second: f64,
+    /// Logits of the trained network on real crops (unaugmented), for the parity check.
+    pub parity_logits: Vec<Vec<f32>>,
+    pub parity_items: Vec<PathBuf>,
+    /// Scores on the held-out test split (given-split protocol only).
+    pub test: Option<Scores>,
+    /// Scores of the final network (in burn) on every image of the dataset it was trained on:
+    /// not a generalisation figure, but what `spermscope-eval` must reproduce through ONNX
+    /// Runtime on the same data.
+    pub all_data: Scores,
+    pub spec: ModelSpec,
+    /// Loss, accuracy (train and validation), learning rate and seconds for every epoch.
+    pub history: Vec<fit::EpochLog>,
+    /// First epoch of three in which validation loss rose while training loss fell.
+    pub overfitting_from_epoch: Option<usize>,
+    /// The softmax temperature fitted on the validation split, stored in the model.
+    pub calibration: Option<Calibration>,
+}
+
+/// The experiment's dataset (at most `limit` images, spread over it), its base spec, and
+/// every image decoded with its head located; unreadable images come back as skipped.
+fn load_data(
+    exp: &Experiment,
+    limit: Option<usize>,
+    bar: &ProgressBar,
+) -> Result<(Dataset, ModelSpec, Vec<Item>, Vec<Skipped>), TrainError> {
+    let mut ds = dataset::open(&exp.data.dataset, &exp.data.mhsma_label, None)?;
+    if let Some(l) = limit {
+        ds.spread(l);
+    }
+    let spec = base_spec(exp, &ds.classes);
+    let (items, skipped) = fit::load_items(&ds, &spec, bar);
+    if items.is_empty() {
+        return Err(TrainError::NoImages(ds.root.clone()));
+    }
+    Ok((ds, spec, items, skipped))
+}
+
+/// The spec of a model trained by `exp` on `classes` (normalisation still to be fitted).
+pub fn base_spec(exp: &Experiment, classes: &[String]) -> ModelSpec {
+    let c = exp.crop.channels as usize;
+    ModelSpec {
+        format: SPEC_FORMAT,
+        name: exp.name.clone(),
+        classes: classes.to_vec(),
+        normal_class: exp
+            .data
+            .normal_class
+            .clone()
+            .filter(|n| classes.contains(n)),
+        input: InputSpec {
+            size_px: exp.crop.size_px,
+            channels: exp.crop.channels,
+            mean: vec![0.0; c],
+            std: vec![1.0; c],
+        },
+        crop: CropSpec {
+            pose: exp.crop.pose,
+            contrast: exp.crop.contrast,
+            window_px: exp.crop.window_px,
+            um_per_px: exp.data.um_per_px,
+        },
+        features: exp.model.features.then(|| FeatureSpec {
+            set: morphometry::FEATURE_SET.into(),
+            count: FEATURES_WITH_FLAG,
+            mean: vec![0.0; FEATURES_WITH_FLAG],
+            std: vec![1.0; FEATURES_WITH_FLAG],
+        }),
+        temperature: 1.0,
+        test_time_mirror: exp.model.test_time_mirror,
+    }
+}
+
+/// Stratified hold-out of `fraction` of `idx` for validation.
+fn split_val(items: &[Item], idx: &[usize], fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    if fraction <= 0.0 {
+        return (idx.to_vec(), Vec::new());
+    }
+    let k = (1.0 / fraction).round().max(2.0) as usize;
+    let labels: Vec<usize> = idx.iter().map(|&i| items[i].label).collect();
+    let f = dataset::stratified_folds(&labels, k, seed ^ 0xA5A5);
+    let mut tr = Vec::new();
+    let mut va = Vec::new();
+    for (j, &i) in idx.iter().enumerate() {
+        if f[j] == 0 { va.push(i) } else { tr.push(i) }
+    }
+    (tr, va)
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{prefix:>22} [{bar:30}] {pos}/{len} {elapsed_precise} (eta {eta}) {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ")
+}
+
+/// Run an experiment: cross-validation when asked, then the final model and its files.
+pub fn run(config_path: &Path, opts: &RunOptions) -> Result<RunReport, TrainError> {
+    let mut exp = Experiment::load(config_path)?;
+    if let Some(e) = opts.epochs {
+        exp.train.epochs = e;
+    }
+    if let Some(p) = opts.protocol {
+        exp.cv.protocol = p;
+    }
+    if let Some(s) = &opts.seeds {
+        exp.cv.seeds = s.clone();
+    }
+    exp.validate(config_path)?;
+    let multi = if opts.quiet {
+        MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
+    } else {
+        MultiProgress::new()
+    };
+    let load_bar = multi.add(
+        ProgressBar::new(0)
+            .with_style(bar_style())
+            .with_prefix("images"),
+    );
+    let (ds, spec0, items, skipped) = load_data(&exp, opts.limit, &load_bar)?;
+    let heads_found = items.iter().filter(|i| i.loc.head.is_some()).count();
+    tracing::info!(
+        images = items.len(),
+        skipped = skipped.len(),
+        heads_found,
+        "dataset ready"
+    );
+    let cv = if opts.folds {
+        Some(cross_validate(&exp, &ds, &items, &spec0, &multi)?)
+    } else {
+        None
+    };
+    let final_model = if opts.no_final {
+        None
+    } else {
+        Some(train_final(
+            &exp,
+            &items,
+            &spec0,
+            cv.as_ref(),
+            opts,
+            &multi,
+        )?)
+    };
+    let report = RunReport {
+        name: exp.name.clone(),
+        config: config_path.to_path_buf(),
+        dataset: ds.root.clone(),
+        images: items.len(),
+        skipped: skipped
+            .iter()
+            .map(|s: &Skipped| format!("{}: {}", s.path.display(), s.reason))
+            .collect(),
+        heads_found,
+        cv,
+        final_model,
+    };
+    let json_path = opts.out.join(format!("{}.metrics.json", exp.name));
+    std::fs::create_dir_all(&opts.out)
+        .and_then(|_| {
+            std::fs::write(
+                &json_path,
+                serde_json::to_string_pretty(&report).unwrap_or_default(),
+            )
+        })
+        .map_err(|e| TrainError::Write {
+            path: json_path.clone(),
+            reason: e.to_string(),
+        })?;
+    Ok(report)
+}
+
+fn test_folds(
+    exp: &Experiment,
+    ds: &Dataset,
+    items: &[Item],
+    seed: u64,
+) -> Result<Vec<Option<usize>>, TrainError> {
+    let labels: Vec<usize> = items.iter().map(|i| i.label).collect();
+    Ok(match exp.cv.protocol {
+        Protocol::Stratified => dataset::stratified_folds(&labels, exp.cv.folds, seed)
+            .into_iter()
+            .map(Some)
+            .collect(),
+        Protocol::FoldsCsv => {
+            let csv = ds.root.join("folds.csv");
+            let kept = Dataset {
+                root: ds.root.clone(),
+                classes: ds.classes.clone(),
+                samples: items
+                    .iter()
+                    .map(|i| dataset::Sample {
+                        path: i.path.clone(),
+                        label: i.label,
+                        split: None,
+                    })
+                    .collect(),
+            };
+            dataset::folds_csv(&kept, &csv)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+        Protocol::GivenSplit => {
+            if !items.iter().any(|i| i.split.as_deref() == Some("test")) {
+                return Err(TrainError::Protocol {
+                    protocol: Protocol::GivenSplit,
+                    what: "a dataset with a 'test' split (MHSMA's labels.csv)".into(),
+                });
+            }
+            items
+                .iter()
+                .map(|i| (i.split.as_deref() == Some("test")).then_some(0))
+                .collect()
+        }
+    })
+}
+
+fn cross_validate(
+    exp: &Experiment,
+    ds: &Dataset,
+    items: &[Item],
+    spec0: &ModelSpec,
+    multi: &MultiProgress,
+) -> Result<CvReport, TrainError> {
+    let started = Instant::now();
+    let folds = match exp.cv.protocol {
+        Protocol::GivenSplit => 1,
+        _ => exp.cv.folds,
+    };
+    let runs = folds * exp.cv.seeds.len();
+    let top = multi.add(
+        ProgressBar::new(runs as u64)
+            .with_style(bar_style())
+            .with_prefix(format!("{:?} folds", exp.cv.protocol)),
+    );
+    let epoch_bar = multi.add(ProgressBar::new(0).with_style(bar_style()));
+    let k = spec0.classes.len();
+    let mut pooled = vec![vec![0usize; k]; k];
+    let (mut accs, mut f1s, mut seed_acc) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut plain, mut fused) = (Vec::new(), Vec::new());
+    let mut out_of_fold = Vec::new();
+    for (seed_no, &seed) in exp.cv.seeds.iter().enumerate() {
+        let assign = test_folds(exp, ds, items, seed)?;
+        let mut seed_conf = vec![vec![0usize; k]; k];
+        for fold in 0..folds {
+            epoch_bar.set_prefix(format!("seed {seed} fold {}/{folds}", fold + 1));
+            let test: Vec<usize> = (0..items.len())
+                .filter(|&i| assign[i] == Some(fold))
+                .collect();
+            let rest: Vec<usize> = (0..items.len())
+                .filter(|&i| assign[i] != Some(fold))
+                .collect();
+            let (train_idx, val_idx) = if exp.cv.protocol == Protocol::GivenSplit {
+                let tr = rest
+                    .iter()
+                    .copied()
+                    .filter(|&i| items[i].split.as_deref() == Some("train"))
+                    .collect();
+                let va = rest
+                    .iter()
+                    .copied()
+                    .filter(|&i| items[i].split.as_deref() != Some("train"))
+                    .collect();
+                (tr, va)
+            } else {
+                split_val(items, &rest, exp.train.val_fraction, seed + fold as u64)
+            };
+            let mut spec = spec0.clone();
+            fit::fit_normalisation(items, &train_idx, &mut spec);
+            let fitted = fit::fit(
+                exp,
+                items,
+                &train_idx,
+                &val_idx,
+                &spec,
+                seed * 1000 + fold as u64,
+                &epoch_bar,
+            )?;
+            let truth: Vec<usize> = test.iter().map(|&i| items[i].label).collect();
+            // Both ways once; the model's own setting picks which are its predictions.
+            let mut logits = Vec::new();
+            for (mirror, acc) in [(false, &mut plain), (true, &mut fused)] {
+                let l = fit::predict_with(&fitted.model, items, &test, &spec, mirror);
+                let p: Vec<usize> = l.iter().map(|l| argmax(l)).collect();
+                acc.push(Scores::new(&spec.classes, &truth, &p).accuracy);
+                if mirror == spec.test_time_mirror {
+                    logits = l;
+                }
+            }
+            if seed_no == 0 {
+                out_of_fold.extend(test.iter().copied().zip(logits.iter().cloned()));
+            }
+            let pred: Vec<usize> = logits.iter().map(|l| argmax(l)).collect();
+            let s = Scores::new(&spec.classes, &truth, &pred);
+            for t in 0..k {
+                for p in 0..k {
+                    pooled[t][p] += s.confusion[t][p];
+                    seed_conf[t][p] += s.confusion[t][p];
+                }
+            }
+            multi.suspend(|| {
+                eprintln!(
+                    "seed {seed} fold {}/{folds}: accuracy {:.3} macro-F1 {:.3} (n {}, best epoch {}, {:.0} img/s)",
+                    fold + 1,
+                    s.accuracy,
+                    s.macro_f1,
+                    s.n,
+                    fitted.best_epoch,
+                    fitted.images_per_second
+                )
+            });
+            accs.push(s.accuracy);
+            f1s.push(s.macro_f1);
+            top.inc(1);
+        }
+        seed_acc.push(Scores::from_confusion(&spec0.classes, seed_conf).accuracy);
+    }
+    top.finish_and_clear();
+    epoch_bar.finish_and_clear();
+    let (am, asd) = mean_std(&accs);
+    let (fm, fsd) = mean_std(&f1s);
+    Ok(CvReport {
+        protocol: exp.cv.protocol,
+        folds,
+        seeds: exp.cv.seeds.clone(),
+        fold_accuracy: accs,
+        fold_macro_f1: f1s,
+        accuracy_mean: am,
+        accuracy_std: asd,
+        macro_f1_mean: fm,
+        macro_f1_std: fsd,
+        seed_accuracy: seed_acc,
+        accuracy_plain: mean_std(&plain).0,
+        accuracy_mirror_fused: mean_std(&fused).0,
+        pooled: Scores::from_confusion(&spec0.classes, pooled),
+        seconds: started.elapsed().as_secs_f64(),
+        out_of_fold,
+    })
+}
+
+fn train_final(
+    exp: &Experiment,
+    items: &[Item],
+    spec0: &ModelSpec,
+    cv: Option<&CvReport>,
+    opts: &RunOptions,
+    multi: &MultiProgress,
+) -> Result<FinalReport, TrainError> {
+    let started = Instant::now();
+    let seed = exp.cv.seeds.first().copied().unwrap_or(exp.train.seed);
+    let all: Vec<usize> = (0..items.len()).collect();
+    let given = exp.cv.protocol == Protocol::GivenSplit && items.iter().any(|i| i.split.is_some());
+    let (train_idx, val_idx, test_idx) = if given {
+        let by = |name: &str| -> Vec<usize> {
+            all.iter()
+                .copied()
+                .filter(|&i| items[i].split.as_deref() == Some(name))
+                .collect()
+        };
+        (by("train"), by("valid"), by("test"))
+    } else {
+        let (tr, va) = split_val(items, &all, exp.train.val_fraction, seed);
+        (tr, va, Vec::new())
+    };
+    let mut spec = spec0.clone();
+    fit::fit_normalisation(items, &train_idx, &mut spec);
+    let bar = multi.add(
+        ProgressBar::new(0)
+            .with_style(bar_style())
+            .with_prefix("final model"),
+    );
+    let fitted = fit::fit(exp, items, &train_idx, &val_idx, &spec, seed, &bar)?;
+    bar.finish_and_clear();
+    // `all` is every item in order, so these logits are indexed by item.
+    let all_logits = fit::predict(&fitted.model, items, &all, &spec);
+    let test = (!test_idx.is_empty()).then(|| {
+        let truth: Vec<usize> = test_idx.iter().map(|&i| items[i].label).collect();
+        let pred: Vec<usize> = test_idx.iter().map(|&i| argmax(&all_logits[i])).collect();
+        Scores::new(&spec.classes, &truth, &pred)
+    });
+    let calibration = match (exp.train.fit_temperature, val_idx.is_empty(), cv) {
+        (false, _, _) => None,
+        (true, false, _) => {
+            let logits: Vec<Vec<f32>> = val_idx.iter().map(|&i| all_logits[i].clone()).collect();
+            let truth: Vec<usize> = val_idx.iter().map(|&i| items[i].label).collect();
+            Calibration::fit(&logits, &truth, "validation split")
+        }
+        // No validation split: the cross-validation's held-out predictions stand in for it.
+        (true, true, Some(cv)) => {
+            let truth: Vec<usize> = cv
+                .out_of_fold
+                .iter()
+                .map(|(i, _)| items[*i].label)
+                .collect();
+            let logits: Vec<Vec<f32>> = cv.out_of_fold.iter().map(|(_, l)| l.clone()).collect();
+            Calibration::fit(
+                &logits,
+                &truth,
+                "cross-validation out-of-fold predictions (first seed)",
+            )
+        }
+        (true, true, None) => {
+            tracing::warn!(
+                "temperature not fitted: the final model keeps no validation split and no cross-validation ran (use --folds or train.val_fraction)"
+            );
+            None
+        }
+    };
+    if let Some(c) = &calibration {
+        spec.temperature = c.temperature;
+        tracing::info!(
+            temperature = c.temperature,
+            ece_before = c.ece_before,
+            ece_after = c.ece_after,
+            "temperature fitted on the {}",
+            c.fitted_on
+        );
+    }
+    let all_data = Scores::new(
+        &spec.classes,
+        &items.iter().map(|i| i.label).collect::<Vec<_>>(),
+        &all_logits.iter().map(|l| argmax(l)).collect::<Vec<_>>(),
+    );
+    // Parity reference: the trained network's own logits on real crops, before export.
+    let parity_idx: Vec<usize> = all
+        .iter()
+        .copied()
+        .step_by((items.len() / 16).max(1))
+        .take(16)
+        .collect();
+    let parity_logits: Vec<Vec<f32>> = parity_idx.iter().map(|&i| all_logits[i].clone()).collect();
+    let onnx_path = opts.out.join(format!("{}.onnx", exp.name));
+    let title = exp.name.clone();
+    let history = fitted.history;
+    let bytes = export::to_onnx(fitted.model, &spec)?;
+    export::save(&bytes, &onnx_path)?;
+    let curves = opts.out.join(format!("{}.curves.png", exp.name));
+    if let Err(e) = plot::training_curves(&history, &title, &curves) {
+        tracing::warn!(path = %curves.display(), error = %e, "training curves not drawn");
+    }
+    let gradients = opts.out.join(format!("{}.gradients.png", exp.name));
+    if let Err(e) = plot::gradient_norms(&history, &title, &gradients) {
+        tracing::warn!(path = %gradients.display(), error = %e, "gradient norms not drawn");
+    }
+    let conf_scores = cv.map(|c| c.pooled.clone()).or_else(|| test.clone());
+    if let Some(s) = conf_scores {
+        let what = if cv.is_some() {
+            "cross-validation, pooled"
+        } else {
+            "test split"
+        };
+        let p = opts.out.join(format!("{}.confusion.png", exp.name));
+        if let Err(e) = plot::confusion(&s, &format!("{title} ({what})"), &p) {
+            tracing::warn!(path = %p.display(), error = %e, "confusion matrix not drawn");
+        }
+    }
+    Ok(FinalReport {
+        path: onnx_path,
+        epochs_run: history.len(),
+        best_epoch: fitted.best_epoch,
+        train_images: train_idx.len(),
+        val_images: val_idx.len(),
+        seconds: started.elapsed().as_secs_f64(),
+        images_per_second: fitted.images_per_second,
+        parity_logits,
+        parity_items: parity_idx.iter().map(|&i| items[i].path.clone()).collect(),
+        test,
+        all_data,
+        spec,
+        overfitting_from_epoch: fit::overfitting_from(&history),
+        history,
+        calibration,
+    })
+}
