@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::momentum::MomentumConfig;
@@ -421,6 +421,197 @@ pub fn lr_at(exp: &Experiment, epoch_f: f64) -> f64 {
     t.lr * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
 }
 
+/// What one training run holds fixed: the data, the loss and the class balance.
+struct Run<'a> {
+    exp: &'a Experiment,
+    items: &'a [Item],
+    spec: &'a ModelSpec,
+    device: Device,
+    loss_fn: CrossEntropyLoss,
+    /// Unweighted, on the plain device: validation loss.
+    eval_loss: CrossEntropyLoss,
+    /// Training indexes by class (balanced sampling draws from them).
+    by_class: Vec<Vec<usize>>,
+    train_idx: &'a [usize],
+}
+
+/// What one epoch of training left: the figures of its log without validation.
+struct EpochTrained {
+    lr: f64,
+    loss_sum: f64,
+    correct: usize,
+    seen: usize,
+    grad_norms: EpochNorms,
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        exp: &'a Experiment,
+        items: &'a [Item],
+        train_idx: &'a [usize],
+        spec: &'a ModelSpec,
+        device: Device,
+    ) -> Self {
+        let k = spec.classes.len();
+        let by_class: Vec<Vec<usize>> = (0..k)
+            .map(|c| {
+                train_idx
+                    .iter()
+                    .copied()
+                    .filter(|&i| items[i].label == c)
+                    .collect()
+            })
+            .collect();
+        let t = &exp.train;
+        let weights = matches!(t.balance, Balance::Weights).then(|| {
+            let n = train_idx.len() as f32;
+            by_class
+                .iter()
+                .map(|c| n / (k as f32 * c.len().max(1) as f32))
+                .collect::<Vec<f32>>()
+        });
+        let smoothing = (t.label_smoothing > 0.0).then_some(t.label_smoothing);
+        let loss_fn = CrossEntropyLossConfig::new()
+            .with_weights(weights)
+            .with_smoothing(smoothing)
+            .init(&device);
+        Self {
+            exp,
+            items,
+            spec,
+            eval_loss: CrossEntropyLossConfig::new().init(&Device::flex()),
+            device,
+            loss_fn,
+            by_class,
+            train_idx,
+        }
+    }
+
+    /// This epoch's order of training images: shuffled, or drawn class-balanced.
+    fn order(&self, rng: &mut ChaCha8Rng) -> Vec<usize> {
+        let mut order: Vec<usize> = match self.exp.train.balance {
+            Balance::Sampling => {
+                let nonempty: Vec<&Vec<usize>> =
+                    self.by_class.iter().filter(|v| !v.is_empty()).collect();
+                (0..self.train_idx.len())
+                    .map(|_| {
+                        let cls = nonempty[rng.random_range(0..nonempty.len())];
+                        cls[rng.random_range(0..cls.len())]
+                    })
+                    .collect()
+            }
+            _ => self.train_idx.to_vec(),
+        };
+        order.shuffle(rng);
+        order
+    }
+
+    /// One pass over the training images, batch by batch, with the health checks: a
+    /// non-finite loss, gradient or weight stops the run naming epoch, batch and layer.
+    fn epoch(
+        &self,
+        mut model: Net,
+        optim: &mut ModuleOptimizer,
+        epoch: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(Net, EpochTrained), FitError> {
+        let order = self.order(rng);
+        let batches: Vec<&[usize]> = order
+            .chunks(self.exp.train.batch_size)
+            .filter(|b| b.len() >= 2)
+            .collect();
+        let nb = batches.len().max(1);
+        let mut out = EpochTrained {
+            lr: self.exp.train.lr,
+            loss_sum: 0.0,
+            correct: 0,
+            seen: 0,
+            grad_norms: EpochNorms::default(),
+        };
+        let (items, spec) = (self.items, self.spec);
+        for (b, chunk) in batches.into_iter().enumerate() {
+            let at = |layer: &str| (epoch + 1, b + 1, layer.to_string());
+            out.lr = lr_at(self.exp, epoch as f64 + b as f64 / nb as f64);
+            let (px, fs) = inputs(items, chunk, spec, Some((&self.exp.augment, rng.random())));
+            let (x, f) = tensors(px, fs, chunk.len(), spec, &self.device);
+            let labels: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
+            let y = Tensor::<1, Int>::from_data(
+                TensorData::new(labels.clone(), [chunk.len()]),
+                &self.device,
+            );
+            let logits = model.forward(x, f);
+            let loss = self.loss_fn.forward(logits.clone(), y);
+            let value = finite(loss.clone().into_scalar::<f32>(), epoch + 1, b + 1)?;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let norms = health::gradient_norms(&model, &grads);
+            if let Some(layer) = health::first_non_finite(&norms) {
+                let (epoch, batch, layer) = at(layer);
+                return Err(FitError::NonFiniteGradient {
+                    epoch,
+                    batch,
+                    layer,
+                });
+            }
+            out.grad_norms.add(&norms);
+            model = optim.step(out.lr, model, grads);
+            if let Some(layer) = health::first_non_finite(&health::weight_norms(&model)) {
+                let (epoch, batch, layer) = at(layer);
+                return Err(FitError::NonFiniteWeights {
+                    epoch,
+                    batch,
+                    layer,
+                });
+            }
+            out.loss_sum += value as f64 * chunk.len() as f64;
+            let preds: Vec<i64> = logits.argmax(1).into_data().iter::<i64>().collect();
+            out.correct += preds.iter().zip(&labels).filter(|(p, l)| p == l).count();
+            out.seen += chunk.len();
+        }
+        Ok((model, out))
+    }
+
+    /// Validation loss and accuracy of a (validation-mode) model.
+    fn validate(&self, model: &Net, val_idx: &[usize]) -> (f64, f64) {
+        let logits = predict(model, self.items, val_idx, self.spec);
+        let labels: Vec<i64> = val_idx
+            .iter()
+            .map(|&i| self.items[i].label as i64)
+            .collect();
+        let right = logits
+            .iter()
+            .zip(&labels)
+            .filter(|(l, y)| argmax(l) as i64 == **y)
+            .count();
+        let acc = right as f64 / labels.len().max(1) as f64;
+        let k = self.spec.classes.len();
+        let dev = Device::flex();
+        let lt = Tensor::<2>::from_data(TensorData::new(logits.concat(), [labels.len(), k]), &dev);
+        let yt = Tensor::<1, Int>::from_data(TensorData::new(labels, [val_idx.len()]), &dev);
+        let loss = self.eval_loss.forward(lt, yt).into_scalar::<f32>() as f64;
+        (loss, acc)
+    }
+}
+
+/// Each layer whose gradient vanished or exploded over the epoch, warned about once.
+fn judge_gradients(epoch: usize, stats: &[GradStats]) -> Vec<(String, GradTrouble)> {
+    let mut warnings = Vec::new();
+    for (s, trouble) in health::judge(stats) {
+        tracing::warn!(
+            epoch,
+            layer = %s.layer,
+            mean_norm = s.mean,
+            max_norm = s.max,
+            "gradient {}",
+            match trouble {
+                GradTrouble::Vanishing => "vanishing",
+                GradTrouble::Exploding => "exploding",
+            }
+        );
+        warnings.push((s.layer.clone(), trouble));
+    }
+    warnings
+}
+
 /// Train on `train_idx`; when `val_idx` is not empty it drives early stopping and the choice
 /// of the kept weights (lowest validation loss).
 pub fn fit(
@@ -434,44 +625,13 @@ pub fn fit(
 ) -> Result<Fitted, FitError> {
     let device = Device::flex().autodiff();
     device.seed(seed);
-    let k = spec.classes.len();
     let n_feat = spec.features.as_ref().map_or(0, |f| f.count);
+    let k = spec.classes.len();
     let mut model = Net::new(&device, &exp.model, spec.input.channels as usize, n_feat, k);
+    let run = Run::new(exp, items, train_idx, spec, device);
     let t = &exp.train;
     let mut optim = optimizer(t);
-    let mut counts = vec![0usize; k];
-    for &i in train_idx {
-        counts[items[i].label] += 1;
-    }
-    let weights = match t.balance {
-        Balance::Weights => {
-            let n = train_idx.len() as f32;
-            Some(
-                counts
-                    .iter()
-                    .map(|&c| n / (k as f32 * c.max(1) as f32))
-                    .collect::<Vec<f32>>(),
-            )
-        }
-        _ => None,
-    };
-    let smoothing = (t.label_smoothing > 0.0).then_some(t.label_smoothing);
-    let loss_fn = CrossEntropyLossConfig::new()
-        .with_weights(weights)
-        .with_smoothing(smoothing)
-        .init(&device);
-    let eval_loss = CrossEntropyLossConfig::new().init(&Device::flex());
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(7));
-    let by_class: Vec<Vec<usize>> = (0..k)
-        .map(|c| {
-            train_idx
-                .iter()
-                .copied()
-                .filter(|&i| items[i].label == c)
-                .collect()
-        })
-        .collect();
-
     let mut history = Vec::new();
     let mut best: Option<(f64, usize, Net)> = None;
     let mut since_best = 0;
@@ -481,104 +641,24 @@ pub fn fit(
     bar.set_position(0);
     for epoch in 0..t.epochs {
         let t0 = Instant::now();
-        let mut order: Vec<usize> = match t.balance {
-            Balance::Sampling => (0..train_idx.len())
-                .map(|_| {
-                    let nonempty: Vec<&Vec<usize>> =
-                        by_class.iter().filter(|v| !v.is_empty()).collect();
-                    let cls = nonempty[rng.random_range(0..nonempty.len())];
-                    cls[rng.random_range(0..cls.len())]
-                })
-                .collect(),
-            _ => train_idx.to_vec(),
-        };
-        order.shuffle(&mut rng);
-        let batches: Vec<&[usize]> = order
-            .chunks(t.batch_size)
-            .filter(|b| b.len() >= 2)
-            .collect();
-        let nb = batches.len().max(1);
-        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-        let mut grad_norms = EpochNorms::default();
-        let mut lr = t.lr;
-        for (b, chunk) in batches.into_iter().enumerate() {
-            lr = lr_at(exp, epoch as f64 + b as f64 / nb as f64);
-            let (px, fs) = inputs(items, chunk, spec, Some((&exp.augment, rng.random())));
-            let (x, f) = tensors(px, fs, chunk.len(), spec, &device);
-            let labels: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
-            let y = Tensor::<1, Int>::from_data(
-                TensorData::new(labels.clone(), [chunk.len()]),
-                &device,
-            );
-            let logits = model.forward(x, f);
-            let loss = loss_fn.forward(logits.clone(), y);
-            let value = finite(loss.clone().into_scalar::<f32>(), epoch + 1, b + 1)?;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let norms = health::gradient_norms(&model, &grads);
-            if let Some(layer) = health::first_non_finite(&norms) {
-                return Err(FitError::NonFiniteGradient {
-                    epoch: epoch + 1,
-                    batch: b + 1,
-                    layer: layer.to_string(),
-                });
-            }
-            grad_norms.add(&norms);
-            model = optim.step(lr, model, grads);
-            if let Some(layer) = health::first_non_finite(&health::weight_norms(&model)) {
-                return Err(FitError::NonFiniteWeights {
-                    epoch: epoch + 1,
-                    batch: b + 1,
-                    layer: layer.to_string(),
-                });
-            }
-            loss_sum += value as f64 * chunk.len() as f64;
-            let preds: Vec<i64> = logits.argmax(1).into_data().iter::<i64>().collect();
-            correct += preds.iter().zip(&labels).filter(|(p, l)| p == l).count();
-            seen += chunk.len();
-        }
-        images += seen;
-        let grad_stats = grad_norms.stats();
-        let mut grad_warnings = Vec::new();
-        for (s, trouble) in health::judge(&grad_stats) {
-            tracing::warn!(
-                epoch = epoch + 1,
-                layer = %s.layer,
-                mean_norm = s.mean,
-                max_norm = s.max,
-                "gradient {}",
-                match trouble {
-                    GradTrouble::Vanishing => "vanishing",
-                    GradTrouble::Exploding => "exploding",
-                }
-            );
-            grad_warnings.push((s.layer.clone(), trouble));
-        }
+        let trained;
+        (model, trained) = run.epoch(model, &mut optim, epoch, &mut rng)?;
+        images += trained.seen;
+        let grad_stats = trained.grad_norms.stats();
         let mut log = EpochLog {
             epoch: epoch + 1,
-            lr,
-            train_loss: loss_sum / seen.max(1) as f64,
-            train_accuracy: correct as f64 / seen.max(1) as f64,
+            lr: trained.lr,
+            train_loss: trained.loss_sum / trained.seen.max(1) as f64,
+            train_accuracy: trained.correct as f64 / trained.seen.max(1) as f64,
             val_loss: None,
             val_accuracy: None,
             seconds: 0.0,
+            grad_warnings: judge_gradients(epoch + 1, &grad_stats),
             grad_norms: grad_stats,
-            grad_warnings,
         };
         if !val_idx.is_empty() {
             let valid = model.valid();
-            let logits = predict(&valid, items, val_idx, spec);
-            let labels: Vec<i64> = val_idx.iter().map(|&i| items[i].label as i64).collect();
-            let acc = logits
-                .iter()
-                .zip(&labels)
-                .filter(|(l, y)| argmax(l) as i64 == **y)
-                .count() as f64
-                / labels.len() as f64;
-            let flat: Vec<f32> = logits.concat();
-            let dev = Device::flex();
-            let lt = Tensor::<2>::from_data(TensorData::new(flat, [labels.len(), k]), &dev);
-            let yt = Tensor::<1, Int>::from_data(TensorData::new(labels, [val_idx.len()]), &dev);
-            let vl = eval_loss.forward(lt, yt).into_scalar::<f32>() as f64;
+            let (vl, acc) = run.validate(&valid, val_idx);
             log.val_loss = Some(vl);
             log.val_accuracy = Some(acc);
             if best.as_ref().is_none_or(|(b, _, _)| vl < *b) {
@@ -604,10 +684,9 @@ pub fn fit(
         }
     }
     let ips = images as f64 / started.elapsed().as_secs_f64().max(1e-9);
-    let last = history.len();
     let (model, best_epoch) = match best {
         Some((_, e, m)) => (m, e),
-        None => (model.valid(), last),
+        None => (model.valid(), history.len()),
     };
     Ok(Fitted {
         model,

@@ -332,6 +332,32 @@ fn test_folds(
     })
 }
 
+/// The training, validation and test indexes of one fold: the test fold, and the rest split
+/// into training and validation (the dataset's own train/valid split under `GivenSplit`).
+fn fold_split(
+    exp: &Experiment,
+    items: &[Item],
+    assign: &[Option<usize>],
+    fold: usize,
+    seed: u64,
+) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+    let (test, rest): (Vec<usize>, Vec<usize>) =
+        (0..items.len()).partition(|&i| assign[i] == Some(fold));
+    let (train_idx, val_idx) = if exp.cv.protocol == Protocol::GivenSplit {
+        rest.iter()
+            .partition(|&&i| items[i].split.as_deref() == Some("train"))
+    } else {
+        split_val(items, &rest, exp.train.val_fraction, seed + fold as u64)
+    };
+    (train_idx, val_idx, test)
+}
+
+/// Accuracy of logits against the truth.
+fn accuracy(classes: &[String], truth: &[usize], logits: &[Vec<f32>]) -> f64 {
+    let p: Vec<usize> = logits.iter().map(|l| argmax(l)).collect();
+    Scores::new(classes, truth, &p).accuracy
+}
+
 fn cross_validate(
     exp: &Experiment,
     ds: &Dataset,
@@ -361,27 +387,7 @@ fn cross_validate(
         let mut seed_conf = vec![vec![0usize; k]; k];
         for fold in 0..folds {
             epoch_bar.set_prefix(format!("seed {seed} fold {}/{folds}", fold + 1));
-            let test: Vec<usize> = (0..items.len())
-                .filter(|&i| assign[i] == Some(fold))
-                .collect();
-            let rest: Vec<usize> = (0..items.len())
-                .filter(|&i| assign[i] != Some(fold))
-                .collect();
-            let (train_idx, val_idx) = if exp.cv.protocol == Protocol::GivenSplit {
-                let tr = rest
-                    .iter()
-                    .copied()
-                    .filter(|&i| items[i].split.as_deref() == Some("train"))
-                    .collect();
-                let va = rest
-                    .iter()
-                    .copied()
-                    .filter(|&i| items[i].split.as_deref() != Some("train"))
-                    .collect();
-                (tr, va)
-            } else {
-                split_val(items, &rest, exp.train.val_fraction, seed + fold as u64)
-            };
+            let (train_idx, val_idx, test) = fold_split(exp, items, &assign, fold, seed);
             let mut spec = spec0.clone();
             fit::fit_normalisation(items, &train_idx, &mut spec);
             let fitted = fit::fit(
@@ -398,8 +404,7 @@ fn cross_validate(
             let mut logits = Vec::new();
             for (mirror, acc) in [(false, &mut plain), (true, &mut fused)] {
                 let l = fit::predict_with(&fitted.model, items, &test, &spec, mirror);
-                let p: Vec<usize> = l.iter().map(|l| argmax(l)).collect();
-                acc.push(Scores::new(&spec.classes, &truth, &p).accuracy);
+                acc.push(accuracy(&spec.classes, &truth, &l));
                 if mirror == spec.test_time_mirror {
                     logits = l;
                 }
@@ -455,6 +460,66 @@ fn cross_validate(
     })
 }
 
+/// The final model's temperature, fitted on its validation split, or on the
+/// cross-validation's out-of-fold predictions when it keeps none.
+fn final_temperature(
+    exp: &Experiment,
+    items: &[Item],
+    val_idx: &[usize],
+    all_logits: &[Vec<f32>],
+    cv: Option<&CvReport>,
+) -> Option<Calibration> {
+    if !exp.train.fit_temperature {
+        return None;
+    }
+    if !val_idx.is_empty() {
+        let logits: Vec<Vec<f32>> = val_idx.iter().map(|&i| all_logits[i].clone()).collect();
+        let truth: Vec<usize> = val_idx.iter().map(|&i| items[i].label).collect();
+        return Calibration::fit(&logits, &truth, "validation split");
+    }
+    let Some(cv) = cv else {
+        tracing::warn!(
+            "temperature not fitted: the final model keeps no validation split and no cross-validation ran (use --folds or train.val_fraction)"
+        );
+        return None;
+    };
+    let truth: Vec<usize> = cv
+        .out_of_fold
+        .iter()
+        .map(|(i, _)| items[*i].label)
+        .collect();
+    let logits: Vec<Vec<f32>> = cv.out_of_fold.iter().map(|(_, l)| l.clone()).collect();
+    Calibration::fit(
+        &logits,
+        &truth,
+        "cross-validation out-of-fold predictions (first seed)",
+    )
+}
+
+/// The final model's pictures: training curves, gradient norms and the confusion matrix. A
+/// picture that cannot be drawn is a warning, not a failed run.
+fn draw_final(
+    out: &Path,
+    title: &str,
+    history: &[fit::EpochLog],
+    confusion: Option<(&Scores, &str)>,
+) {
+    let curves = out.join(format!("{title}.curves.png"));
+    if let Err(e) = plot::training_curves(history, title, &curves) {
+        tracing::warn!(path = %curves.display(), error = %e, "training curves not drawn");
+    }
+    let gradients = out.join(format!("{title}.gradients.png"));
+    if let Err(e) = plot::gradient_norms(history, title, &gradients) {
+        tracing::warn!(path = %gradients.display(), error = %e, "gradient norms not drawn");
+    }
+    if let Some((s, what)) = confusion {
+        let p = out.join(format!("{title}.confusion.png"));
+        if let Err(e) = plot::confusion(s, &format!("{title} ({what})"), &p) {
+            tracing::warn!(path = %p.display(), error = %e, "confusion matrix not drawn");
+        }
+    }
+}
+
 fn train_final(
     exp: &Experiment,
     items: &[Item],
@@ -495,34 +560,7 @@ fn train_final(
         let pred: Vec<usize> = test_idx.iter().map(|&i| argmax(&all_logits[i])).collect();
         Scores::new(&spec.classes, &truth, &pred)
     });
-    let calibration = match (exp.train.fit_temperature, val_idx.is_empty(), cv) {
-        (false, _, _) => None,
-        (true, false, _) => {
-            let logits: Vec<Vec<f32>> = val_idx.iter().map(|&i| all_logits[i].clone()).collect();
-            let truth: Vec<usize> = val_idx.iter().map(|&i| items[i].label).collect();
-            Calibration::fit(&logits, &truth, "validation split")
-        }
-        // No validation split: the cross-validation's held-out predictions stand in for it.
-        (true, true, Some(cv)) => {
-            let truth: Vec<usize> = cv
-                .out_of_fold
-                .iter()
-                .map(|(i, _)| items[*i].label)
-                .collect();
-            let logits: Vec<Vec<f32>> = cv.out_of_fold.iter().map(|(_, l)| l.clone()).collect();
-            Calibration::fit(
-                &logits,
-                &truth,
-                "cross-validation out-of-fold predictions (first seed)",
-            )
-        }
-        (true, true, None) => {
-            tracing::warn!(
-                "temperature not fitted: the final model keeps no validation split and no cross-validation ran (use --folds or train.val_fraction)"
-            );
-            None
-        }
-    };
+    let calibration = final_temperature(exp, items, &val_idx, &all_logits, cv);
     if let Some(c) = &calibration {
         spec.temperature = c.temperature;
         tracing::info!(
@@ -551,26 +589,12 @@ fn train_final(
     let history = fitted.history;
     let bytes = export::to_onnx(fitted.model, &spec)?;
     export::save(&bytes, &onnx_path)?;
-    let curves = opts.out.join(format!("{}.curves.png", exp.name));
-    if let Err(e) = plot::training_curves(&history, &title, &curves) {
-        tracing::warn!(path = %curves.display(), error = %e, "training curves not drawn");
-    }
-    let gradients = opts.out.join(format!("{}.gradients.png", exp.name));
-    if let Err(e) = plot::gradient_norms(&history, &title, &gradients) {
-        tracing::warn!(path = %gradients.display(), error = %e, "gradient norms not drawn");
-    }
-    let conf_scores = cv.map(|c| c.pooled.clone()).or_else(|| test.clone());
-    if let Some(s) = conf_scores {
-        let what = if cv.is_some() {
-            "cross-validation, pooled"
-        } else {
-            "test split"
-        };
-        let p = opts.out.join(format!("{}.confusion.png", exp.name));
-        if let Err(e) = plot::confusion(&s, &format!("{title} ({what})"), &p) {
-            tracing::warn!(path = %p.display(), error = %e, "confusion matrix not drawn");
-        }
-    }
+    let confusion = match (cv, &test) {
+        (Some(c), _) => Some((&c.pooled, "cross-validation, pooled")),
+        (None, Some(t)) => Some((t, "test split")),
+        (None, None) => None,
+    };
+    draw_final(&opts.out, &title, &history, confusion);
     Ok(FinalReport {
         path: onnx_path,
         epochs_run: history.len(),

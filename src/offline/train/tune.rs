@@ -372,39 +372,264 @@ fn gauss(rng: &mut ChaCha8Rng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
+/// The search's log: finished trials, one JSON line each, appended (and flushed) as they
+/// finish, so a killed search resumes where it stopped.
+pub struct TrialLog {
+    path: PathBuf,
+    logged: Vec<Trial>,
+    file: std::fs::File,
+}
+
+/// Read a log's text. A malformed last line is what a killed run leaves (its trial runs
+/// again); a malformed line before it means the file is not a search log, and is refused.
+pub fn parse_log(text: &str, path: &Path) -> Result<Vec<Trial>, TrainError> {
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .collect();
+    let mut trials = Vec::with_capacity(lines.len());
+    for (k, (i, line)) in lines.iter().enumerate() {
+        match serde_json::from_str::<Trial>(line) {
+            Ok(t) => trials.push(t),
+            Err(e) if k + 1 == lines.len() => {
+                tracing::warn!(path = %path.display(), line = i + 1, error = %e, "last log line is cut off; its trial runs again");
+            }
+            Err(e) => {
+                return Err(invalid(
+                    path,
+                    "log",
+                    format!("line {} is not a trial: {e}", i + 1),
+                ));
+            }
+        }
+    }
+    Ok(trials)
+}
+
+impl TrialLog {
+    /// Open (or create) the log and read the trials an earlier run finished.
+    pub fn open(path: &Path) -> Result<TrialLog, TrainError> {
+        let write_err = |e: std::io::Error| TrainError::Write {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let logged = match std::fs::read_to_string(path) {
+            Ok(text) => parse_log(&text, path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(write_err(e)),
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(write_err)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(write_err)?;
+        Ok(TrialLog {
+            path: path.to_path_buf(),
+            logged,
+            file,
+        })
+    }
+
+    /// The trial from an earlier run, when it finished; refused when its parameters are
+    /// not the ones drawn now (the search changed).
+    fn get(
+        &self,
+        (outer, trial, rung): (usize, usize, usize),
+        params: &BTreeMap<String, toml::Value>,
+    ) -> Result<Option<Trial>, TrainError> {
+        let Some(t) = self
+            .logged
+            .iter()
+            .find(|t| t.outer == outer && t.trial == trial && t.rung == rung)
+        else {
+            return Ok(None);
+        };
+        if &t.params != params {
+            return Err(invalid(
+                &self.path,
+                "log",
+                format!(
+                    "trial {trial} of outer fold {outer} in the log has other parameters; the search changed, start a new log"
+                ),
+            ));
+        }
+        Ok(Some(t.clone()))
+    }
+
+    fn append(&mut self, t: &Trial) -> Result<(), TrainError> {
+        let line =
+            serde_json::to_string(t).map_err(|e| invalid(&self.path, "log", e.to_string()))?;
+        writeln!(self.file, "{line}")
+            .and_then(|_| self.file.flush())
+            .map_err(|e| TrainError::Write {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?;
+        self.logged.push(t.clone());
+        Ok(())
+    }
+}
+
+/// What every trial of a search shares.
+struct Ctx<'a> {
+    search: &'a Search,
+    items: &'a [fit::Item],
+    classes: &'a [String],
+    grid_points: Vec<BTreeMap<String, toml::Value>>,
+    trials: usize,
+}
+
+impl Ctx<'_> {
+    /// The parameters of trial `trial` of an outer fold: the grid's next point, a random
+    /// draw, or TPE's proposal from the trials done so far.
+    fn propose(
+        &self,
+        outer: usize,
+        trial: usize,
+        done: &[(BTreeMap<String, toml::Value>, f64)],
+    ) -> BTreeMap<String, toml::Value> {
+        let search = self.search;
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            search.seed.wrapping_mul(1_000_003) ^ ((outer as u64) << 32) ^ trial as u64,
+        );
+        let random = |rng: &mut ChaCha8Rng| {
+            search
+                .params
+                .iter()
+                .map(|(k, p)| (k.clone(), draw(p, rng)))
+                .collect()
+        };
+        match search.strategy {
+            Strategy::Grid => self.grid_points.get(trial).cloned().unwrap_or_default(),
+            Strategy::Random => random(&mut rng),
+            Strategy::Tpe if done.len() < 4 => random(&mut rng),
+            Strategy::Tpe => tpe(&search.params, done, &mut rng),
+        }
+    }
+
+    /// One trial at one rung on the inner split: from the log when it ran before, else
+    /// trained now and logged.
+    fn score(
+        &self,
+        log: &mut TrialLog,
+        (outer, trial, rung): (usize, usize, usize),
+        params: &BTreeMap<String, toml::Value>,
+        (inner_train, inner_val): (&[usize], &[usize]),
+    ) -> Result<Trial, TrainError> {
+        if let Some(t) = log.get((outer, trial, rung), params)? {
+            return Ok(t);
+        }
+        let search = self.search;
+        let (mut exp, _) = experiment_with(&search.base, params, &search.experiment)?;
+        let full = exp.train.epochs;
+        exp.train.epochs = if search.halving && rung == 0 {
+            full.div_ceil(3)
+        } else {
+            full
+        };
+        exp.train.val_fraction = 0.0;
+        let t0 = Instant::now();
+        let score = train_and_score(&exp, self.items, self.classes, inner_train, inner_val)?;
+        let t = Trial {
+            outer,
+            trial,
+            rung,
+            epochs: exp.train.epochs,
+            params: params.clone(),
+            score,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        log.append(&t)?;
+        Ok(t)
+    }
+
+    /// One outer fold: trials on an inner split of its training part, the best third run to
+    /// the end when halving, then the chosen configuration scored on the outer test part.
+    /// Returns the fold's result and every trial it ran.
+    fn outer_fold(
+        &self,
+        outer: usize,
+        outer_of: &[usize],
+        log: &mut TrialLog,
+        bar: &ProgressBar,
+    ) -> Result<(OuterResult, Vec<Trial>), TrainError> {
+        let search = self.search;
+        let (test, rest): (Vec<usize>, Vec<usize>) =
+            (0..self.items.len()).partition(|&i| outer_of[i] == outer);
+        let (inner_train, inner_val) = super::split_val(
+            self.items,
+            &rest,
+            search.inner_val_fraction,
+            search.seed + outer as u64,
+        );
+        let inner = (inner_train.as_slice(), inner_val.as_slice());
+        let mut done: Vec<(BTreeMap<String, toml::Value>, f64)> = Vec::new();
+        let mut first: Vec<Trial> = Vec::new();
+        for trial in 0..self.trials {
+            let params = self.propose(outer, trial, &done);
+            let t = self.score(log, (outer, trial, 0), &params, inner)?;
+            done.push((t.params.clone(), t.score));
+            first.push(t);
+            bar.inc(1);
+            let best = first.iter().map(|t| t.score).fold(0.0, f64::max);
+            bar.set_message(format!("outer fold {} best {:.3}", outer + 1, best));
+        }
+        // Successive halving: the best third runs all its epochs.
+        let mut finals = Vec::new();
+        if search.halving {
+            let mut order: Vec<usize> = (0..first.len()).collect();
+            order.sort_by(|&a, &b| first[b].score.total_cmp(&first[a].score));
+            for &i in order.iter().take(first.len().div_ceil(3)) {
+                let (t, params) = (&first[i], &first[i].params);
+                finals.push(self.score(log, (outer, t.trial, 1), params, inner)?);
+                bar.inc(1);
+            }
+        }
+        let pool = if search.halving { &finals } else { &first };
+        let chosen = pool
+            .iter()
+            .max_by(|a, b| a.score.total_cmp(&b.score))
+            .cloned()
+            .ok_or_else(|| invalid(&log.path, "trials", "no trial finished".into()))?;
+        // The outer figure: the chosen configuration on the whole outer training part.
+        let (exp, _) = experiment_with(&search.base, &chosen.params, &search.experiment)?;
+        let outer_accuracy = train_and_score(&exp, self.items, self.classes, &rest, &test)?;
+        bar.inc(1);
+        let mut all = first;
+        all.extend(finals);
+        let result = OuterResult {
+            outer,
+            chosen: chosen.params,
+            inner_score: chosen.score,
+            outer_accuracy,
+        };
+        Ok((result, all))
+    }
+}
+
 /// Run (or resume) a search; `log` is the JSON Lines file of finished trials.
 pub fn run(search: &Search, log: &Path, out: &Path, quiet: bool) -> Result<TuneReport, TrainError> {
     let started = Instant::now();
-    let base = &search.base;
-    let (exp0, _) = experiment_with(base, &BTreeMap::new(), &search.experiment)?;
+    let (exp0, _) = experiment_with(&search.base, &BTreeMap::new(), &search.experiment)?;
     let (ds, _, items, _) = load_data(&exp0, search.limit, &ProgressBar::hidden())?;
-    let write_err = |e: std::io::Error| TrainError::Write {
-        path: log.to_path_buf(),
-        reason: e.to_string(),
-    };
-    // Finished trials from an earlier (killed) run.
-    let mut logged: Vec<Trial> = match std::fs::read_to_string(log) {
-        Ok(text) => text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    if let Some(dir) = log.parent() {
-        std::fs::create_dir_all(dir).map_err(write_err)?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(write_err)?;
+    let mut trial_log = TrialLog::open(log)?;
     let labels: Vec<usize> = items.iter().map(|i| i.label).collect();
     let outer_of = dataset::stratified_folds(&labels, search.outer_folds, search.seed);
     let grid_points = grid(&search.params);
     let trials = match search.strategy {
         Strategy::Grid => search.trials.min(grid_points.len()),
         _ => search.trials,
+    };
+    let ctx = Ctx {
+        search,
+        items: &items,
+        classes: &ds.classes,
+        grid_points,
+        trials,
     };
     let per_fold = trials
         + if search.halving {
@@ -426,118 +651,9 @@ pub fn run(search: &Search, log: &Path, out: &Path, quiet: bool) -> Result<TuneR
     let mut results = Vec::new();
     let mut all = Vec::new();
     for outer in 0..search.outer_folds {
-        let test: Vec<usize> = (0..items.len()).filter(|&i| outer_of[i] == outer).collect();
-        let rest: Vec<usize> = (0..items.len()).filter(|&i| outer_of[i] != outer).collect();
-        let (inner_train, inner_val) = super::split_val(
-            &items,
-            &rest,
-            search.inner_val_fraction,
-            search.seed + outer as u64,
-        );
-        // One trial at one rung: from the log when it ran before, else trained now.
-        let mut score_of = |trial: usize,
-                            rung: usize,
-                            params: &BTreeMap<String, toml::Value>,
-                            logged: &mut Vec<Trial>|
-         -> Result<Trial, TrainError> {
-            if let Some(t) = logged
-                .iter()
-                .find(|t| t.outer == outer && t.trial == trial && t.rung == rung)
-            {
-                if &t.params != params {
-                    return Err(invalid(
-                        log,
-                        "log",
-                        format!(
-                            "trial {trial} of outer fold {outer} in the log has other parameters; the search changed, start a new log"
-                        ),
-                    ));
-                }
-                return Ok(t.clone());
-            }
-            let (mut exp, _) = experiment_with(base, params, &search.experiment)?;
-            let full = exp.train.epochs;
-            exp.train.epochs = if search.halving && rung == 0 {
-                full.div_ceil(3)
-            } else {
-                full
-            };
-            exp.train.val_fraction = 0.0;
-            let t0 = Instant::now();
-            let score = train_and_score(&exp, &items, &ds.classes, &inner_train, &inner_val)?;
-            let t = Trial {
-                outer,
-                trial,
-                rung,
-                epochs: exp.train.epochs,
-                params: params.clone(),
-                score,
-                seconds: t0.elapsed().as_secs_f64(),
-            };
-            let line = serde_json::to_string(&t).map_err(|e| invalid(log, "log", e.to_string()))?;
-            writeln!(file, "{line}")
-                .and_then(|_| file.flush())
-                .map_err(write_err)?;
-            logged.push(t.clone());
-            Ok(t)
-        };
-        let mut done: Vec<(BTreeMap<String, toml::Value>, f64)> = Vec::new();
-        let mut first: Vec<Trial> = Vec::new();
-        for trial in 0..trials {
-            let mut rng = ChaCha8Rng::seed_from_u64(
-                search.seed.wrapping_mul(1_000_003) ^ ((outer as u64) << 32) ^ trial as u64,
-            );
-            let params = match search.strategy {
-                Strategy::Grid => grid_points.get(trial).cloned().unwrap_or_default(),
-                Strategy::Random => search
-                    .params
-                    .iter()
-                    .map(|(k, p)| (k.clone(), draw(p, &mut rng)))
-                    .collect(),
-                Strategy::Tpe if done.len() < 4 => search
-                    .params
-                    .iter()
-                    .map(|(k, p)| (k.clone(), draw(p, &mut rng)))
-                    .collect(),
-                Strategy::Tpe => tpe(&search.params, &done, &mut rng),
-            };
-            let t = score_of(trial, 0, &params, &mut logged)?;
-            done.push((t.params.clone(), t.score));
-            first.push(t);
-            bar.inc(1);
-            let best = first.iter().map(|t| t.score).fold(0.0, f64::max);
-            bar.set_message(format!("outer fold {} best {:.3}", outer + 1, best));
-        }
-        // Successive halving: the best third runs all its epochs.
-        let mut finals = first.clone();
-        if search.halving {
-            let mut order: Vec<usize> = (0..first.len()).collect();
-            order.sort_by(|&a, &b| first[b].score.total_cmp(&first[a].score));
-            finals.clear();
-            for &i in order.iter().take(first.len().div_ceil(3)) {
-                finals.push(score_of(first[i].trial, 1, &first[i].params, &mut logged)?);
-                bar.inc(1);
-            }
-        }
-        let chosen = finals
-            .iter()
-            .max_by(|a, b| a.score.total_cmp(&b.score))
-            .cloned()
-            .ok_or_else(|| invalid(log, "trials", "no trial finished".into()))?;
-        // The outer figure: the chosen configuration on the whole outer training part.
-        let (exp, _) = experiment_with(base, &chosen.params, &search.experiment)?;
-        let outer_accuracy = train_and_score(&exp, &items, &ds.classes, &rest, &test)?;
-        bar.inc(1);
-        results.push(OuterResult {
-            outer,
-            chosen: chosen.params.clone(),
-            inner_score: chosen.score,
-            outer_accuracy,
-        });
-        all.extend(first);
-        if search.halving {
-            all.extend(finals);
-        }
+        let (r, t) = ctx.outer_fold(outer, &outer_of, &mut trial_log, &bar)?;
+        results.push(r);
+        all.extend(t);
     }
     bar.finish_and_clear();
     let accs: Vec<f64> = results.iter().map(|r| r.outer_accuracy).collect();
@@ -546,17 +662,18 @@ pub fn run(search: &Search, log: &Path, out: &Path, quiet: bool) -> Result<TuneR
         .iter()
         .max_by(|a, b| a.inner_score.total_cmp(&b.inner_score))
         .ok_or_else(|| invalid(log, "trials", "no outer fold finished".into()))?;
-    let (_, text) = experiment_with(base, &best.chosen, &search.experiment)?;
-    std::fs::create_dir_all(out).map_err(write_err)?;
+    let (_, text) = experiment_with(&search.base, &best.chosen, &search.experiment)?;
+    let write_err = |path: &Path, e: std::io::Error| TrainError::Write {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(out).map_err(|e| write_err(out, e))?;
     let best_path = out.join(format!("{}.best.toml", exp0.name));
     let header = format!(
         "# Found by spermscope-tune ({:?}, {} trials x {} outer folds): nested outer accuracy {:.3} ± {:.3}.\n",
         search.strategy, trials, search.outer_folds, mean, std
     );
-    std::fs::write(&best_path, header + &text).map_err(|e| TrainError::Write {
-        path: best_path.clone(),
-        reason: e.to_string(),
-    })?;
+    std::fs::write(&best_path, header + &text).map_err(|e| write_err(&best_path, e))?;
     if let Err(e) = super::plot::tune_scatter(
         &scatter_panels(&all, &search.params),
         &exp0.name,
@@ -647,6 +764,26 @@ pub fn as_number(p: &Param, v: &toml::Value) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_off_last_line_is_run_again_and_a_bad_middle_line_refused() {
+        let t = Trial {
+            outer: 0,
+            trial: 1,
+            rung: 0,
+            epochs: 3,
+            params: BTreeMap::new(),
+            score: 0.5,
+            seconds: 1.0,
+        };
+        let line = serde_json::to_string(&t).unwrap();
+        let path = Path::new("log.jsonl");
+        let cut = format!("{line}\n{}", &line[..line.len() / 2]);
+        assert_eq!(parse_log(&cut, path).unwrap(), vec![t.clone()]);
+        let bad = format!("{line}\nnot json\n{line}\n");
+        let e = parse_log(&bad, path).unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+    }
 
     /// A resumed search compares the logged parameters with the ones it draws again, so a
     /// trial must read back from its JSON line bit for bit.
