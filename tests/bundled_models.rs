@@ -82,7 +82,7 @@ fn eval_reproduces_the_smids_model_accuracy() {
             .arg("--model")
             .arg(models().join("smids-3class.onnx"))
             .arg("--dataset")
-            .arg(common::datasets().join("smids")),
+            .arg(common::dataset("smids")),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let got = v["accuracy"].as_f64().expect("accuracy");

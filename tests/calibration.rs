@@ -21,7 +21,7 @@ fn eval(args: &[&str]) -> Value {
 fn temperature_from_the_validation_split_makes_the_estimate_track_accuracy() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("models/mhsma-head.onnx");
-    let mhsma = common::datasets().join("mhsma");
+    let mhsma = common::dataset("mhsma");
     let dir = tempfile::tempdir().unwrap();
     let fitted = dir.path().join("mhsma-head.t.onnx");
     // MHSMA's given split: the model was early-stopped on `valid`; fit the temperature there.
@@ -91,7 +91,7 @@ fn pictures_roc_reliability_and_saliency() {
         "--model",
         root.join("models/hushem-4class.onnx").to_str().unwrap(),
         "--dataset",
-        common::datasets().join("hushem").to_str().unwrap(),
+        common::dataset("hushem").to_str().unwrap(),
         "--limit",
         "40",
         "--plots",

@@ -29,8 +29,7 @@ fn refused(dir: &Path, toml: &str, needle: &str) {
 }
 
 fn frames() -> String {
-    common::datasets()
-        .join("sperm-parsing/val/frames")
+    common::dataset("sperm-parsing/val/frames")
         .display()
         .to_string()
 }

@@ -23,7 +23,7 @@ fn bin() -> Command {
 }
 
 fn val_frames() -> PathBuf {
-    common::datasets().join("sperm-parsing/val/frames")
+    common::dataset("sperm-parsing/val/frames")
 }
 
 fn lines(path: &Path) -> Vec<Value> {
@@ -84,7 +84,29 @@ fn replay_of_parsing_val_end_to_end() {
     assert_balanced(&summary, records.len());
     assert_eq!(summary["counts"]["frames_published_total"], 128);
 
-    // Every record matches the documented schema.
+    assert_schema(&records);
+    let classified = records.iter().filter(|r| !r["class"].is_null()).count();
+    assert!(classified > records.len() / 2);
+    assert!(
+        records
+            .iter()
+            .all(|r| r["at_edge"] == false || r["class"].is_null())
+    );
+    let mut by_frame: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for r in &records {
+        by_frame
+            .entry(r["frame"]["name"].as_str().unwrap().to_string())
+            .or_default()
+            .push(r);
+    }
+    head_finding(&by_frame, records.len());
+    pose(&by_frame);
+    // The offline report from the records is the live one.
+    offline_report_matches(&rec, &rep, records.len());
+}
+
+/// Every record matches the documented schema.
+fn assert_schema(records: &[Value]) {
     let schema: Value = serde_json::from_str(
         &std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/record.schema.json"),
@@ -93,28 +115,16 @@ fn replay_of_parsing_val_end_to_end() {
     )
     .unwrap();
     let validator = jsonschema::validator_for(&schema).unwrap();
-    for r in &records {
+    for r in records {
         let errors: Vec<String> = validator.iter_errors(r).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{errors:?} in {r}");
     }
-    let classified = records.iter().filter(|r| !r["class"].is_null()).count();
-    assert!(classified > records.len() / 2);
-    assert!(
-        records
-            .iter()
-            .all(|r| r["at_edge"] == false || r["class"].is_null())
-    );
+}
 
-    // Head finding, scored on the records: a record counts when its centroid lies in a true
-    // head (one record per head); the masks give the true heads.
-    let root = common::datasets().join("sperm-parsing/val");
-    let mut by_frame: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
-    for r in &records {
-        by_frame
-            .entry(r["frame"]["name"].as_str().unwrap().to_string())
-            .or_default()
-            .push(r);
-    }
+/// Head finding, scored on the records: a record counts when its centroid lies in a true head
+/// (one record per head); the masks give the true heads.
+fn head_finding(by_frame: &BTreeMap<String, Vec<&Value>>, n_records: usize) {
+    let root = common::dataset("sperm-parsing/val");
     let (mut truth, mut hit) = (0usize, 0usize);
     for e in std::fs::read_dir(root.join("heads")).unwrap() {
         let p = e.unwrap().path();
@@ -135,16 +145,17 @@ fn replay_of_parsing_val_end_to_end() {
             }
         }
     }
-    let precision = hit as f64 / records.len() as f64;
+    let precision = hit as f64 / n_records as f64;
     let recall = hit as f64 / truth as f64;
     println!(
-        "replay head finding: precision {precision:.3} recall {recall:.3} ({hit} of {truth} heads, {} records)",
-        records.len()
+        "replay head finding: precision {precision:.3} recall {recall:.3} ({hit} of {truth} heads, {n_records} records)"
     );
     assert!(precision >= 0.94, "precision {precision:.3}");
     assert!(recall >= 0.93, "recall {recall:.3}");
+}
 
-    // Pose on full fields: record angle against the head→midpiece direction.
+/// Pose on full fields: record angle against the head→midpiece direction.
+fn pose(by_frame: &BTreeMap<String, Vec<&Value>>) {
     let mut errors = Vec::new();
     for t in common::parsing_val_heads(128) {
         let Some((dx, dy)) = t.tail_dir else { continue };
@@ -175,17 +186,18 @@ fn replay_of_parsing_val_end_to_end() {
     assert!(errors.len() >= 150, "{} heads matched", errors.len());
     assert!(median <= 6.0, "median {median}");
     assert!(within >= 0.82, "within 15 deg {within}");
+}
 
-    // The offline report from the records is the live one.
-    let out = run_ok(bin().arg("report").arg(&rec).arg("--json"));
+fn offline_report_matches(rec: &Path, rep: &Path, n_records: usize) {
+    let out = run_ok(bin().arg("report").arg(rec).arg("--json"));
     let offline: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(offline, json(&rep));
+    assert_eq!(offline, json(rep));
     assert_eq!(offline["sample"], "val-128");
     assert_eq!(
         offline["cells_recorded"].as_u64().unwrap() as usize,
-        records.len()
+        n_records
     );
-    let out = run_ok(bin().arg("report").arg(&rec));
+    let out = run_ok(bin().arg("report").arg(rec));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("normal forms") && text.contains("Wilson"),

@@ -126,8 +126,7 @@ fn missing_runtime_says_what_to_run() {
 fn corrupt_images_are_reported_and_skipped() {
     // A two-class dataset with one truncated PNG: the evaluator names it and scores the rest.
     let dir = tempfile::tempdir().expect("tempdir");
-    let hushem =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets/hushem");
+    let hushem = common::dataset("hushem");
     for (cls, src) in [
         ("01_normal", "01_normal/image_001.png"),
         ("04_amorphous", "04_amorphous/image_001.png"),

@@ -24,7 +24,7 @@ fn montage_cells_agree_with_crop_level_classification() {
         cells_per_frame: 10,
         seed: 7,
     };
-    let montage = Montage::open(&common::datasets().join("hushem"), layout).unwrap();
+    let montage = Montage::open(&common::dataset("hushem"), layout).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let frames = dir.path().join("frames");
     std::fs::create_dir(&frames).unwrap();

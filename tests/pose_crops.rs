@@ -94,7 +94,7 @@ fn crop_pose_matches_midpiece_direction() {
 #[test]
 fn upright_hushem_crops_stay_upright() {
     // Cutting a head upright and finding it again must give a tail straight down (90 deg).
-    let ds = dataset::open(&common::datasets().join("hushem"), "head", None).expect("hushem");
+    let ds = dataset::open(&common::dataset("hushem"), "head", None).expect("hushem");
     let mut errs = Vec::new();
     for s in ds.samples.iter().step_by(9) {
         let img = imageio::load_rgb(&s.path).expect("image");

@@ -10,7 +10,7 @@ use spermscope::daemon::segment::{MaskMatch, SegmentSettings, find_heads};
 
 #[test]
 fn classical_segmentation_finds_heads_in_full_fields() {
-    let root = common::datasets().join("sperm-parsing/val");
+    let root = common::dataset("sperm-parsing/val");
     let mut frames: Vec<_> = std::fs::read_dir(root.join("frames"))
         .unwrap()
         .map(|e| e.unwrap().path())

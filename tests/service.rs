@@ -22,8 +22,7 @@ fn root() -> PathBuf {
 }
 
 fn frames() -> String {
-    common::datasets()
-        .join("sperm-parsing/val/frames")
+    common::dataset("sperm-parsing/val/frames")
         .display()
         .to_string()
 }
@@ -277,7 +276,7 @@ fn metrics_and_health_endpoints() {
 fn several_microscopes_keep_their_records_and_reports_apart() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("two.toml");
-    let val = common::datasets().join("sperm-parsing/val/frames");
+    let val = common::dataset("sperm-parsing/val/frames");
     std::fs::write(
         &cfg,
         format!(

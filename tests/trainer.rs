@@ -15,7 +15,7 @@ use spermscope::core::model::{Model, RuntimeOptions};
 use spermscope::core::spec::ModelSpec;
 
 fn experiment(dir: &Path, features: bool) -> PathBuf {
-    let hushem = common::datasets().join("hushem");
+    let hushem = common::dataset("hushem");
     let text = format!(
         r#"
 name = "smoke"
@@ -163,7 +163,7 @@ fn trainer_smoke_export_and_parity_with_features() {
             .args(["--json", "--limit", "40", "--model"])
             .arg(dir.path().join("out/smoke.onnx"))
             .arg("--dataset")
-            .arg(common::datasets().join("hushem")),
+            .arg(common::dataset("hushem")),
     );
     let v: serde_json::Value = serde_json::from_slice(&eval.stdout).expect("one json object");
     let burn_acc = report["final_model"]["all_data"]["accuracy"]

@@ -137,48 +137,79 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(dir) = &args.plots {
         draw(dir, &mut model, &curves, &scored, &bins)?;
     }
+    let figures = Figures {
+        scores: &scores,
+        auc: &auc,
+        ece,
+        bins: &bins,
+        estimate,
+    };
     if args.json {
-        let mut v = serde_json::to_value(&scores)?;
-        if let Some(o) = v.as_object_mut() {
-            o.insert("model".into(), serde_json::json!({
-                "name": model.spec.name, "path": model.path, "sha256": model.sha256, "provider": model.provider,
-                "temperature": temperature,
-            }));
-            o.insert("dataset".into(), serde_json::json!(data_path));
-            o.insert(
-                "crops_per_second".into(),
-                serde_json::json!(scored.crops_per_second()),
-            );
-            o.insert("heads_found".into(), serde_json::json!(scored.heads_found));
-            o.insert("skipped".into(), serde_json::json!(scored.skipped));
-            o.insert("auc".into(), serde_json::json!(auc));
-            o.insert("ece".into(), serde_json::json!(ece));
-            o.insert("reliability".into(), serde_json::json!(bins));
-            o.insert("estimated_accuracy".into(), serde_json::json!(estimate));
-        }
-        println!("{}", serde_json::to_string(&v)?);
-        return Ok(());
+        print_json(&model, &data_path, &scored, &figures)
+    } else {
+        print_text(&model, &data_path, &scored, &figures);
+        Ok(())
     }
+}
+
+/// What the evaluation measured, for printing.
+struct Figures<'a> {
+    scores: &'a Scores,
+    auc: &'a BTreeMap<String, f64>,
+    ece: f64,
+    bins: &'a [calibration::Bin],
+    estimate: Option<f64>,
+}
+
+fn print_json(
+    model: &Model,
+    data: &Path,
+    scored: &eval::Scored,
+    f: &Figures,
+) -> anyhow::Result<()> {
+    let mut v = serde_json::to_value(f.scores)?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("model".into(), serde_json::json!({
+            "name": model.spec.name, "path": model.path, "sha256": model.sha256, "provider": model.provider,
+            "temperature": model.spec.temperature,
+        }));
+        o.insert("dataset".into(), serde_json::json!(data));
+        o.insert(
+            "crops_per_second".into(),
+            serde_json::json!(scored.crops_per_second()),
+        );
+        o.insert("heads_found".into(), serde_json::json!(scored.heads_found));
+        o.insert("skipped".into(), serde_json::json!(scored.skipped));
+        o.insert("auc".into(), serde_json::json!(f.auc));
+        o.insert("ece".into(), serde_json::json!(f.ece));
+        o.insert("reliability".into(), serde_json::json!(f.bins));
+        o.insert("estimated_accuracy".into(), serde_json::json!(f.estimate));
+    }
+    println!("{}", serde_json::to_string(&v)?);
+    Ok(())
+}
+
+fn print_text(model: &Model, data: &Path, scored: &eval::Scored, f: &Figures) {
     println!(
         "model {} ({}, sha256 {}…, {}, temperature {:.3}) on {}",
         model.spec.name,
         model.path.display(),
         &model.sha256[..12],
         model.provider,
-        temperature,
-        data_path.display()
+        model.spec.temperature,
+        data.display()
     );
-    print!("{}", scores.to_text());
+    print!("{}", f.scores.to_text());
     println!("\none-vs-rest AUC:");
-    for (c, a) in &auc {
+    for (c, a) in f.auc {
         println!("  {c:<20} {a:.3}");
     }
-    println!("expected calibration error (10 bins): {ece:.3}");
-    if let Some(e) = estimate {
+    println!("expected calibration error (10 bins): {:.3}", f.ece);
+    if let Some(e) = f.estimate {
         println!(
             "label-free accuracy estimate (mean confidence): {:.1}% (true accuracy {:.1}%)",
             100.0 * e,
-            100.0 * scores.accuracy
+            100.0 * f.scores.accuracy
         );
     }
     println!(
@@ -192,7 +223,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
     for s in &scored.skipped {
         println!("  skipped: {s}");
     }
-    Ok(())
 }
 
 /// The label-free estimate on unlabelled images: mean calibrated confidence and the share of

@@ -55,6 +55,39 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
+    if args.overfit_batch.is_some() || args.lr_find {
+        return diagnose(args);
+    }
+    let opts = RunOptions {
+        folds: args.folds,
+        protocol: args.protocol,
+        seeds: args.seeds.clone(),
+        epochs: args.epochs,
+        limit: args.limit,
+        no_final: args.no_final,
+        out: args.out.clone(),
+        quiet: args.quiet,
+    };
+    let report = train::run(&args.config, &opts)
+        .with_context(|| format!("experiment {}", args.config.display()))?;
+    println!(
+        "{}: {} images ({} skipped), head found in {}",
+        report.name,
+        report.images,
+        report.skipped.len(),
+        report.heads_found
+    );
+    if let Some(cv) = &report.cv {
+        print_cv(cv);
+    }
+    if let Some(f) = &report.final_model {
+        print_final(f);
+    }
+    Ok(())
+}
+
+/// The checks run instead of training: `--overfit-batch` and `--lr-find`.
+fn diagnose(args: &Args) -> anyhow::Result<()> {
     if let Some(n) = args.overfit_batch {
         let steps = args.epochs.unwrap_or(150);
         let r = train::diagnose::overfit_batch(&args.config, n, steps)
@@ -90,86 +123,69 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let opts = RunOptions {
-        folds: args.folds,
-        protocol: args.protocol,
-        seeds: args.seeds.clone(),
-        epochs: args.epochs,
-        limit: args.limit,
-        no_final: args.no_final,
-        out: args.out.clone(),
-        quiet: args.quiet,
-    };
-    let report = train::run(&args.config, &opts)
-        .with_context(|| format!("experiment {}", args.config.display()))?;
-    println!(
-        "{}: {} images ({} skipped), head found in {}",
-        report.name,
-        report.images,
-        report.skipped.len(),
-        report.heads_found
-    );
-    if let Some(cv) = &report.cv {
-        println!(
-            "{:?} cross-validation, {} folds x {} seeds: accuracy {:.4} ± {:.4}, macro-F1 {:.4} ± {:.4} ({:.0} s)",
-            cv.protocol,
-            cv.folds,
-            cv.seeds.len(),
-            cv.accuracy_mean,
-            cv.accuracy_std,
-            cv.macro_f1_mean,
-            cv.macro_f1_std,
-            cv.seconds
-        );
-        println!(
-            "per-seed pooled accuracy: {:?}",
-            cv.seed_accuracy
-                .iter()
-                .map(|a| format!("{a:.4}"))
-                .collect::<Vec<_>>()
-        );
-        println!("{}", cv.pooled.to_text());
-    }
-    if let Some(f) = &report.final_model {
-        println!(
-            "final model {}: {} epochs (kept epoch {}), {} train / {} validation images, {:.0} s, {:.0} img/s",
-            f.path.display(),
-            f.epochs_run,
-            f.best_epoch,
-            f.train_images,
-            f.val_images,
-            f.seconds,
-            f.images_per_second
-        );
-        if let Some(c) = &f.calibration {
-            println!(
-                "temperature {:.3} fitted on {} ({} images): ECE {:.3} -> {:.3}, label-free estimate {:.1}% vs accuracy {:.1}%",
-                c.temperature,
-                c.fitted_on,
-                c.val_images,
-                c.ece_before,
-                c.ece_after,
-                100.0 * c.estimated_accuracy,
-                100.0 * c.val_accuracy
-            );
-        }
-        let warned: std::collections::BTreeSet<String> = f
-            .history
-            .iter()
-            .flat_map(|h| h.grad_warnings.iter().map(|(l, t)| format!("{l} {t:?}")))
-            .collect();
-        if !warned.is_empty() {
-            println!(
-                "gradient warnings (see the metrics history): {}",
-                warned.into_iter().collect::<Vec<_>>().join(", ")
-            );
-        }
-        if let Some(e) = f.overfitting_from_epoch {
-            println!("overfitting from epoch {e}: validation loss rises while training loss falls");
-        }
-        if let Some(t) = &f.test {
-            println!("test split:\n{}", t.to_text());
-        }
-    }
     Ok(())
+}
+
+fn print_cv(cv: &train::CvReport) {
+    println!(
+        "{:?} cross-validation, {} folds x {} seeds: accuracy {:.4} ± {:.4}, macro-F1 {:.4} ± {:.4} ({:.0} s)",
+        cv.protocol,
+        cv.folds,
+        cv.seeds.len(),
+        cv.accuracy_mean,
+        cv.accuracy_std,
+        cv.macro_f1_mean,
+        cv.macro_f1_std,
+        cv.seconds
+    );
+    println!(
+        "per-seed pooled accuracy: {:?}",
+        cv.seed_accuracy
+            .iter()
+            .map(|a| format!("{a:.4}"))
+            .collect::<Vec<_>>()
+    );
+    println!("{}", cv.pooled.to_text());
+}
+
+fn print_final(f: &train::FinalReport) {
+    println!(
+        "final model {}: {} epochs (kept epoch {}), {} train / {} validation images, {:.0} s, {:.0} img/s",
+        f.path.display(),
+        f.epochs_run,
+        f.best_epoch,
+        f.train_images,
+        f.val_images,
+        f.seconds,
+        f.images_per_second
+    );
+    if let Some(c) = &f.calibration {
+        println!(
+            "temperature {:.3} fitted on {} ({} images): ECE {:.3} -> {:.3}, label-free estimate {:.1}% vs accuracy {:.1}%",
+            c.temperature,
+            c.fitted_on,
+            c.val_images,
+            c.ece_before,
+            c.ece_after,
+            100.0 * c.estimated_accuracy,
+            100.0 * c.val_accuracy
+        );
+    }
+    let warned: std::collections::BTreeSet<String> = f
+        .history
+        .iter()
+        .flat_map(|h| h.grad_warnings.iter().map(|(l, t)| format!("{l} {t:?}")))
+        .collect();
+    if !warned.is_empty() {
+        println!(
+            "gradient warnings (see the metrics history): {}",
+            warned.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    if let Some(e) = f.overfitting_from_epoch {
+        println!("overfitting from epoch {e}: validation loss rises while training loss falls");
+    }
+    if let Some(t) = &f.test {
+        println!("test split:\n{}", t.to_text());
+    }
 }

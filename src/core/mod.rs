@@ -11,3 +11,5 @@ pub mod pose;
 pub mod preprocess;
 pub mod regions;
 pub mod spec;
+#[cfg(test)]
+pub(crate) mod testing;

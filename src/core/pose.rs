@@ -517,29 +517,7 @@ fn bilinear(img: &RgbImage, x: f32, y: f32, w: u32, h: u32) -> Rgb<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A dark ellipse (head) with a thin dark line (tail) leaving it at `tail_deg`.
-    pub(crate) fn synthetic_sperm(size: u32, tail_deg: f32) -> RgbImage {
-        let mut img = RgbImage::from_pixel(size, size, Rgb([225, 215, 220]));
-        let c = size as f32 / 2.0;
-        let t = tail_deg.to_radians();
-        let (ux, uy) = (t.cos(), t.sin());
-        for y in 0..size {
-            for x in 0..size {
-                let (dx, dy) = (x as f32 - c, y as f32 - c);
-                let a = dx * ux + dy * uy;
-                let b = -dx * uy + dy * ux;
-                if (a / 20.0).powi(2) + (b / 13.0).powi(2) <= 1.0 {
-                    // Front (a < 0) lighter: an acrosome.
-                    let v = if a < 0.0 { 120 } else { 70 };
-                    img.put_pixel(x, y, Rgb([v, v / 2, v]));
-                } else if a > 0.0 && a < 60.0 && b.abs() < 1.5 {
-                    img.put_pixel(x, y, Rgb([90, 60, 100]));
-                }
-            }
-        }
-        img
-    }
+    use crate::core::testing::synthetic_sperm;
 
     #[test]
     fn finds_head_and_tail_direction_at_every_angle() {

@@ -155,3 +155,97 @@ pub(crate) fn opened_regions(mask: &GrayImage, k: u8, min_area: usize) -> Vec<Ve
     regions.sort_by_key(|px| px.first().map(|&(x, y)| (y, x)));
     regions
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imageproc::region_labelling::{Connectivity, connected_components};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// Random blobs: filled ellipses of many sizes, some touching, some thin, near borders.
+    fn random_mask(seed: u64) -> GrayImage {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (w, h) = (160u32, 120u32);
+        let mut m = GrayImage::new(w, h);
+        for _ in 0..rng.random_range(3..14) {
+            let (cx, cy) = (
+                rng.random_range(0.0..w as f32),
+                rng.random_range(0.0..h as f32),
+            );
+            let (a, b) = (
+                rng.random_range(1.5..22.0f32),
+                rng.random_range(1.0..12.0f32),
+            );
+            let t: f32 = rng.random_range(0.0..std::f32::consts::PI);
+            let (c, s) = (t.cos(), t.sin());
+            for y in 0..h {
+                for x in 0..w {
+                    let (dx, dy) = (x as f32 - cx, y as f32 - cy);
+                    let (u, v) = (dx * c + dy * s, -dx * s + dy * c);
+                    if (u / a).powi(2) + (v / b).powi(2) <= 1.0 {
+                        m.put_pixel(x, y, Luma([255]));
+                    }
+                }
+            }
+        }
+        // Salt: single pixels and short lines (tails) that an opening removes.
+        for _ in 0..40 {
+            let (x, y) = (rng.random_range(0..w), rng.random_range(0..h));
+            for d in 0..rng.random_range(1..9) {
+                if x + d < w {
+                    m.put_pixel(x + d, y, Luma([255]));
+                }
+            }
+        }
+        m
+    }
+
+    /// The reference: open the whole mask, then label it.
+    fn whole_image(mask: &GrayImage, k: u8) -> Vec<Vec<(u32, u32)>> {
+        let opened = open(mask, Norm::L2, k);
+        let labels = connected_components(&opened, Connectivity::Eight, Luma([0u8]));
+        let mut by: std::collections::BTreeMap<u32, Vec<(u32, u32)>> = Default::default();
+        for (x, y, p) in labels.enumerate_pixels() {
+            if p[0] > 0 {
+                by.entry(p[0]).or_default().push((x, y));
+            }
+        }
+        let mut regions: Vec<Vec<(u32, u32)>> = by
+            .into_values()
+            .map(|mut px| {
+                px.sort_by_key(|&(x, y)| (y, x));
+                px
+            })
+            .collect();
+        regions.sort_by_key(|px| px.first().map(|&(x, y)| (y, x)));
+        regions
+    }
+
+    #[test]
+    fn opening_each_region_locally_equals_opening_the_whole_image() {
+        let mut compared = 0;
+        for seed in 0..24 {
+            let mask = random_mask(seed);
+            for k in [0u8, 1, 2, 3, 5] {
+                let mut local = opened_regions(&mask, k, 0);
+                for px in &mut local {
+                    px.sort_by_key(|&(x, y)| (y, x));
+                }
+                let whole = whole_image(&mask, k);
+                assert_eq!(local, whole, "seed {seed}, radius {k}");
+                compared += whole.len();
+            }
+        }
+        assert!(compared > 200, "only {compared} regions compared");
+    }
+
+    #[test]
+    fn small_blobs_are_skipped_before_opening() {
+        let mask = random_mask(3);
+        let all = opened_regions(&mask, 2, 0);
+        let big = opened_regions(&mask, 2, 400);
+        assert!(big.len() < all.len());
+        assert!(big.iter().all(|r| all.contains(r)));
+    }
+}

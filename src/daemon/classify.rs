@@ -122,6 +122,46 @@ pub enum ClassifyError {
     Unsuitable { model: PathBuf, reason: String },
 }
 
+/// What the classify stage needs of a classifier: its identity, its preprocessing, and
+/// verdicts for a batch of prepared heads. `Classifier` (ONNX Runtime) is the real one; the
+/// pipeline's tests drive the stages with a fake.
+pub trait Classify: Send {
+    fn id(&self) -> &Arc<ModelRef>;
+    /// The crop → tensor path of its model.
+    fn preprocessor(&self) -> Preprocessor;
+    /// One verdict per prepared head, in order.
+    fn classify(&mut self, batch: &[Prepared]) -> Result<Vec<Verdict>, ModelError>;
+    /// One line for the log: the model, its file and where it runs.
+    fn describe(&self) -> String;
+}
+
+/// Classify every prepared cell of the frames, `max_batch` at a time. A failed batch drops
+/// its cells with a reason; the frames go on.
+pub fn classify_frames(c: &mut dyn Classify, frames: &mut [Work], max_batch: usize) {
+    let mut slots: Vec<&mut Cell> = frames
+        .iter_mut()
+        .flat_map(|w| w.cells.iter_mut())
+        .filter(|c| c.prepared.is_some())
+        .collect();
+    for chunk in slots.chunks_mut(max_batch.max(1)) {
+        // The inputs move out of the cells: they are not needed past this stage.
+        let inputs: Vec<_> = chunk.iter_mut().filter_map(|c| c.prepared.take()).collect();
+        match c.classify(&inputs) {
+            Ok(verdicts) => {
+                for (cell, v) in chunk.iter_mut().zip(verdicts) {
+                    cell.verdict = Some(v);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, cells = chunk.len(), "inference failed; cells dropped");
+                for cell in chunk.iter_mut() {
+                    cell.dropped = Some(CellDropReason::InferenceError);
+                }
+            }
+        }
+    }
+}
+
 /// A loaded model, its preprocessing, and the rule that turns its probabilities into a class.
 pub struct Classifier {
     model: Model,
@@ -180,21 +220,21 @@ impl Classifier {
         }
     }
 
-    pub fn id(&self) -> &Arc<ModelRef> {
-        &self.id
-    }
-
     pub fn model(&self) -> &Model {
         &self.model
     }
+}
 
-    /// The crop → tensor path of this classifier's model.
-    pub fn preprocessor(&self) -> Preprocessor {
+impl Classify for Classifier {
+    fn id(&self) -> &Arc<ModelRef> {
+        &self.id
+    }
+
+    fn preprocessor(&self) -> Preprocessor {
         self.model.preprocessor()
     }
 
-    /// One verdict per prepared head, in order.
-    pub fn classify(&mut self, batch: &[Prepared]) -> Result<Vec<Verdict>, ModelError> {
+    fn classify(&mut self, batch: &[Prepared]) -> Result<Vec<Verdict>, ModelError> {
         let logits = self.model.logits(batch)?;
         let spec = &self.model.spec;
         Ok(logits
@@ -210,31 +250,14 @@ impl Classifier {
             .collect())
     }
 
-    /// Classify every prepared cell of the frames, `max_batch` at a time. A failed batch drops
-    /// its cells with a reason; the frames go on.
-    pub fn classify_frames(&mut self, frames: &mut [Work], max_batch: usize) {
-        let mut slots: Vec<&mut Cell> = frames
-            .iter_mut()
-            .flat_map(|w| w.cells.iter_mut())
-            .filter(|c| c.prepared.is_some())
-            .collect();
-        for chunk in slots.chunks_mut(max_batch.max(1)) {
-            // The inputs move out of the cells: they are not needed past this stage.
-            let inputs: Vec<_> = chunk.iter_mut().filter_map(|c| c.prepared.take()).collect();
-            match self.classify(&inputs) {
-                Ok(verdicts) => {
-                    for (c, v) in chunk.iter_mut().zip(verdicts) {
-                        c.verdict = Some(v);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, cells = chunk.len(), "inference failed; cells dropped");
-                    for c in chunk.iter_mut() {
-                        c.dropped = Some(CellDropReason::InferenceError);
-                    }
-                }
-            }
-        }
+    fn describe(&self) -> String {
+        let m = &self.model;
+        format!(
+            "model {} ({}, {})",
+            m.spec.name,
+            m.path.display(),
+            m.provider
+        )
     }
 }
 

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 
 use crate::core::preprocess::Preprocessor;
-use crate::daemon::classify::{Classifier, ClassifyError, prepare_cells};
+use crate::daemon::classify::{
+    Classifier, Classify, ClassifyError, classify_frames, prepare_cells,
+};
 use crate::daemon::config::Settings;
 use crate::daemon::frame::{Frame, StageTimes, Work};
 use crate::daemon::publish::{Record, SinkError, Sinks};
@@ -51,7 +53,7 @@ pub enum RunError {
 pub struct Ready {
     settings: Settings,
     source: Box<dyn FrameSource>,
-    classifier: Classifier,
+    classifier: Box<dyn Classify>,
     verifier: Option<Verifier>,
     sinks: Sinks,
     telemetry: Arc<Telemetry>,
@@ -80,7 +82,7 @@ pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, S
     Ok(Ready {
         settings,
         source,
-        classifier,
+        classifier: Box::new(classifier),
         verifier,
         sinks,
         telemetry,
@@ -89,17 +91,14 @@ pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, S
 
 impl Ready {
     pub fn describe(&self) -> String {
-        let m = self.classifier.model();
         let verifier = match &self.verifier {
             Some(v) => format!("head verifier {}", v.model().spec.name),
             None => "no head verifier".into(),
         };
         format!(
-            "{}; model {} ({}, {}), {verifier}, sample {}",
+            "{}; {}, {verifier}, sample {}",
             self.source.describe(),
-            m.spec.name,
-            m.path.display(),
-            m.provider,
+            self.classifier.describe(),
             self.settings.sample_id()
         )
     }
@@ -191,7 +190,7 @@ struct Stages {
 fn start(
     settings: &Settings,
     source: Box<dyn FrameSource>,
-    classifier: Classifier,
+    classifier: Box<dyn Classify>,
     verifier: Option<Verifier>,
     sinks: Sinks,
     stop: &Arc<AtomicBool>,
@@ -498,7 +497,7 @@ fn pose_stage(
 fn classify_stage(
     rx: Receiver<ToClassify>,
     tx: Sender<Work>,
-    mut classifier: Classifier,
+    mut classifier: Box<dyn Classify>,
     (mut max_batch, mut wait): (usize, Duration),
     tel: &Telemetry,
 ) {
@@ -541,7 +540,7 @@ fn classify_stage(
             }
         }
         let t = Instant::now();
-        classifier.classify_frames(&mut batch, max_batch);
+        classify_frames(classifier.as_mut(), &mut batch, max_batch);
         let ms = t.elapsed().as_secs_f32() * 1e3;
         for mut w in batch {
             w.times.classify_ms = ms;
@@ -589,4 +588,192 @@ fn publish_stage(rx: Receiver<Work>, mut sinks: Sinks, mut tally: Tally, tel: &T
     }
     sinks.close();
     tally
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::model::{ModelError, ModelId};
+    use crate::core::preprocess::Prepared;
+    use crate::core::spec::tests::example;
+    use crate::core::testing::synthetic_field;
+    use crate::daemon::classify::verdict;
+    use crate::daemon::config::RawConfig;
+    use crate::daemon::frame::{ModelRef, Verdict};
+    use crate::daemon::publish::PublishSettings;
+    use crate::daemon::telemetry::CellDropReason;
+
+    /// Frames handed over as fast as the pipeline takes them (or, live, faster).
+    struct Frames {
+        left: std::collections::VecDeque<Pull>,
+        live: bool,
+    }
+
+    impl FrameSource for Frames {
+        fn describe(&self) -> String {
+            "test frames".into()
+        }
+        fn pull(&mut self) -> Pull {
+            self.left.pop_front().unwrap_or(Pull::End)
+        }
+        fn live(&self) -> bool {
+            self.live
+        }
+    }
+
+    /// A classifier without ONNX Runtime: every head is "normal" at 0.9, after `delay`, or
+    /// every batch fails.
+    struct Fake {
+        id: Arc<ModelRef>,
+        pre: Preprocessor,
+        delay: Duration,
+        fail: bool,
+    }
+
+    impl Fake {
+        fn new(delay_ms: u64, fail: bool) -> Box<Fake> {
+            let spec = example();
+            Box::new(Fake {
+                id: Arc::new(ModelRef {
+                    id: ModelId {
+                        name: "fake".into(),
+                        sha256: "0".into(),
+                    },
+                    classes: spec.classes.clone(),
+                }),
+                pre: Preprocessor::new(Arc::new(spec)),
+                delay: Duration::from_millis(delay_ms),
+                fail,
+            })
+        }
+    }
+
+    impl Classify for Fake {
+        fn id(&self) -> &Arc<ModelRef> {
+            &self.id
+        }
+        fn preprocessor(&self) -> Preprocessor {
+            self.pre.clone()
+        }
+        fn classify(&mut self, batch: &[Prepared]) -> Result<Vec<Verdict>, ModelError> {
+            std::thread::sleep(self.delay);
+            if self.fail {
+                return Err(ModelError::Run("planted failure".into()));
+            }
+            let classes = &self.id.classes;
+            Ok(batch
+                .iter()
+                .map(|_| verdict(&[0.9, 0.1], classes, Some("normal"), 0.5))
+                .collect())
+        }
+        fn describe(&self) -> String {
+            "model fake".into()
+        }
+    }
+
+    /// `n` fields of three synthetic sperm each, then one frame that cannot be decoded.
+    fn frames(n: usize) -> std::collections::VecDeque<Pull> {
+        let field = Arc::new(synthetic_field(
+            640,
+            480,
+            &[(150, 150, 30.0), (420, 200, 200.0), (260, 360, 100.0)],
+        ));
+        let mut out: std::collections::VecDeque<Pull> = (0..n)
+            .map(|i| Pull::Frame {
+                name: format!("f{i:03}.png"),
+                image: field.clone(),
+                decode_ms: 0.0,
+            })
+            .collect();
+        out.push_back(Pull::Unreadable {
+            name: "broken.png".into(),
+            reason: "planted".into(),
+        });
+        out
+    }
+
+    fn run_with(
+        n: usize,
+        fake: Box<Fake>,
+        live: bool,
+        records: &std::path::Path,
+    ) -> (Outcome, Vec<serde_json::Value>) {
+        let text = format!(
+            "[source]\nlive = {live}\n[source.replay]\npath = \"unused\"\n[segment]\nverify = false\n[pipeline]\nqueue_frames = 1\n"
+        );
+        let settings = RawConfig::parse(&text, std::path::Path::new("t.toml"))
+            .unwrap()
+            .resolve(None)
+            .unwrap();
+        let tel = Arc::new(Telemetry::new());
+        let publish = PublishSettings {
+            stdout: false,
+            file: Some(records.to_path_buf()),
+            socket: None,
+            subscriber_queue: 16,
+        };
+        let ready = Ready {
+            source: Box::new(Frames {
+                left: frames(n),
+                live,
+            }),
+            classifier: fake,
+            verifier: None,
+            sinks: Sinks::open(&publish, tel.clone()).unwrap(),
+            telemetry: tel,
+            settings,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcome = run(ready, Control::stop_only(stop)).unwrap();
+        let lines = std::fs::read_to_string(records).unwrap();
+        let records = lines
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (outcome, records)
+    }
+
+    #[test]
+    fn every_frame_and_cell_is_published_in_order_or_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (o, records) = run_with(6, Fake::new(0, false), false, &dir.path().join("r.jsonl"));
+        let c = &o.counts;
+        assert!(c.balanced(), "{c:?}");
+        assert_eq!(c.frames_seen_total, 7);
+        assert_eq!(c.frames_published_total, 6);
+        assert_eq!(c.frames_dropped_total[&FrameDropReason::Undecodable], 1);
+        assert_eq!(c.cells_found_total, 18, "three heads in each of six fields");
+        assert_eq!(records.len(), 18);
+        let seqs: Vec<u64> = records
+            .iter()
+            .map(|r| r["frame"]["seq"].as_u64().unwrap())
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "{seqs:?}");
+        assert!(records.iter().all(|r| r["model"]["name"] == "fake"));
+        assert!(records.iter().all(|r| r["class"] == "normal"));
+        assert_eq!(o.report.cells_recorded, 18);
+        assert_eq!(o.report.normal_forms, 18);
+    }
+
+    #[test]
+    fn a_failed_batch_drops_its_cells_with_a_reason_and_the_frames_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (o, records) = run_with(4, Fake::new(0, true), false, &dir.path().join("r.jsonl"));
+        let c = &o.counts;
+        assert!(c.balanced(), "{c:?}");
+        assert_eq!(c.frames_published_total, 4);
+        assert_eq!(c.cells_dropped_total[&CellDropReason::InferenceError], 12);
+        assert!(records.is_empty());
+    }
+
+    #[test]
+    fn a_live_source_drops_the_oldest_frames_when_behind_and_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (o, records) = run_with(40, Fake::new(30, false), true, &dir.path().join("r.jsonl"));
+        let c = &o.counts;
+        assert!(c.balanced(), "{c:?}");
+        let dropped = c.frames_dropped_total.get(&FrameDropReason::QueueFull);
+        assert!(dropped.is_some_and(|&n| n > 0), "{c:?}");
+        assert_eq!(records.len() as u64, 3 * c.frames_published_total);
+    }
 }

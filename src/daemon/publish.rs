@@ -489,3 +489,121 @@ fn accept_loop(
     }
     writers
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::model::ModelId;
+    use crate::daemon::frame::{Frame, ModelRef, StageTimes, Verdict};
+    use std::io::{BufRead, BufReader};
+
+    fn work(cells: Vec<Cell>) -> Work {
+        Work {
+            frame: Frame {
+                seq: 3,
+                name: "f.png".into(),
+                timestamp: std::time::SystemTime::UNIX_EPOCH,
+                captured: Instant::now(),
+                image: Arc::new(image::RgbImage::new(4, 4)),
+            },
+            cells,
+            times: StageTimes::default(),
+            model: Some(Arc::new(ModelRef {
+                id: ModelId {
+                    name: "m".into(),
+                    sha256: "ab".into(),
+                },
+                classes: vec!["normal".into(), "abnormal".into()],
+            })),
+        }
+    }
+
+    fn cell(index: usize, verdict: Option<Verdict>, dropped: Option<CellDropReason>) -> Cell {
+        Cell {
+            index,
+            head: None,
+            bbox: [1, 2, 3, 4],
+            centroid: (2.04, 3.06),
+            angle_deg: 91.23,
+            size: HeadSize::default(),
+            unclassified: verdict.is_none().then_some(Unclassified::AtEdge),
+            prepared: None,
+            verdict,
+            dropped,
+        }
+    }
+
+    #[test]
+    fn a_frame_gives_one_record_per_published_cell_and_counts_the_rest() {
+        let v = Verdict {
+            class: "normal".into(),
+            normal: true,
+            confidence: 0.8,
+            probs: vec![0.8, 0.2],
+        };
+        let w = work(vec![
+            cell(0, Some(v.clone()), None),
+            cell(1, None, None),
+            cell(2, Some(v), Some(CellDropReason::InferenceError)),
+        ]);
+        let (records, dropped) = Record::of_frame("s", &w, 12.345);
+        assert_eq!(records.len(), 2);
+        assert_eq!(dropped[&CellDropReason::InferenceError], 1);
+        let r = &records[0];
+        assert_eq!(r.probs.as_ref().unwrap()["abnormal"], 0.2);
+        assert_eq!(r.model.as_ref().unwrap().name, "m");
+        assert_eq!(r.centroid, [2.0, 3.1]);
+        assert_eq!(r.latency_ms, 12.35);
+        assert_eq!(r.timestamp, "1970-01-01T00:00:00.000Z");
+        // The unclassified cell names no model and has no class, and is at the edge.
+        let e = &records[1];
+        assert!(e.at_edge && e.class.is_none() && e.model.is_none());
+        // Lines read back as the same records.
+        let back: Record = serde_json::from_str(&r.to_line()).unwrap();
+        assert_eq!(&back, r);
+    }
+
+    #[test]
+    fn the_file_sink_appends_whole_lines_and_flushes_on_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.jsonl");
+        std::fs::write(&path, "{\"earlier\":1}\n").unwrap();
+        let s = PublishSettings {
+            stdout: false,
+            file: Some(path.clone()),
+            socket: None,
+            subscriber_queue: 4,
+        };
+        let tel = Arc::new(Telemetry::new());
+        let mut sinks = Sinks::open(&s, tel.clone()).unwrap();
+        sinks.write(&["{\"a\":1}".to_string(), "{\"b\":2}".to_string()]);
+        sinks.close();
+        let lines: Vec<String> = BufReader::new(File::open(&path).unwrap())
+            .lines()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(lines, vec!["{\"earlier\":1}", "{\"a\":1}", "{\"b\":2}"]);
+        assert!(tel.counts().sink_write_errors_total.is_empty());
+        let bad = PublishSettings {
+            file: Some(dir.path().join("no/such/dir/r.jsonl")),
+            ..s
+        };
+        let e = Sinks::open(&bad, tel).err().unwrap().to_string();
+        assert!(e.contains("no/such/dir"), "{e}");
+    }
+
+    #[test]
+    fn socket_addresses_are_checked() {
+        let base = Base(None);
+        let raw = |socket: &str| RawPublish {
+            socket: Some(socket.into()),
+            ..RawPublish::default()
+        };
+        assert!(raw("unix:/tmp/x.sock").resolve(base).is_ok());
+        assert!(raw("tcp:127.0.0.1:9000").resolve(base).is_ok());
+        for bad in ["tcp:10.0.0.1:9000", "udp:1", "unix:"] {
+            let e = raw(bad).resolve(base).unwrap_err().to_string();
+            assert!(e.contains("publish.socket"), "{bad}: {e}");
+        }
+    }
+}

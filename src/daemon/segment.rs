@@ -452,3 +452,71 @@ impl MaskMatch {
         self.matched as f64 / self.true_heads.max(1) as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::testing::{synthetic_field, synthetic_sperm};
+
+    #[test]
+    fn heads_in_a_field_are_found_measured_and_flagged_at_the_edge() {
+        let at = [(150, 150, 30.0), (420, 200, 200.0), (260, 360, 100.0)];
+        let mut field = synthetic_field(640, 480, &at);
+        // A head cut by the left border.
+        let crop = synthetic_sperm(131, 0.0);
+        image::imageops::overlay(&mut field, &crop, -60, 220);
+        let found = find_heads(&field, &SegmentSettings::default());
+        assert_eq!(
+            found.len(),
+            4,
+            "{:?}",
+            found.iter().map(|f| f.bbox).collect::<Vec<_>>()
+        );
+        let inner: Vec<&FoundHead> = found.iter().filter(|f| !f.at_edge).collect();
+        assert_eq!(inner.len(), 3);
+        for (x, y, deg) in at {
+            let f = inner
+                .iter()
+                .find(|f| (f.head.centroid.0 - x as f32).hypot(f.head.centroid.1 - y as f32) < 3.0)
+                .unwrap_or_else(|| panic!("no head near {x},{y}"));
+            let err = (f.head.angle_deg() - deg + 540.0).rem_euclid(360.0) - 180.0;
+            assert!(
+                err.abs() < 5.0,
+                "head at {x},{y}: angle {}",
+                f.head.angle_deg()
+            );
+            assert!(!f.touching);
+        }
+        // Heads too small for the area filter are not found.
+        let tight = SegmentSettings {
+            min_area_px: 2000,
+            ..SegmentSettings::default()
+        };
+        assert!(find_heads(&field, &tight).is_empty());
+        // Cells: one per head, the edge one not to be classified.
+        let seg = segment_frame(&field, &SegmentSettings::default(), None, 0.05);
+        assert_eq!(seg.cells.len(), 4);
+        let edge = seg
+            .cells
+            .iter()
+            .filter(|c| c.unclassified == Some(Unclassified::AtEdge));
+        assert_eq!(edge.count(), 1);
+    }
+
+    #[test]
+    fn config_in_micrometres_becomes_pixels_and_bad_values_name_their_key() {
+        let raw = RawSegment::default();
+        let (s, v) = raw.resolve(0.1, Base(None)).unwrap();
+        // 0.1 µm/px: about a third of the default pixel areas at 0.053 µm/px.
+        assert!((s.min_area_px as f32 - 600.0 * 0.053f32.powi(2) / 0.01).abs() < 2.0);
+        assert!(v.is_some());
+        let bad = RawSegment {
+            max_head_area_um2: 0.5,
+            ..RawSegment::default()
+        };
+        let e = bad.resolve(0.1, Base(None)).unwrap_err().to_string();
+        assert!(e.contains("segment.max_head_area_um2"), "{e}");
+        let e = raw.resolve(0.001, Base(None)).unwrap_err().to_string();
+        assert!(e.contains("segment.open_radius_um"), "{e}");
+    }
+}

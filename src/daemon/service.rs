@@ -194,7 +194,7 @@ fn serve(
 ) {
     let text = tiny_http::Header::from_bytes(
         &b"Content-Type"[..],
-        &b"text/plain; version=0.0.4; charset=utf-8"[..],
+        crate::daemon::telemetry::CONTENT_TYPE.as_bytes(),
     )
     .ok();
     while !stop.load(Ordering::SeqCst) {

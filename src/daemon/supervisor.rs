@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::daemon::classify::Classifier;
+use crate::daemon::classify::{Classifier, Classify};
 use crate::daemon::config::{ConfigError, Settings};
 use crate::daemon::report::{DriftChange, DriftWatch, ReportRules};
 use crate::daemon::service::Notify;
@@ -16,7 +16,7 @@ pub type Reread = Box<dyn FnMut() -> Result<Settings, ConfigError> + Send>;
 
 /// What a reload hands the pipeline: the new classifier and how its stage batches.
 pub struct Swap {
-    pub classifier: Classifier,
+    pub classifier: Box<dyn Classify>,
     pub max_batch: usize,
     pub batch_wait: Duration,
 }
@@ -176,7 +176,7 @@ impl Supervisor {
                 tel.event(Event::Reloaded);
                 tracing::info!(model = %id.name, sha256 = %id.sha256, "reload: new model ready; it takes over between batches");
                 let swap = Swap {
-                    classifier,
+                    classifier: Box::new(classifier),
                     max_batch: c.max_batch,
                     batch_wait: Duration::from_millis(c.batch_wait_ms),
                 };

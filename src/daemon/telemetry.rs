@@ -5,10 +5,16 @@ use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::sync::Mutex;
 
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, prometheus_text};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram as PromHistogram;
+use prometheus_client::registry::{Registry, Unit};
 
 use crate::core::model::ModelId;
 
@@ -178,7 +184,9 @@ pub struct Latency {
 /// Shared counters and histograms.
 pub struct Telemetry {
     counts: Mutex<Counts>,
-    latency: Mutex<BTreeMap<Stage, Histogram<u64>>>,
+    /// Per stage: HDR histogram (percentiles for the summary) and the exact bucket counts and
+    /// sum `/metrics` serves.
+    latency: Mutex<BTreeMap<Stage, (Histogram<u64>, PromHistogram)>>,
     gauges: Mutex<Gauges>,
     started: Instant,
 }
@@ -298,22 +306,23 @@ impl Telemetry {
     pub fn latency(&self, stage: Stage, ms: f32) {
         let us = (ms.max(0.0) * 1000.0) as u64;
         let mut l = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        let h = match l.entry(stage) {
+        let (h, p) = match l.entry(stage) {
             Entry::Occupied(o) => o.into_mut(),
             // 1 µs to 1 hour at 3 significant digits.
             Entry::Vacant(v) => match Histogram::new_with_bounds(1, 3_600_000_000, 3) {
-                Ok(h) => v.insert(h),
+                Ok(h) => v.insert((h, PromHistogram::new(BUCKETS_S))),
                 Err(_) => return,
             },
         };
         h.saturating_record(us.max(1));
+        p.observe(f64::from(ms.max(0.0)) / 1e3);
     }
 
     /// p50/p99/max per stage that has samples.
     pub fn latencies(&self) -> BTreeMap<&'static str, Latency> {
         let l = self.latency.lock().unwrap_or_else(|p| p.into_inner());
         l.iter()
-            .map(|(s, h)| {
+            .map(|(s, (h, _))| {
                 (
                     s.name(),
                     Latency {
@@ -328,254 +337,274 @@ impl Telemetry {
     }
 
     /// Its counters and histograms, for `render`.
-    fn snapshot(&self) -> (Counts, Gauges, BTreeMap<Stage, Histogram<u64>>) {
+    fn snapshot(&self) -> (Counts, Gauges, Vec<StageLatency>) {
         let latency = self
             .latency
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
+            .iter()
+            .map(|(s, (h, p))| (*s, h.clone(), p.clone()))
+            .collect();
         (self.counts(), self.gauges().clone(), latency)
     }
 }
 
-/// One pipeline's telemetry at a moment: sample id (escaped), counters, gauges, histograms.
-type Snapshot = (String, Counts, Gauges, BTreeMap<Stage, Histogram<u64>>);
+/// Upper bounds of the latency histogram buckets on `/metrics`, seconds.
+const BUCKETS_S: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
-/// Every pipeline's counters in the Prometheus text exposition format, one `sample` label
-/// per pipeline (several microscopes share one endpoint).
+/// A counter with one value per pipeline: name (without `_total`), help, value.
+type PlainCounter = (&'static str, &'static str, fn(&Counts) -> u64);
+
+const COUNTERS: [PlainCounter; 12] = [
+    ("frames_seen", "Frames the source delivered.", |c| {
+        c.frames_seen_total
+    }),
+    (
+        "frames_published",
+        "Frames whose records were published.",
+        |c| c.frames_published_total,
+    ),
+    ("cells_found", "Heads found (after verification).", |c| {
+        c.cells_found_total
+    }),
+    (
+        "candidates_rejected",
+        "Head candidates the verifier rejected.",
+        |c| c.candidates_rejected_total,
+    ),
+    ("cells_published", "Cell records published.", |c| {
+        c.cells_published_total
+    }),
+    (
+        "subscribers_joined",
+        "Record subscribers that connected.",
+        |c| c.subscribers_joined_total,
+    ),
+    (
+        "source_disconnects",
+        "Times the live source lost its device.",
+        |c| c.source_disconnects_total,
+    ),
+    (
+        "source_reconnects",
+        "Times the live source got its device back.",
+        |c| c.source_reconnects_total,
+    ),
+    ("reloads", "Reloads that swapped the model in.", |c| {
+        c.reloads_total
+    }),
+    (
+        "reload_failures",
+        "Reloads refused (bad config or model).",
+        |c| c.reload_failures_total,
+    ),
+    (
+        "verifier_errors",
+        "Frames whose candidates could not be verified.",
+        |c| c.verifier_errors_total,
+    ),
+    (
+        "drift_warnings",
+        "Times the running accuracy estimate fell below the reference.",
+        |c| c.drift_warnings_total,
+    ),
+];
+
+/// A counter with a label per entry: name (without `_total`), help, label, values.
+type LabelledCounter = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Counts) -> Vec<(String, u64)>,
+);
+
+fn by<K: serde::Serialize>(m: &BTreeMap<K, u64>) -> Vec<(String, u64)> {
+    m.iter()
+        .map(|(k, v)| {
+            let k = serde_json::to_value(k)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            (k, *v)
+        })
+        .collect()
+}
+
+const LABELLED: [LabelledCounter; 5] = [
+    (
+        "frames_dropped",
+        "Frames dropped, by reason.",
+        "reason",
+        |c| by(&c.frames_dropped_total),
+    ),
+    (
+        "cells_dropped",
+        "Cells dropped, by reason.",
+        "reason",
+        |c| by(&c.cells_dropped_total),
+    ),
+    (
+        "cells_classified",
+        "Cells classified, by class.",
+        "class",
+        |c| by(&c.cells_classified_total),
+    ),
+    (
+        "subscribers_dropped",
+        "Record subscribers dropped, by reason.",
+        "reason",
+        |c| by(&c.subscribers_dropped_total),
+    ),
+    (
+        "sink_write_errors",
+        "Failed record writes, by sink.",
+        "sink",
+        |c| by(&c.sink_write_errors_total),
+    ),
+];
+
+/// One pipeline's telemetry at the moment of a scrape.
+#[derive(Debug)]
+struct Part {
+    sample: String,
+    counts: Counts,
+    gauges: Gauges,
+    latency: Vec<StageLatency>,
+}
+
+/// One stage's latency: HDR histogram and the exact one.
+type StageLatency = (Stage, Histogram<u64>, PromHistogram);
+
+/// Every pipeline's counters, gauges and exact latency histograms, encoded on a scrape.
+#[derive(Debug)]
+struct Exposition(Vec<Part>);
+
+impl Exposition {
+    fn counters(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        for (name, help, f) in COUNTERS {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for p in &self.0 {
+                let labels = [("sample", p.sample.as_str())];
+                ConstCounter::new(f(&p.counts)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        for (name, help, label, f) in LABELLED {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for p in &self.0 {
+                for (k, v) in f(&p.counts) {
+                    let labels = [("sample", p.sample.as_str()), (label, k.as_str())];
+                    ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn gauges(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        type Flag = (&'static str, &'static str, fn(&Counts) -> bool);
+        const FLAGS: [Flag; 2] = [
+            ("source_up", "Whether the source has its device.", |c| {
+                c.source_up
+            }),
+            (
+                "drift_suspected",
+                "Whether the running accuracy estimate is below the reference now.",
+                |c| c.drift_suspected,
+            ),
+        ];
+        for (name, help, f) in FLAGS {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for p in &self.0 {
+                let labels = [("sample", p.sample.as_str())];
+                ConstGauge::new(i64::from(f(&p.counts))).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let help = "Frames waiting before each stage.";
+        let mut m = enc.encode_descriptor("queue_depth", help, None, MetricType::Gauge)?;
+        for p in &self.0 {
+            for (q, n) in &p.gauges.queues {
+                let labels = [("sample", p.sample.as_str()), ("stage", *q)];
+                ConstGauge::new(*n as i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "model_info",
+            "The model classifying cells.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &self.0 {
+            if let Some(id) = &p.gauges.model {
+                let labels = [
+                    ("sample", p.sample.as_str()),
+                    ("name", id.name.as_str()),
+                    ("sha256", id.sha256.as_str()),
+                ];
+                ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let help =
+            "Label-free accuracy estimate: the classified cells' mean calibrated confidence.";
+        let mut m = enc.encode_descriptor("estimated_accuracy", help, None, MetricType::Gauge)?;
+        for p in &self.0 {
+            if let Some((_, e)) = p.gauges.estimate {
+                let labels = [("sample", p.sample.as_str())];
+                ConstGauge::new(e).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn histograms(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let help = "Time each stage spent per frame.";
+        let unit = Unit::Seconds;
+        let mut m =
+            enc.encode_descriptor("stage_latency", help, Some(&unit), MetricType::Histogram)?;
+        for p in &self.0 {
+            for (stage, _, h) in &p.latency {
+                let labels = [("sample", p.sample.as_str()), ("stage", stage.name())];
+                h.encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for Exposition {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        self.counters(&mut enc)?;
+        self.gauges(&mut enc)?;
+        self.histograms(&mut enc)
+    }
+}
+
+/// Every pipeline's telemetry in the Prometheus text exposition format (0.0.4), one `sample`
+/// label per pipeline (several microscopes share one endpoint).
 pub fn render(parts: &[(String, std::sync::Arc<Telemetry>)]) -> String {
-    let snaps: Vec<Snapshot> = parts
+    let snapshot = parts
         .iter()
         .map(|(sample, t)| {
-            let (c, g, l) = t.snapshot();
-            (escape(sample), c, g, l)
+            let (counts, gauges, latency) = t.snapshot();
+            Part {
+                sample: sample.clone(),
+                counts,
+                gauges,
+                latency,
+            }
         })
         .collect();
+    let mut registry = Registry::with_prefix("spermscope");
+    registry.register_collector(Box::new(Exposition(snapshot)));
     let mut s = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
-        let _ = writeln!(s, "# HELP spermscope_{name} {help}");
-        let _ = writeln!(s, "# TYPE spermscope_{name} {kind}");
-        for (labels, v) in rows {
-            let _ = writeln!(s, "spermscope_{name}{{{labels}}} {v}");
-        }
-    };
-    let plain = |f: &dyn Fn(&Counts) -> u64| -> Vec<(String, String)> {
-        snaps
-            .iter()
-            .map(|(sample, c, _, _)| (format!("sample=\"{sample}\""), f(c).to_string()))
-            .collect()
-    };
-    fn by<K: serde::Serialize>(
-        snaps: &[Snapshot],
-        label: &str,
-        f: &dyn Fn(&Counts) -> &BTreeMap<K, u64>,
-    ) -> Vec<(String, String)> {
-        let mut rows = Vec::new();
-        for (sample, c, _, _) in snaps {
-            for (k, v) in f(c) {
-                let k = serde_json::to_value(k)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default();
-                rows.push((
-                    format!("sample=\"{sample}\",{label}=\"{}\"", escape(&k)),
-                    v.to_string(),
-                ));
-            }
-        }
-        rows
-    }
-    /// Counters with one value per pipeline: name, help, value.
-    type Plain = (&'static str, &'static str, fn(&Counts) -> u64);
-    const PLAIN: [Plain; 14] = [
-        ("frames_seen_total", "Frames the source delivered.", |c| {
-            c.frames_seen_total
-        }),
-        (
-            "frames_published_total",
-            "Frames whose records were published.",
-            |c| c.frames_published_total,
-        ),
-        (
-            "cells_found_total",
-            "Heads found (after verification).",
-            |c| c.cells_found_total,
-        ),
-        (
-            "candidates_rejected_total",
-            "Head candidates the verifier rejected.",
-            |c| c.candidates_rejected_total,
-        ),
-        ("cells_published_total", "Cell records published.", |c| {
-            c.cells_published_total
-        }),
-        (
-            "subscribers_joined_total",
-            "Record subscribers that connected.",
-            |c| c.subscribers_joined_total,
-        ),
-        (
-            "source_disconnects_total",
-            "Times the live source lost its device.",
-            |c| c.source_disconnects_total,
-        ),
-        (
-            "source_reconnects_total",
-            "Times the live source got its device back.",
-            |c| c.source_reconnects_total,
-        ),
-        ("reloads_total", "Reloads that swapped the model in.", |c| {
-            c.reloads_total
-        }),
-        (
-            "reload_failures_total",
-            "Reloads refused (bad config or model).",
-            |c| c.reload_failures_total,
-        ),
-        (
-            "verifier_errors_total",
-            "Frames whose candidates could not be verified.",
-            |c| c.verifier_errors_total,
-        ),
-        ("source_up", "Whether the source has its device.", |c| {
-            u64::from(c.source_up)
-        }),
-        (
-            "drift_warnings_total",
-            "Times the running accuracy estimate fell below the reference.",
-            |c| c.drift_warnings_total,
-        ),
-        (
-            "drift_suspected",
-            "Whether the running accuracy estimate is below the reference now.",
-            |c| u64::from(c.drift_suspected),
-        ),
-    ];
-    for (name, help, f) in PLAIN {
-        let kind = if name.ends_with("_total") {
-            "counter"
-        } else {
-            "gauge"
-        };
-        family(name, kind, help, plain(&f));
-    }
-    let labelled = [
-        (
-            "frames_dropped_total",
-            "Frames dropped, by reason.",
-            by(&snaps, "reason", &|c| &c.frames_dropped_total),
-        ),
-        (
-            "cells_dropped_total",
-            "Cells dropped, by reason.",
-            by(&snaps, "reason", &|c| &c.cells_dropped_total),
-        ),
-        (
-            "cells_classified_total",
-            "Cells classified, by class.",
-            by(&snaps, "class", &|c| &c.cells_classified_total),
-        ),
-        (
-            "subscribers_dropped_total",
-            "Record subscribers dropped, by reason.",
-            by(&snaps, "reason", &|c| &c.subscribers_dropped_total),
-        ),
-        (
-            "sink_write_errors_total",
-            "Failed record writes, by sink.",
-            by(&snaps, "sink", &|c| &c.sink_write_errors_total),
-        ),
-    ];
-    for (name, help, rows) in labelled {
-        family(name, "counter", help, rows);
-    }
-    let mut queues = Vec::new();
-    let mut models = Vec::new();
-    let mut estimates = Vec::new();
-    for (sample, _, g, _) in &snaps {
-        if let Some((_, e)) = g.estimate {
-            estimates.push((format!("sample=\"{sample}\""), format!("{e:.4}")));
-        }
-        for (q, n) in &g.queues {
-            queues.push((format!("sample=\"{sample}\",stage=\"{q}\""), n.to_string()));
-        }
-        if let Some(id) = &g.model {
-            models.push((
-                format!(
-                    "sample=\"{sample}\",name=\"{}\",sha256=\"{}\"",
-                    escape(&id.name),
-                    escape(&id.sha256)
-                ),
-                "1".to_string(),
-            ));
-        }
-    }
-    family(
-        "queue_depth",
-        "gauge",
-        "Frames waiting before each stage.",
-        queues,
-    );
-    family(
-        "model_info",
-        "gauge",
-        "The model classifying cells.",
-        models,
-    );
-    family(
-        "estimated_accuracy",
-        "gauge",
-        "Label-free accuracy estimate: the classified cells' mean calibrated confidence.",
-        estimates,
-    );
-    const BUCKETS_MS: [f64; 12] = [
-        1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
-    ];
-    let mut rows = Vec::new();
-    for (sample, _, _, l) in &snaps {
-        for (stage, h) in l {
-            let st = format!("sample=\"{sample}\",stage=\"{}\"", stage.name());
-            for b in BUCKETS_MS {
-                rows.push((
-                    format!("{st},le=\"{}\"", b / 1000.0),
-                    h.count_between(0, (b * 1000.0) as u64).to_string(),
-                ));
-            }
-            rows.push((format!("{st},le=\"+Inf\""), h.len().to_string()));
-        }
-    }
-    let _ = writeln!(
-        s,
-        "# HELP spermscope_stage_latency_seconds Time each stage spent per frame."
-    );
-    let _ = writeln!(s, "# TYPE spermscope_stage_latency_seconds histogram");
-    for (labels, v) in rows {
-        let _ = writeln!(s, "spermscope_stage_latency_seconds_bucket{{{labels}}} {v}");
-    }
-    for (sample, _, _, l) in &snaps {
-        for (stage, h) in l {
-            let st = format!("sample=\"{sample}\",stage=\"{}\"", stage.name());
-            let _ = writeln!(
-                s,
-                "spermscope_stage_latency_seconds_sum{{{st}}} {}",
-                h.mean() * h.len() as f64 / 1e6
-            );
-            let _ = writeln!(
-                s,
-                "spermscope_stage_latency_seconds_count{{{st}}} {}",
-                h.len()
-            );
-        }
-    }
+    // Writing into a String cannot fail.
+    let _ = prometheus_text::encode(&mut s, &registry);
     s
 }
 
-/// Escape a Prometheus label value.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+/// The content type of `render`'s text.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 #[cfg(test)]
 mod tests {
@@ -612,5 +641,39 @@ mod tests {
         assert_eq!(l.count, 4);
         assert!((l.p50_ms - 2.0).abs() < 0.01, "{l:?}");
         assert!((l.max_ms - 100.0).abs() < 0.2, "{l:?}");
+    }
+
+    #[test]
+    fn exposition_has_exact_sums_and_escaped_labels() {
+        let t = std::sync::Arc::new(Telemetry::new());
+        for ms in [1.0, 2.0, 3.0, 400.0] {
+            t.latency(Stage::Segment, ms);
+        }
+        t.event(Event::FrameSeen);
+        t.event(Event::FramesDropped {
+            reason: FrameDropReason::Undecodable,
+            n: 2,
+        });
+        let text = render(&[("a\"b".to_string(), t)]);
+        let line = |prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+                .to_string()
+        };
+        assert_eq!(
+            line("spermscope_frames_seen_total"),
+            "spermscope_frames_seen_total{sample=\"a\\\"b\"} 1"
+        );
+        assert!(line("spermscope_frames_dropped_total").ends_with("reason=\"undecodable\"} 2"));
+        let sum: f64 = line("spermscope_stage_latency_seconds_sum")
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((sum - 0.406).abs() < 1e-9, "{sum}");
+        assert!(line("spermscope_stage_latency_seconds_bucket{sample=\"a\\\"b\",stage=\"segment\",le=\"0.005\"}").ends_with(" 3"));
+        assert!(text.contains("# TYPE spermscope_frames_dropped_total counter"));
     }
 }

@@ -11,8 +11,9 @@ use serde::Serialize;
 
 use crate::core::calibration::{self, RocPoint, argmax};
 use crate::core::dataset::{Dataset, DatasetError};
-use crate::core::imageio::{self, ListError};
+use crate::core::imageio::{self, ImageError, ListError};
 use crate::core::model::{Model, ModelError, softmax};
+use crate::core::preprocess::Prepared;
 use crate::core::spec::{self, SpecError};
 
 /// Why an evaluation cannot be done.
@@ -133,19 +134,28 @@ impl Scored {
     }
 }
 
+/// The evaluator's inputs for crop files: each decoded by content and prepared through the
+/// model's `Preprocessor` (the daemon's and the trainer's path too), or why it could not be.
+pub fn crop_inputs(model: &Model, paths: &[&Path]) -> Vec<Result<Prepared, ImageError>> {
+    let pre = model.preprocessor();
+    paths
+        .iter()
+        .map(|p| imageio::load_rgb(p).map(|img| pre.crop(&img)))
+        .collect()
+}
+
 /// Score every crop of `ds` (decoded by content, prepared through the model's
 /// `Preprocessor`), `batch` at a time.
 pub fn score(model: &mut Model, ds: &Dataset, batch: usize) -> Result<Scored, EvalError> {
     let map = class_map(ds, model)?;
-    let pre = model.preprocessor();
     let started = Instant::now();
     let mut out = Scored::default();
     for chunk in ds.samples.chunks(batch.max(1)) {
+        let paths: Vec<&Path> = chunk.iter().map(|s| s.path.as_path()).collect();
         let mut inputs = Vec::with_capacity(chunk.len());
-        for s in chunk {
-            match imageio::load_rgb(&s.path) {
-                Ok(img) => {
-                    let p = pre.crop(&img);
+        for (s, prepared) in chunk.iter().zip(crop_inputs(model, &paths)) {
+            match prepared {
+                Ok(p) => {
                     out.heads_found += usize::from(p.head.is_some());
                     inputs.push(p);
                     out.truth.push(map[s.label]);
@@ -203,13 +213,13 @@ pub fn score_unlabelled(
     batch: usize,
 ) -> Result<Unlabelled, EvalError> {
     let files = imageio::list_files(images)?;
-    let pre = model.preprocessor();
     let mut out = Unlabelled::default();
     for chunk in files.chunks(batch.max(1)) {
+        let paths: Vec<&Path> = chunk.iter().map(PathBuf::as_path).collect();
         let mut inputs = Vec::new();
-        for f in chunk {
-            match imageio::load_rgb(f) {
-                Ok(img) => inputs.push(pre.crop(&img)),
+        for prepared in crop_inputs(model, &paths) {
+            match prepared {
+                Ok(p) => inputs.push(p),
                 Err(e) => out.skipped.push(e.to_string()),
             }
         }

@@ -7,9 +7,28 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-/// `../shared/datasets` beside the project.
+/// `../shared/datasets` beside the project; a test that needs it fails with one message
+/// naming it when it is not there.
 pub fn datasets() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets")
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets");
+    assert!(
+        root.is_dir(),
+        "the shared datasets are missing: this test reads {} in place (HuSHeM, SMIDS, MHSMA, \
+         sperm-parsing, svia-sequence; see its README.md); put them beside the project",
+        root.display()
+    );
+    root
+}
+
+/// One dataset (or a folder in it) under `../shared/datasets`, which must exist.
+pub fn dataset(rel: &str) -> PathBuf {
+    let p = datasets().join(rel);
+    assert!(
+        p.exists(),
+        "the shared dataset {rel} is missing: expected it at {}",
+        p.display()
+    );
+    p
 }
 
 /// Run a command to its end; it must exit 0 (its exit code and stderr are shown if not).
@@ -36,7 +55,7 @@ pub struct TruthHead {
 /// Heads of the `val` frames, with the direction to the nearest midpiece pixels (part label 4)
 /// that lie closer to this head than to any other.
 pub fn parsing_val_heads(max_frames: usize) -> Vec<TruthHead> {
-    let root = datasets().join("sperm-parsing");
+    let root = dataset("sperm-parsing");
     let text = std::fs::read_to_string(root.join("heads.csv")).expect("heads.csv");
     let mut rows: Vec<(String, f32, f32, u32, u32, u32, u32)> = Vec::new();
     for line in text.lines().skip(1) {

@@ -132,8 +132,9 @@ pub fn fit_normalisation(items: &[Item], idx: &[usize], spec: &mut ModelSpec) {
     }
 }
 
-/// Model inputs for a set of items, augmented when `aug` is given.
-fn inputs(
+/// Model inputs for a set of items (pixels, then features, concatenated), augmented when
+/// `aug` is given.
+pub fn inputs(
     items: &[Item],
     idx: &[usize],
     spec: &ModelSpec,
