@@ -44,8 +44,19 @@ fn sum(v: &Value) -> u64 {
         .unwrap_or(0)
 }
 
-/// The accounting identities, from a run summary.
-fn assert_balanced(summary: &Value, records: usize) {
+/// The detection records of a records file (its cell records left out).
+fn detections(records: &[Value]) -> Vec<Value> {
+    records
+        .iter()
+        .filter(|r| r["kind"] == "detection")
+        .cloned()
+        .collect()
+}
+
+/// The accounting identities, from a run summary: every head found is a detection record or
+/// dropped with a reason.
+fn assert_balanced(summary: &Value, records: &[Value]) {
+    let records = detections(records).len();
     let c = &summary["counts"];
     let seen = c["frames_seen_total"].as_u64().unwrap();
     let published = c["frames_published_total"].as_u64().unwrap();
@@ -79,12 +90,18 @@ fn replay_of_parsing_val_end_to_end() {
             .arg("--summary")
             .arg(&sum_path),
     );
-    let records = lines(&rec);
+    let all = lines(&rec);
     let summary = json(&sum_path);
-    assert_balanced(&summary, records.len());
+    assert_balanced(&summary, &all);
     assert_eq!(summary["counts"]["frames_published_total"], 128);
+    assert_schema(&all);
+    // Independent still fields: one cell per head, and each cell is its one detection.
+    let records = detections(&all);
+    let cells: Vec<&Value> = all.iter().filter(|r| r["kind"] == "cell").collect();
+    assert_eq!(cells.len(), records.len(), "one track per head");
+    assert!(cells.iter().all(|c| c["frames_seen"] == 1));
+    assert_eq!(summary["counts"]["field_changes_total"], 127);
 
-    assert_schema(&records);
     let classified = records.iter().filter(|r| !r["class"].is_null()).count();
     assert!(classified > records.len() / 2);
     assert!(
@@ -238,9 +255,9 @@ fn corrupt_frames_are_counted_and_skipped() {
     assert_eq!(c["frames_seen_total"], 6);
     assert_eq!(c["frames_published_total"], 4);
     assert_eq!(c["frames_dropped_total"]["undecodable"], 2, "{c}");
-    assert_balanced(&summary, lines(&rec).len());
+    assert_balanced(&summary, &lines(&rec));
     // The garbage frame was seq 1: sequence numbers count every frame delivered.
-    let seqs: std::collections::BTreeSet<u64> = lines(&rec)
+    let seqs: std::collections::BTreeSet<u64> = detections(&lines(&rec))
         .iter()
         .map(|r| r["frame"]["seq"].as_u64().unwrap())
         .collect();
@@ -337,7 +354,7 @@ fn live_source_drops_the_oldest_frames_and_counts_them() {
         .unwrap_or(0);
     assert!(dropped > 0, "a preloaded replay outpaces the pipeline: {c}");
     assert_eq!(c["frames_seen_total"], 128);
-    assert_balanced(&summary, lines(&rec).len());
+    assert_balanced(&summary, &lines(&rec));
 }
 
 #[test]
@@ -384,7 +401,7 @@ fn sigterm_mid_run_drains_flushes_and_reports() {
         (10..128).contains(&published),
         "{published} frames before the signal"
     );
-    assert_balanced(&summary, lines(&rec).len());
+    assert_balanced(&summary, &lines(&rec));
     assert_eq!(
         json(&rep)["cells_recorded"],
         summary["counts"]["cells_published_total"]
@@ -399,7 +416,7 @@ fn socket_subscribers_get_records_and_a_stalled_one_is_dropped() {
     std::fs::write(
         &cfg,
         format!(
-            "[publish]\nsocket = \"unix:{}\"\nsubscriber_queue = 16\n[report]\nprint = false\n",
+            "[publish]\nsocket = \"unix:{}\"\nsubscriber_queue = 256\n[report]\nprint = false\n",
             sock.display()
         ),
     )
@@ -449,5 +466,5 @@ fn socket_subscribers_get_records_and_a_stalled_one_is_dropped() {
     let c = &summary["counts"];
     assert_eq!(c["subscribers_joined_total"], 2, "{c}");
     assert_eq!(c["subscribers_dropped_total"]["slow"], 1, "{c}");
-    assert_balanced(&summary, all.len());
+    assert_balanced(&summary, &all);
 }

@@ -69,7 +69,8 @@ fn montage_cells_agree_with_crop_level_classification() {
             // The record whose centroid lies in this crop's disc.
             let hits: Vec<&Value> = records
                 .iter()
-                .filter(|r| r["frame"]["name"] == name.as_str() && !r["class"].is_null())
+                .filter(|r| r["kind"] == "detection" && r["frame"]["name"] == name.as_str())
+                .filter(|r| !r["class"].is_null())
                 .filter(|r| {
                     let (x, y) = (
                         r["centroid"][0].as_f64().unwrap() as f32,

@@ -37,11 +37,13 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok.success());
 }
 
-fn records(path: &Path) -> Vec<Value> {
+/// The records of one kind (`detection` or `cell`) in a records file.
+fn records_of(path: &Path, kind: &str) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["kind"] == kind)
         .collect()
 }
 
@@ -155,7 +157,7 @@ fn notify_protocol_and_reload_without_losing_frames() {
     assert!(has("STOPPING=1"), "{messages:?}");
     assert!(stderr.contains("reload refused"), "{stderr}");
 
-    let recs = records(&dir.path().join("records.jsonl"));
+    let recs = records_of(&dir.path().join("records.jsonl"), "detection");
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
             .unwrap();
@@ -293,7 +295,8 @@ fn several_microscopes_keep_their_records_and_reports_apart() {
     common::run_ok(Command::new(BIN).args(["run", "--config"]).arg(&cfg));
     for (sample, prefix, frames) in [("scope-a", "000", 8), ("scope-b", "003", 2)] {
         let tag = &sample[6..];
-        let recs = records(&dir.path().join(format!("{tag}.jsonl")));
+        let path = dir.path().join(format!("{tag}.jsonl"));
+        let recs = records_of(&path, "detection");
         assert!(!recs.is_empty());
         assert!(recs.iter().all(|r| r["sample"] == sample));
         assert!(
@@ -312,8 +315,9 @@ fn several_microscopes_keep_their_records_and_reports_apart() {
         assert_eq!(report["sample"], sample);
         assert_eq!(
             report["cells_recorded"].as_u64().unwrap() as usize,
-            recs.len()
+            records_of(&path, "cell").len()
         );
+        assert_eq!(report["detections"].as_u64().unwrap() as usize, recs.len());
     }
     // A second microscope with the same sample id is refused before anything runs.
     let text = std::fs::read_to_string(&cfg)

@@ -10,6 +10,7 @@ pub mod morphometry;
 pub mod pose;
 pub mod preprocess;
 pub mod regions;
+pub mod register;
 pub mod spec;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -212,6 +212,8 @@ impl Classifier {
         let id = Arc::new(ModelRef {
             id: model.id(),
             classes: model.spec.classes.clone(),
+            normal_class: model.spec.normal_class.clone(),
+            uncertain_below,
         });
         Self {
             model,

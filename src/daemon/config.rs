@@ -15,6 +15,7 @@ use crate::daemon::report::{RawReport, ReportOutput, ReportRules};
 use crate::daemon::segment::{RawSegment, SegmentSettings, VerifierSettings};
 use crate::daemon::service::{RawService, ServiceSettings};
 use crate::daemon::source::{RawSource, SourceSettings};
+use crate::daemon::track::{RawTrack, TrackSettings};
 
 pub use crate::daemon::check::ConfigError;
 
@@ -25,6 +26,7 @@ pub struct RawConfig {
     pub sample: RawSample,
     pub source: RawSource,
     pub segment: RawSegment,
+    pub track: RawTrack,
     pub classify: RawClassify,
     pub publish: RawPublish,
     pub report: RawReport,
@@ -112,6 +114,7 @@ pub struct RestartSettings {
     pub source: SourceSettings,
     pub segment: SegmentSettings,
     pub verifier: Option<VerifierSettings>,
+    pub track: TrackSettings,
     pub publish: PublishSettings,
     pub report: ReportOutput,
     pub pipeline: PipelineSettings,
@@ -281,6 +284,7 @@ impl RawConfig {
                 source,
                 segment,
                 verifier,
+                track: self.track.resolve()?,
                 publish: self.publish.resolve(base)?,
                 report: report_output,
                 pipeline: PipelineSettings {

@@ -27,12 +27,15 @@ pub struct Frame {
 }
 
 /// Why a cell that was found was not classified (it is still published).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Unclassified {
     /// Cut by the frame border.
     AtEdge,
     /// Two or more heads in one region.
     Touching,
+    /// Its cell was already classified in `track.classify_max_per_track` frames.
+    TrackComplete,
 }
 
 /// The classifier's answer for one cell.
@@ -53,6 +56,8 @@ pub struct Verdict {
 pub struct Cell {
     /// Index of the head within its frame.
     pub index: usize,
+    /// The physical cell this head belongs to across frames (set by the track stage).
+    pub track: Option<u64>,
     /// The segmented head (the pose stage takes it).
     pub head: Option<HeadRegion>,
     pub bbox: [u32; 4],
@@ -73,6 +78,7 @@ pub struct Cell {
 pub struct StageTimes {
     pub decode_ms: f32,
     pub segment_ms: f32,
+    pub track_ms: f32,
     pub pose_ms: f32,
     pub classify_ms: f32,
 }
@@ -85,11 +91,17 @@ pub struct Work {
     pub times: StageTimes,
     /// Model that classified this frame's cells.
     pub model: Option<Arc<ModelRef>>,
+    /// Tracks that ended at this frame (not seen for too long, or the field changed): their
+    /// cell records are published after this frame's detections.
+    pub ended_tracks: Vec<u64>,
 }
 
-/// The model a frame went through: its identity and its classes, in output order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The model a frame went through: its identity, its classes in output order, and the rule
+/// that turns probabilities into a class (so a cell's fused vote uses the same rule).
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelRef {
     pub id: ModelId,
     pub classes: Vec<String>,
+    pub normal_class: Option<String>,
+    pub uncertain_below: f32,
 }

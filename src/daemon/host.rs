@@ -13,6 +13,7 @@ use crate::daemon::report::ReportOutput;
 use crate::daemon::service::{self, MetricsError};
 use crate::daemon::supervisor::Reread;
 use crate::daemon::telemetry::Telemetry;
+use crate::daemon::view::{ViewError, ViewServer};
 
 /// Why the pipelines could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,8 @@ pub enum HostError {
     Start { sample: String, source: StartError },
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    View(#[from] ViewError),
     #[error("cannot start a pipeline thread: {0}")]
     Spawn(std::io::Error),
 }
@@ -69,6 +72,7 @@ pub fn run_all(all: Vec<Settings>, config: Option<&Path>) -> Result<Vec<Finished
         }
         _ => None,
     };
+    let view = start_view(&prepared)?;
     let mut running = Vec::new();
     for (i, (settings, _, ready)) in prepared.into_iter().enumerate() {
         let mut control = Control::stop_only(stop.clone());
@@ -98,7 +102,26 @@ pub fn run_all(all: Vec<Settings>, config: Option<&Path>) -> Result<Vec<Finished
     if let Some(m) = metrics {
         m.close();
     }
+    if let Some(v) = view {
+        v.close();
+    }
     Ok(finished)
+}
+
+/// The live view of every pipeline, when `service.view_addr` asks for one.
+fn start_view(
+    prepared: &[(Settings, Arc<Telemetry>, pipeline::Ready)],
+) -> Result<Option<ViewServer>, HostError> {
+    let Some(addr) = prepared.first().and_then(|p| p.0.process.service.view_addr) else {
+        return Ok(None);
+    };
+    let views = prepared
+        .iter()
+        .filter_map(|(s, _, r)| r.view().map(|v| (s.sample_id().to_string(), v)))
+        .collect();
+    let v = ViewServer::start(addr, views)?;
+    tracing::info!(addr = %v.addr, "serving the live view at http://{}/", v.addr);
+    Ok(Some(v))
 }
 
 /// Re-read `path` for the pipeline of `sample`, through the start-up path.

@@ -15,3 +15,5 @@ pub mod service;
 pub mod source;
 pub mod supervisor;
 pub mod telemetry;
+pub mod track;
+pub mod view;

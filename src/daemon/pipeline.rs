@@ -12,13 +12,14 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 
 use crate::core::preprocess::Preprocessor;
+use crate::core::register::{Registrar, Spectrum};
 use crate::daemon::classify::{
     Classifier, Classify, ClassifyError, classify_frames, prepare_cells,
 };
 use crate::daemon::config::Settings;
 use crate::daemon::frame::{Frame, StageTimes, Work};
 use crate::daemon::publish::{Record, SinkError, Sinks};
-use crate::daemon::report::{Report, Tally};
+use crate::daemon::report::{Report, ReportRules, Tally};
 use crate::daemon::segment::{SegmentSettings, Verifier, VerifierError, segment_frame};
 use crate::daemon::service::Notify;
 use crate::daemon::source::{self, FrameSource, Pull, SourceError, SourceNote};
@@ -26,6 +27,8 @@ use crate::daemon::supervisor::{Reread, Supervisor, Swap};
 use crate::daemon::telemetry::{
     CellDropReason, Counts, Event, FrameDropReason, Latency, Stage, Telemetry,
 };
+use crate::daemon::track::{Tracker, Votes};
+use crate::daemon::view::View;
 
 /// Why the pipeline cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,8 @@ pub struct Ready {
     verifier: Option<Verifier>,
     sinks: Sinks,
     telemetry: Arc<Telemetry>,
+    /// Where the publisher leaves its latest frame for the live view, when one is served.
+    view: Option<Arc<View>>,
 }
 
 /// Load the models the settings name, the way start-up and `validate` do.
@@ -79,6 +84,11 @@ pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, S
     let (classifier, verifier) = load_models(&settings)?;
     let source = source::open(&settings.restart.source)?;
     let sinks = Sinks::open(&settings.restart.publish, telemetry.clone())?;
+    let view = settings
+        .process
+        .service
+        .view_addr
+        .map(|_| Arc::new(View::default()));
     Ok(Ready {
         settings,
         source,
@@ -86,6 +96,7 @@ pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, S
         verifier,
         sinks,
         telemetry,
+        view,
     })
 }
 
@@ -105,6 +116,11 @@ impl Ready {
 
     pub fn socket_addr(&self) -> Option<String> {
         self.sinks.socket_addr()
+    }
+
+    /// The live view this pipeline feeds, when one is served.
+    pub fn view(&self) -> Option<Arc<View>> {
+        self.view.clone()
     }
 }
 
@@ -182,29 +198,33 @@ struct Stages {
     publish: JoinHandle<Tally>,
     swaps: Sender<Swap>,
     /// Receivers of each queue, for their depths (they do not keep a channel open).
-    depths: [(&'static str, Receiver<Work>); 3],
+    depths: [(&'static str, Receiver<Work>); 4],
     classify_depth: Receiver<ToClassify>,
 }
 
 /// Start every stage thread, joined by bounded channels.
-fn start(
-    settings: &Settings,
-    source: Box<dyn FrameSource>,
-    classifier: Box<dyn Classify>,
-    verifier: Option<Verifier>,
-    sinks: Sinks,
-    stop: &Arc<AtomicBool>,
-    tel: &Arc<Telemetry>,
-) -> Result<Stages, RunError> {
+fn start(ready: Ready, stop: &Arc<AtomicBool>) -> Result<(Stages, Settings), RunError> {
+    let Ready {
+        settings,
+        source,
+        classifier,
+        verifier,
+        sinks,
+        telemetry: tel,
+        view,
+    } = ready;
+    let tel = &tel;
     let r = &settings.restart;
     let q = r.pipeline.queue_frames;
     let (to_segment, segment_in) = bounded::<Work>(q);
+    let (to_track, track_in) = bounded::<Work>(q);
     let (to_pose, pose_in) = bounded::<Work>(q);
     let (to_classify, classify_in) = bounded::<ToClassify>(q);
     let (swap_tx, swap_rx) = crossbeam_channel::unbounded::<Swap>();
     let (to_publish, publish_in) = bounded::<Work>(q);
     let depths = [
         ("segment", segment_in.clone()),
+        ("track", track_in.clone()),
         ("pose", pose_in.clone()),
         ("publish", publish_in.clone()),
     ];
@@ -221,9 +241,12 @@ fn start(
     handles.push(("source", h));
     let (t, seg) = (tel.clone(), r.segment.clone());
     let h = spawn("segment", move || {
-        segment_stage(segment_in, to_pose, &seg, verifier, um, &t)
+        segment_stage(segment_in, to_track, &seg, verifier, um, &t)
     })?;
     handles.push(("segment", h));
+    let (t, tracker) = (tel.clone(), Tracker::new(&r.track, um));
+    let h = spawn("track", move || track_stage(track_in, to_pose, tracker, &t))?;
+    handles.push(("track", h));
     let (t, pre) = (tel.clone(), classifier.preprocessor());
     let h = spawn("pose", move || {
         pose_stage(pose_in, to_classify, swap_rx, pre, um, &t)
@@ -237,16 +260,18 @@ fn start(
     })?;
     handles.push(("classify", h));
     let (t, tally) = (tel.clone(), Tally::new(&r.sample_id));
+    let view = view.map(|v| (v, settings.reload.report.clone()));
     let publish = spawn("publish", move || {
-        publish_stage(publish_in, sinks, tally, &t)
+        publish_stage(publish_in, sinks, tally, view, &t)
     })?;
-    Ok(Stages {
+    let stages = Stages {
         handles,
         publish,
         swaps: swap_tx,
         depths,
         classify_depth,
-    })
+    };
+    Ok((stages, settings))
 }
 
 /// Run until the source ends or `stop` is set; every stage drains before this returns.
@@ -256,16 +281,9 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
         reload: mut reloader,
         notify,
     } = control;
-    let Ready {
-        mut settings,
-        source,
-        classifier,
-        verifier,
-        sinks,
-        telemetry: tel,
-    } = ready;
+    let tel = ready.telemetry.clone();
     let started = Instant::now();
-    let stages = start(&settings, source, classifier, verifier, sinks, &stop, &tel)?;
+    let (stages, mut settings) = start(ready, &stop)?;
     let interval = Duration::from_secs_f32(settings.restart.pipeline.status_interval_secs);
     let rules = settings.reload.report.clone();
     let mut supervisor = Supervisor::new(settings.sample_id(), interval, rules, notify, started);
@@ -390,9 +408,10 @@ fn source_stage(
                 ..StageTimes::default()
             },
             model: None,
+            ended_tracks: Vec::new(),
         };
         let sent = match &oldest {
-            None => tx.send(work).map_err(|e| e.into_inner()),
+            None => tx.send(work).map_err(|e| Box::new(e.into_inner())),
             Some(queue) => send_dropping_oldest(&tx, queue, work, tel),
         };
         if let Err(w) = sent {
@@ -408,11 +427,11 @@ fn send_dropping_oldest(
     queue: &Receiver<Work>,
     mut work: Work,
     tel: &Telemetry,
-) -> Result<(), Work> {
+) -> Result<(), Box<Work>> {
     loop {
         match tx.try_send(work) {
             Ok(()) => return Ok(()),
-            Err(TrySendError::Disconnected(w)) => return Err(w),
+            Err(TrySendError::Disconnected(w)) => return Err(Box::new(w)),
             Err(TrySendError::Full(w)) => {
                 work = w;
                 if queue.try_recv().is_ok() {
@@ -454,6 +473,42 @@ fn segment_stage(
             n: w.cells.len() as u64,
         });
         tracing::debug!(frame = w.frame.seq, cells = w.cells.len(), "segmented");
+        pass(&tx, w, tel);
+    }
+}
+
+fn track_stage(rx: Receiver<Work>, tx: Sender<Work>, mut tracker: Tracker, tel: &Telemetry) {
+    let registrar = Registrar::default();
+    let mut previous: Option<Spectrum> = None;
+    for mut w in rx {
+        let t = Instant::now();
+        // Registration only when tracks are followed (it is most of this stage's cost).
+        let motion = if tracker.enabled() {
+            let spectrum = registrar.spectrum(&w.frame.image);
+            let m = previous.as_ref().map(|p| registrar.motion(p, &spectrum));
+            previous = Some(spectrum);
+            m
+        } else {
+            None
+        };
+        let before = tracker.started();
+        let step = tracker.step(w.frame.seq, &mut w.cells, motion);
+        w.ended_tracks = step.ended;
+        w.times.track_ms = t.elapsed().as_secs_f32() * 1e3;
+        tel.latency(Stage::Track, w.times.track_ms);
+        tel.event(Event::TracksStarted {
+            n: tracker.started() - before,
+        });
+        if step.skipped > 0 {
+            tel.event(Event::ClassificationsSkipped {
+                n: step.skipped as u64,
+            });
+        }
+        if step.field_change {
+            tel.event(Event::FieldChanged);
+            tracing::debug!(frame = w.frame.seq, "field changed: every track ended");
+        }
+        tel.set_tracks_active(tracker.active());
         pass(&tx, w, tel);
     }
 }
@@ -551,7 +606,31 @@ fn classify_stage(
     }
 }
 
-fn publish_stage(rx: Receiver<Work>, mut sinks: Sinks, mut tally: Tally, tel: &Telemetry) -> Tally {
+/// The cell records of tracks that ended, counted into the tally, as lines.
+fn cells_of(ended: &[u64], votes: &mut Votes, tally: &mut Tally, tel: &Telemetry) -> Vec<String> {
+    let cells: Vec<Record> = ended.iter().filter_map(|&id| votes.finish(id)).collect();
+    if !cells.is_empty() {
+        tel.event(Event::TracksEnded {
+            n: cells.len() as u64,
+        });
+    }
+    cells
+        .iter()
+        .map(|c| {
+            tally.add_record(c);
+            c.to_line()
+        })
+        .collect()
+}
+
+fn publish_stage(
+    rx: Receiver<Work>,
+    mut sinks: Sinks,
+    mut tally: Tally,
+    view: Option<(Arc<View>, ReportRules)>,
+    tel: &Telemetry,
+) -> Tally {
+    let mut votes = Votes::default();
     for w in rx {
         let t = Instant::now();
         let latency_ms = w.frame.captured.elapsed().as_secs_f32() * 1e3;
@@ -560,12 +639,19 @@ fn publish_stage(rx: Receiver<Work>, mut sinks: Sinks, mut tally: Tally, tel: &T
         let mut lines = Vec::with_capacity(records.len());
         for r in &records {
             tally.add_record(r);
+            votes.observe(r, w.model.as_deref());
             if let Some(c) = &r.class {
                 *classes.entry(c.as_str()).or_default() += 1;
             }
             lines.push(r.to_line());
         }
+        // Detections first: a track may end at the frame it started in (tracking off).
+        let detections = lines.len();
+        lines.extend(cells_of(&w.ended_tracks, &mut votes, &mut tally, tel));
         sinks.write(&lines);
+        if let Some((v, rules)) = &view {
+            v.update(&w, &records, rules.report(&tally));
+        }
         for (reason, n) in dropped {
             tel.event(Event::CellsDropped { reason, n });
         }
@@ -576,7 +662,7 @@ fn publish_stage(rx: Receiver<Work>, mut sinks: Sinks, mut tally: Tally, tel: &T
             });
         }
         tel.event(Event::CellsPublished {
-            n: lines.len() as u64,
+            n: detections as u64,
         });
         tel.set_estimate(tally.estimate());
         tel.event(Event::FramePublished);
@@ -586,6 +672,10 @@ fn publish_stage(rx: Receiver<Work>, mut sinks: Sinks, mut tally: Tally, tel: &T
             w.frame.captured.elapsed().as_secs_f32() * 1e3,
         );
     }
+    // The source ended or the pipeline stops: every track still open ends now.
+    let open = votes.open_tracks();
+    let lines = cells_of(&open, &mut votes, &mut tally, tel);
+    sinks.write(&lines);
     sinks.close();
     tally
 }
@@ -640,6 +730,8 @@ mod tests {
                         sha256: "0".into(),
                     },
                     classes: spec.classes.clone(),
+                    normal_class: spec.normal_class.clone(),
+                    uncertain_below: 0.5,
                 }),
                 pre: Preprocessor::new(Arc::new(spec)),
                 delay: Duration::from_millis(delay_ms),
@@ -722,6 +814,7 @@ mod tests {
             sinks: Sinks::open(&publish, tel.clone()).unwrap(),
             telemetry: tel,
             settings,
+            view: None,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let outcome = run(ready, Control::stop_only(stop)).unwrap();
@@ -742,17 +835,35 @@ mod tests {
         assert_eq!(c.frames_seen_total, 7);
         assert_eq!(c.frames_published_total, 6);
         assert_eq!(c.frames_dropped_total[&FrameDropReason::Undecodable], 1);
-        assert_eq!(c.cells_found_total, 18, "three heads in each of six fields");
-        assert_eq!(records.len(), 18);
-        let seqs: Vec<u64> = records
+        assert_eq!(c.cells_found_total, 18, "three heads in each of six frames");
+        let (detections, cells): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) =
+            records.iter().partition(|r| r["kind"] == "detection");
+        assert_eq!(detections.len(), 18);
+        let seqs: Vec<u64> = detections
             .iter()
             .map(|r| r["frame"]["seq"].as_u64().unwrap())
             .collect();
         assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "{seqs:?}");
-        assert!(records.iter().all(|r| r["model"]["name"] == "fake"));
-        assert!(records.iter().all(|r| r["class"] == "normal"));
-        assert_eq!(o.report.cells_recorded, 18);
-        assert_eq!(o.report.normal_forms, 18);
+        // The same field six times: three cells, classified in five frames each (the
+        // default budget), the sixth frame's heads left unclassified for it.
+        let classified = detections.iter().filter(|r| r["class"] == "normal").count();
+        assert_eq!(classified, 15);
+        assert_eq!(c.classifications_skipped_total, 3);
+        assert_eq!(cells.len(), 3);
+        for cell in &cells {
+            assert_eq!(cell["frames_seen"], 6);
+            assert_eq!(cell["classified_frames"], 5);
+            assert_eq!(cell["class"], "normal");
+            assert_eq!(cell["model"]["name"], "fake");
+        }
+        let tracks: std::collections::BTreeSet<u64> = detections
+            .iter()
+            .map(|r| r["track"].as_u64().unwrap())
+            .collect();
+        assert_eq!(tracks.len(), 3);
+        assert_eq!((o.report.cells_recorded, o.report.detections), (3, 18));
+        assert_eq!(o.report.normal_forms, 3);
+        assert_eq!((c.tracks_started_total, c.tracks_ended_total), (3, 3));
     }
 
     #[test]
@@ -774,6 +885,9 @@ mod tests {
         assert!(c.balanced(), "{c:?}");
         let dropped = c.frames_dropped_total.get(&FrameDropReason::QueueFull);
         assert!(dropped.is_some_and(|&n| n > 0), "{c:?}");
-        assert_eq!(records.len() as u64, 3 * c.frames_published_total);
+        let detections = records.iter().filter(|r| r["kind"] == "detection").count();
+        assert_eq!(detections as u64, 3 * c.frames_published_total);
+        // Dropped frames are gaps a track bridges: still three cells.
+        assert_eq!(records.len() - detections, 3);
     }
 }

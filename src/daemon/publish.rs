@@ -121,10 +121,27 @@ impl From<HeadSize> for Morphometry {
     }
 }
 
-/// One cell, as published. `schema/record.schema.json` documents it.
+/// What a record stands for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    /// One head in one frame.
+    #[default]
+    Detection,
+    /// One physical cell: a track's detections fused, published when the track ends.
+    Cell,
+}
+
+/// One detection, or one cell, as published. `schema/record.schema.json` documents it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct Record {
     pub sample: String,
+    #[serde(default)]
+    pub kind: RecordKind,
+    /// The physical cell (track) within the sample.
+    #[serde(default)]
+    pub track: Option<u64>,
+    /// For a detection its frame; for a cell the last frame it was seen in.
     pub frame: FrameRef,
     /// Capture time, RFC 3339 UTC.
     pub timestamp: String,
@@ -136,15 +153,28 @@ pub struct Record {
     pub centroid: [f32; 2],
     pub angle_deg: f32,
     pub morphometry: Morphometry,
-    /// Class, `uncertain`, or null when the cell was not classified (at the edge, touching).
+    /// Class, `uncertain`, or null when the cell was not classified (see `unclassified`).
     pub class: Option<String>,
+    /// Why a detection was not classified: `at_edge`, `touching`, or `track_complete` (its
+    /// cell was already classified in enough frames).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unclassified: Option<Unclassified>,
     /// Whether `class` is the model's normal class; null when not classified.
     pub normal: Option<bool>,
     pub confidence: Option<f32>,
     pub probs: Option<BTreeMap<String, f32>>,
     pub model: Option<ModelId>,
-    /// From capture to publication, ms.
+    /// From capture to publication, ms (a cell: of its last detection).
     pub latency_ms: f32,
+    /// A cell: the frames it was seen in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames_seen: Option<u32>,
+    /// A cell: the sequence number of the first frame it was seen in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seq: Option<u64>,
+    /// A cell: the frames whose probabilities were fused into its class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classified_frames: Option<u32>,
 }
 
 impl Record {
@@ -171,6 +201,8 @@ impl Record {
         let classes: &[String] = work.model.as_deref().map_or(&[], |m| &m.classes);
         Record {
             sample: sample.to_string(),
+            kind: RecordKind::Detection,
+            track: cell.track,
             frame: FrameRef {
                 seq: f.seq,
                 name: f.name.clone(),
@@ -184,6 +216,7 @@ impl Record {
             angle_deg: round1(cell.angle_deg),
             morphometry: cell.size.into(),
             class: v.map(|v| v.class.clone()),
+            unclassified: cell.unclassified,
             normal: v.map(|v| v.normal),
             confidence: v.map(|v| v.confidence),
             probs: v.map(|v| {
@@ -195,6 +228,9 @@ impl Record {
             }),
             model: v.and(work.model.as_deref().map(|m| m.id.clone())),
             latency_ms: (latency_ms * 100.0).round() / 100.0,
+            frames_seen: None,
+            first_seq: None,
+            classified_frames: None,
         }
     }
 
@@ -514,13 +550,17 @@ mod tests {
                     sha256: "ab".into(),
                 },
                 classes: vec!["normal".into(), "abnormal".into()],
+                normal_class: Some("normal".into()),
+                uncertain_below: 0.5,
             })),
+            ended_tracks: Vec::new(),
         }
     }
 
     fn cell(index: usize, verdict: Option<Verdict>, dropped: Option<CellDropReason>) -> Cell {
         Cell {
             index,
+            track: Some(index as u64 + 1),
             head: None,
             bbox: [1, 2, 3, 4],
             centroid: (2.04, 3.06),

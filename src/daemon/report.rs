@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::calibration::Estimate;
 use crate::daemon::check::{Base, ConfigError, invalid, within};
 use crate::daemon::classify::UNCERTAIN;
-use crate::daemon::publish::Record;
+use crate::daemon::publish::{Record, RecordKind};
 
 /// `[report]`: the per-sample report.
 #[derive(Debug, Clone, Deserialize)]
@@ -36,7 +36,7 @@ pub struct RawReport {
     pub reference_accuracy: Option<f32>,
     /// How far below `reference_accuracy` the estimate may fall, as a share (0.05: 5 points).
     pub drift_margin: f32,
-    /// Classified cells needed before the running estimate is checked for drift (fewer cells
+    /// Classified detections needed before the running estimate is checked for drift (fewer
     /// give too noisy a mean).
     pub drift_min_cells: u64,
 }
@@ -181,19 +181,25 @@ pub const WHO_LOWER_REFERENCE_PCT: f64 = 4.0;
 /// z for a two-sided 95% interval.
 const Z95: f64 = 1.959_963_985;
 
-/// Running counts for one sample.
+/// Running counts for one sample: physical cells (one per track) for the report, and the
+/// per-frame detections behind them.
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
     pub sample: String,
     /// Models that classified the cells (name → sha256).
     pub models: BTreeMap<String, String>,
+    /// Detection records: one per head per frame.
+    pub detections: u64,
+    /// Cell records: one per physical cell.
     pub cells_recorded: u64,
     pub at_edge: u64,
     pub touching: u64,
     pub per_class: BTreeMap<String, u64>,
     /// Classified cells whose class is the model's normal class.
     pub normal: u64,
-    /// The classified cells' label-free accuracy estimate.
+    /// The label-free accuracy estimate over classified detections (each frame's crop is
+    /// what the model card's accuracy is about, and the estimate runs without waiting for
+    /// tracks to end).
     pub estimate: Estimate,
 }
 
@@ -224,30 +230,41 @@ impl Tally {
         }
         if let Some(class) = c.class {
             *self.per_class.entry(class.to_string()).or_default() += 1;
-            self.estimate.add(c.confidence.unwrap_or(0.0));
             if c.normal == Some(true) {
                 self.normal += 1;
             }
         }
     }
 
-    /// Count a published record (the daemon's publisher and `read_records` both call this).
+    /// Count a classified detection's top probability into the running estimate.
+    pub fn add_detection(&mut self, confidence: Option<f32>) {
+        self.detections += 1;
+        if let Some(c) = confidence {
+            self.estimate.add(c);
+        }
+    }
+
+    /// Count a published record (the daemon's publisher and `read_records` both call this):
+    /// a detection into the detections and the estimate, a cell into the report.
     pub fn add_record(&mut self, r: &Record) {
         if let Some(m) = &r.model {
             self.models
                 .entry(m.name.clone())
                 .or_insert_with(|| m.sha256.clone());
         }
-        self.add(Seen {
-            at_edge: r.at_edge,
-            touching: r.touching,
-            class: r.class.as_deref(),
-            normal: r.normal,
-            confidence: r.confidence,
-        });
+        match r.kind {
+            RecordKind::Detection => self.add_detection(r.confidence),
+            RecordKind::Cell => self.add(Seen {
+                at_edge: r.at_edge,
+                touching: r.touching,
+                class: r.class.as_deref(),
+                normal: r.normal,
+                confidence: r.confidence,
+            }),
+        }
     }
 
-    /// Classified cells and their label-free accuracy estimate (mean top probability).
+    /// Classified detections and their label-free accuracy estimate (mean top probability).
     pub fn estimate(&self) -> Option<(u64, f64)> {
         self.estimate.value()
     }
@@ -278,6 +295,7 @@ impl Tally {
             },
             sample: self.sample.clone(),
             models: self.models.clone(),
+            detections: self.detections,
             cells_recorded: self.cells_recorded,
             cells_at_edge: self.at_edge,
             cells_touching: self.touching,
@@ -368,7 +386,9 @@ pub fn wilson(k: u64, n: u64) -> (f64, f64) {
 pub struct Report {
     pub sample: String,
     pub models: BTreeMap<String, String>,
-    /// Every record of the sample.
+    /// Detection records: one per head per frame.
+    pub detections: u64,
+    /// Physical cells (one per track): the unit of every `cells_*` count and of % normal forms.
     pub cells_recorded: u64,
     pub cells_at_edge: u64,
     pub cells_touching: u64,
@@ -386,8 +406,8 @@ pub struct Report {
     pub below_who_reference: Option<bool>,
     pub min_cells: u64,
     pub min_cells_met: bool,
-    /// Label-free accuracy estimate: the classified cells' mean confidence (calibrated when the
-    /// model's temperature was fitted).
+    /// Label-free accuracy estimate: the classified detections' mean confidence (calibrated
+    /// when the model's temperature was fitted).
     pub estimated_accuracy: Option<f64>,
     /// The model card's accuracy, when configured.
     pub reference_accuracy: Option<f64>,
@@ -405,8 +425,9 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "cells  {} recorded: {} classified, {} uncertain, {} not sperm, {} cut by the frame edge, {} touching",
+            "cells  {} recorded (from {} detections): {} classified, {} uncertain, {} not sperm, {} cut by the frame edge, {} touching",
             self.cells_recorded,
+            self.detections,
             self.cells_classified - self.cells_uncertain,
             self.cells_uncertain,
             self.cells_not_sperm,
@@ -530,7 +551,11 @@ mod tests {
                 class,
                 normal,
                 confidence: class.map(|_| 0.8),
-            })
+            });
+            // Each cell seen in two frames, classified in both.
+            for _ in 0..2 {
+                t.add_detection(class.map(|_| 0.8));
+            }
         };
         for _ in 0..30 {
             add(&mut t, Some("normal_sperm"), Some(true), false);
@@ -549,6 +574,7 @@ mod tests {
         };
         let r = t.report(&["non-sperm".into()], 200, Some(drift));
         assert_eq!(r.cells_recorded, 215);
+        assert_eq!(r.detections, 430);
         assert!((r.estimated_accuracy.unwrap() - 0.8).abs() < 1e-6);
         assert_eq!(r.drift_suspected, Some(true));
         assert!(r.text().contains("WARNING"));

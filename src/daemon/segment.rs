@@ -363,6 +363,7 @@ pub fn segment_frame(
         .enumerate()
         .map(|(index, f)| Cell {
             index,
+            track: None,
             angle_deg: f.head.angle_deg(),
             centroid: f.head.centroid,
             bbox: f.bbox,

@@ -24,6 +24,9 @@ pub struct RawService {
     pub metrics_addr: Option<String>,
     /// `/healthz` answers 503 when the source has delivered no frame for this long, seconds.
     pub stall_secs: f32,
+    /// Serve the live view (the latest frame with its heads outlined, and the running tally)
+    /// here, e.g. "127.0.0.1:9465" (loopback only). Unset: no view.
+    pub view_addr: Option<String>,
 }
 
 impl Default for RawService {
@@ -31,6 +34,7 @@ impl Default for RawService {
         Self {
             metrics_addr: None,
             stall_secs: 10.0,
+            view_addr: None,
         }
     }
 }
@@ -40,6 +44,7 @@ impl Default for RawService {
 pub struct ServiceSettings {
     pub metrics_addr: Option<SocketAddr>,
     pub stall_secs: f32,
+    pub view_addr: Option<SocketAddr>,
 }
 
 impl RawService {
@@ -53,6 +58,11 @@ impl RawService {
                 .map(|a| loopback("service.metrics_addr", a))
                 .transpose()?,
             stall_secs: self.stall_secs,
+            view_addr: self
+                .view_addr
+                .as_deref()
+                .map(|a| loopback("service.view_addr", a))
+                .transpose()?,
         })
     }
 }

@@ -196,15 +196,16 @@ impl Supervisor {
 /// The status line: throughput, counts, drops, the running estimate and any trouble.
 pub fn status_line(c: &Counts, secs: f64, estimate: Option<(u64, f64)>, drifting: bool) -> String {
     let mut line = format!(
-        "{:.1} frames/s, {} frames, {} cells, {} frames dropped",
+        "{:.1} frames/s, {} frames, {} cells ({} detections), {} frames dropped",
         c.frames_published_total as f64 / secs.max(1e-9),
         c.frames_published_total,
+        c.tracks_started_total,
         c.cells_published_total,
         c.frames_dropped(),
     );
     if let Some((n, e)) = estimate {
         line.push_str(&format!(
-            ", estimated accuracy {:.1}% ({n} cells)",
+            ", estimated accuracy {:.1}% ({n} detections)",
             100.0 * e
         ));
     }

@@ -101,6 +101,20 @@ pub enum Event {
     DriftSuspected,
     /// It came back within the margin.
     DriftCleared,
+    /// The track stage started new tracks (physical cells first seen).
+    TracksStarted {
+        n: u64,
+    },
+    /// Tracks ended and their cell records were published.
+    TracksEnded {
+        n: u64,
+    },
+    /// Detections left unclassified because their cell had been classified in enough frames.
+    ClassificationsSkipped {
+        n: u64,
+    },
+    /// The stage moved to a new field: every track ended.
+    FieldChanged,
 }
 
 /// Pipeline stages with a latency histogram.
@@ -108,6 +122,7 @@ pub enum Event {
 pub enum Stage {
     Decode,
     Segment,
+    Track,
     Pose,
     Classify,
     Publish,
@@ -120,6 +135,7 @@ impl Stage {
         match self {
             Stage::Decode => "decode",
             Stage::Segment => "segment",
+            Stage::Track => "track",
             Stage::Pose => "pose",
             Stage::Classify => "classify",
             Stage::Publish => "publish",
@@ -153,6 +169,14 @@ pub struct Counts {
     pub drift_warnings_total: u64,
     /// Whether drift is suspected now.
     pub drift_suspected: bool,
+    /// Physical cells first seen (tracks started).
+    pub tracks_started_total: u64,
+    /// Cell records published (tracks ended).
+    pub tracks_ended_total: u64,
+    /// Detections not classified because their cell had enough classified frames.
+    pub classifications_skipped_total: u64,
+    /// Times every track ended because the field changed.
+    pub field_changes_total: u64,
 }
 
 impl Counts {
@@ -199,6 +223,8 @@ struct Gauges {
     last_frame: Option<Instant>,
     /// Classified cells and their label-free accuracy estimate, as the publisher last saw.
     estimate: Option<(u64, f64)>,
+    /// Tracks alive now (cells in view, or missed for fewer frames than the limit).
+    tracks_active: usize,
 }
 
 impl Default for Telemetry {
@@ -237,6 +263,15 @@ impl Telemetry {
     /// The sample's running label-free accuracy estimate (classified cells, mean confidence).
     pub fn set_estimate(&self, estimate: Option<(u64, f64)>) {
         self.gauges().estimate = estimate;
+    }
+
+    /// Tracks alive now, as the track stage last saw.
+    pub fn set_tracks_active(&self, n: usize) {
+        self.gauges().tracks_active = n;
+    }
+
+    pub fn tracks_active(&self) -> usize {
+        self.gauges().tracks_active
     }
 
     pub fn estimate(&self) -> Option<(u64, f64)> {
@@ -292,6 +327,10 @@ impl Telemetry {
                 c.drift_suspected = true;
             }
             Event::DriftCleared => c.drift_suspected = false,
+            Event::TracksStarted { n } => c.tracks_started_total += n,
+            Event::TracksEnded { n } => c.tracks_ended_total += n,
+            Event::ClassificationsSkipped { n } => c.classifications_skipped_total += n,
+            Event::FieldChanged => c.field_changes_total += 1,
         }
     }
 
@@ -357,7 +396,7 @@ const BUCKETS_S: [f64; 12] = [
 /// A counter with one value per pipeline: name (without `_total`), help, value.
 type PlainCounter = (&'static str, &'static str, fn(&Counts) -> u64);
 
-const COUNTERS: [PlainCounter; 12] = [
+const COUNTERS: [PlainCounter; 16] = [
     ("frames_seen", "Frames the source delivered.", |c| {
         c.frames_seen_total
     }),
@@ -409,6 +448,24 @@ const COUNTERS: [PlainCounter; 12] = [
         "drift_warnings",
         "Times the running accuracy estimate fell below the reference.",
         |c| c.drift_warnings_total,
+    ),
+    (
+        "tracks_started",
+        "Physical cells first seen (tracks started).",
+        |c| c.tracks_started_total,
+    ),
+    ("tracks_ended", "Tracks ended; one cell record each.", |c| {
+        c.tracks_ended_total
+    }),
+    (
+        "classifications_skipped",
+        "Detections not classified: their cell had enough classified frames.",
+        |c| c.classifications_skipped_total,
+    ),
+    (
+        "field_changes",
+        "Times the field changed and every track ended.",
+        |c| c.field_changes_total,
     ),
 ];
 
@@ -520,6 +577,12 @@ impl Exposition {
                 let labels = [("sample", p.sample.as_str())];
                 ConstGauge::new(i64::from(f(&p.counts))).encode(m.encode_family(&labels)?)?;
             }
+        }
+        let help = "Tracks alive now (cells in view, or missed for fewer frames than the limit).";
+        let mut m = enc.encode_descriptor("tracks_active", help, None, MetricType::Gauge)?;
+        for p in &self.0 {
+            let labels = [("sample", p.sample.as_str())];
+            ConstGauge::new(p.gauges.tracks_active as i64).encode(m.encode_family(&labels)?)?;
         }
         let help = "Frames waiting before each stage.";
         let mut m = enc.encode_descriptor("queue_depth", help, None, MetricType::Gauge)?;

@@ -197,6 +197,17 @@ fn bilinear(img: &RgbImage, x: f32, y: f32) -> Option<[f32; 3]> {
 }
 
 /// Montage fields as a frame source.
+/// A field as a drifting stage shows it: moved by `shift` px, the uncovered border filled with
+/// the field's mean colour (live-like sequences for tests and benchmarks).
+pub fn drifted(field: &RgbImage, shift: (i64, i64)) -> RgbImage {
+    let n = f64::from(field.width() * field.height()).max(1.0);
+    let mean: [f64; 3] =
+        std::array::from_fn(|c| field.pixels().map(|p| f64::from(p[c])).sum::<f64>() / n);
+    let mut out = RgbImage::from_pixel(field.width(), field.height(), Rgb(mean.map(|v| v as u8)));
+    image::imageops::overlay(&mut out, field, shift.0, shift.1);
+    out
+}
+
 pub struct MontageSource {
     montage: Montage,
     frames: u64,
