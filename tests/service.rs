@@ -211,18 +211,10 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
     (code, out)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn metrics_and_health_endpoints() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     // One frame every 2 s: /healthz sees the source stall between frames.
     let cfg = daemon_config(
         dir.path(),

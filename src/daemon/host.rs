@@ -10,10 +10,10 @@ use crate::daemon::check::invalid;
 use crate::daemon::config::{RawConfig, Settings};
 use crate::daemon::pipeline::{self, Control, Outcome, RunError, StartError};
 use crate::daemon::report::ReportOutput;
-use crate::daemon::service::{self, MetricsError};
+use crate::daemon::service::{self, HttpError, HttpServer};
 use crate::daemon::supervisor::Reread;
 use crate::daemon::telemetry::Telemetry;
-use crate::daemon::view::{ViewError, ViewServer};
+use crate::daemon::view::view_server;
 
 /// Why the pipelines could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -23,9 +23,7 @@ pub enum HostError {
     #[error("cannot start sample {sample}: {source}")]
     Start { sample: String, source: StartError },
     #[error(transparent)]
-    Metrics(#[from] MetricsError),
-    #[error(transparent)]
-    View(#[from] ViewError),
+    Http(#[from] HttpError),
     #[error("cannot start a pipeline thread: {0}")]
     Spawn(std::io::Error),
 }
@@ -66,7 +64,7 @@ pub fn run_all(all: Vec<Settings>, config: Option<&Path>) -> Result<Vec<Finished
             let addr = svc
                 .metrics_addr
                 .unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
-            let m = service::MetricsServer::start(addr, parts, stall)?;
+            let m = service::metrics_server(addr, parts, stall)?;
             tracing::info!(addr = %m.addr, "serving /metrics and /healthz");
             Some(m)
         }
@@ -111,7 +109,7 @@ pub fn run_all(all: Vec<Settings>, config: Option<&Path>) -> Result<Vec<Finished
 /// The live view of every pipeline, when `service.view_addr` asks for one.
 fn start_view(
     prepared: &[(Settings, Arc<Telemetry>, pipeline::Ready)],
-) -> Result<Option<ViewServer>, HostError> {
+) -> Result<Option<HttpServer>, HostError> {
     let Some(addr) = prepared.first().and_then(|p| p.0.process.service.view_addr) else {
         return Ok(None);
     };
@@ -119,7 +117,7 @@ fn start_view(
         .iter()
         .filter_map(|(s, _, r)| r.view().map(|v| (s.sample_id().to_string(), v)))
         .collect();
-    let v = ViewServer::start(addr, views)?;
+    let v = view_server(addr, views)?;
     tracing::info!(addr = %v.addr, "serving the live view at http://{}/", v.addr);
     Ok(Some(v))
 }

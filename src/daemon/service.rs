@@ -141,47 +141,44 @@ impl Notify for Systemd {
     }
 }
 
-/// Why the metrics endpoint cannot start.
+/// Why an HTTP endpoint cannot start.
 #[derive(Debug, thiserror::Error)]
-#[error("metrics endpoint {addr} cannot be bound: {reason}")]
-pub struct MetricsError {
+#[error("{what} {addr} cannot be served: {reason}")]
+pub struct HttpError {
+    pub what: &'static str,
     pub addr: SocketAddr,
     pub reason: String,
 }
 
-/// `/metrics` (Prometheus text format) and `/healthz` (200 while frames flow, 503 when the
-/// source has stalled longer than `stall`).
-pub struct MetricsServer {
+/// One answer: status, content type, body.
+pub type Answer = (u16, &'static str, Vec<u8>);
+
+/// A small HTTP endpoint on its own named thread: every request's URL goes to `answer`.
+/// `/metrics` and the live view are served this way.
+pub struct HttpServer {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
     pub addr: SocketAddr,
 }
 
-impl MetricsServer {
-    /// Serve the pipelines' telemetry (sample id, counters); `/healthz` fails when any source
-    /// has stalled.
+impl HttpServer {
     pub fn start(
+        what: &'static str,
         addr: SocketAddr,
-        telemetry: Vec<(String, Arc<Telemetry>)>,
-        stall: Duration,
-    ) -> Result<MetricsServer, MetricsError> {
-        let server = tiny_http::Server::http(addr).map_err(|e| MetricsError {
-            addr,
-            reason: e.to_string(),
-        })?;
+        answer: impl Fn(&str) -> Answer + Send + 'static,
+    ) -> Result<HttpServer, HttpError> {
+        let err = |reason: String| HttpError { what, addr, reason };
+        let server = tiny_http::Server::http(addr).map_err(|e| err(e.to_string()))?;
         let bound = server.server_addr().to_ip().unwrap_or(addr);
         let stop = Arc::new(AtomicBool::new(false));
         let handle = {
             let stop = stop.clone();
             std::thread::Builder::new()
-                .name("metrics".into())
-                .spawn(move || serve(server, &telemetry, stall, &stop))
-                .map_err(|e| MetricsError {
-                    addr,
-                    reason: e.to_string(),
-                })?
+                .name(what.replace(' ', "-"))
+                .spawn(move || serve(what, &server, &answer, &stop))
+                .map_err(|e| err(e.to_string()))?
         };
-        Ok(MetricsServer {
+        Ok(HttpServer {
             stop,
             handle: Some(handle),
             addr: bound,
@@ -197,52 +194,70 @@ impl MetricsServer {
 }
 
 fn serve(
-    server: tiny_http::Server,
-    tel: &[(String, Arc<Telemetry>)],
-    stall: Duration,
+    what: &str,
+    server: &tiny_http::Server,
+    answer: &dyn Fn(&str) -> Answer,
     stop: &AtomicBool,
 ) {
-    let text = tiny_http::Header::from_bytes(
-        &b"Content-Type"[..],
-        crate::daemon::telemetry::CONTENT_TYPE.as_bytes(),
-    )
-    .ok();
     while !stop.load(Ordering::SeqCst) {
         let request = match server.recv_timeout(Duration::from_millis(100)) {
             Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) => {
-                tracing::warn!(error = %e, "metrics endpoint failed");
+                tracing::warn!(error = %e, "{what} failed");
                 return;
             }
         };
-        let (code, body) = match request.url() {
-            "/metrics" => (200, crate::daemon::telemetry::render(tel)),
-            "/healthz" => {
-                let stalled: Vec<String> = tel
-                    .iter()
-                    .filter_map(|(sample, t)| {
-                        let quiet = t.stalled_for();
-                        (quiet > stall).then(|| {
-                            format!(
-                                "stalled: sample {sample}: no frame for {:.1} s",
-                                quiet.as_secs_f32()
-                            )
-                        })
-                    })
-                    .collect();
-                if stalled.is_empty() {
-                    (200, "ok\n".to_string())
-                } else {
-                    (503, stalled.join("\n") + "\n")
-                }
+        let (code, kind, body) = answer(request.url());
+        let mut response = tiny_http::Response::from_data(body).with_status_code(code);
+        for (k, v) in [("Content-Type", kind), ("Cache-Control", "no-store")] {
+            if let Ok(h) = tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()) {
+                response.add_header(h);
             }
-            _ => (404, "not found: try /metrics or /healthz\n".to_string()),
-        };
-        let mut response = tiny_http::Response::from_string(body).with_status_code(code);
-        if let Some(h) = &text {
-            response.add_header(h.clone());
         }
         let _ = request.respond(response);
+    }
+}
+
+/// `/metrics` (Prometheus text format) and `/healthz` (200 while frames flow, 503 when a
+/// source has stalled longer than `stall`) for the pipelines' telemetry.
+pub fn metrics_server(
+    addr: SocketAddr,
+    telemetry: Vec<(String, Arc<Telemetry>)>,
+    stall: Duration,
+) -> Result<HttpServer, HttpError> {
+    HttpServer::start("metrics endpoint", addr, move |url| {
+        metrics_answer(url, &telemetry, stall)
+    })
+}
+
+fn metrics_answer(url: &str, tel: &[(String, Arc<Telemetry>)], stall: Duration) -> Answer {
+    let text = "text/plain; charset=utf-8";
+    match url {
+        "/metrics" => (
+            200,
+            crate::daemon::telemetry::CONTENT_TYPE,
+            crate::daemon::telemetry::render(tel).into_bytes(),
+        ),
+        "/healthz" => {
+            let stalled: Vec<String> = tel
+                .iter()
+                .filter_map(|(sample, t)| {
+                    let quiet = t.stalled_for();
+                    (quiet > stall).then(|| {
+                        format!(
+                            "stalled: sample {sample}: no frame for {:.1} s",
+                            quiet.as_secs_f32()
+                        )
+                    })
+                })
+                .collect();
+            if stalled.is_empty() {
+                (200, text, b"ok\n".to_vec())
+            } else {
+                (503, text, (stalled.join("\n") + "\n").into_bytes())
+            }
+        }
+        _ => (404, text, b"not found: try /metrics or /healthz\n".to_vec()),
     }
 }

@@ -5,16 +5,14 @@
 //! only when a browser asks, on the view's own thread.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use image::{Rgb, RgbImage};
 
 use crate::daemon::frame::Work;
 use crate::daemon::publish::Record;
 use crate::daemon::report::Report;
+use crate::daemon::service::{Answer, HttpError, HttpServer};
 
 /// One head as the view draws it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -149,58 +147,17 @@ fn digits(img: &mut RgbImage, text: &str, x: u32, y: u32, c: Rgb<u8>) {
 
 const PAGE: &str = include_str!("view.html");
 
-/// Why the view cannot start.
-#[derive(Debug, thiserror::Error)]
-#[error("live view {addr} cannot be served: {reason}")]
-pub struct ViewError {
-    pub addr: SocketAddr,
-    pub reason: String,
-}
-
-/// Serves the page (`/`), the annotated frame (`/frame.jpg`) and the tally (`/tally.json`), each
+/// Serve the page (`/`), the annotated frame (`/frame.jpg`) and the tally (`/tally.json`), each
 /// with `?sample=ID` (default: the first pipeline's).
-pub struct ViewServer {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-    pub addr: SocketAddr,
-}
-
-impl ViewServer {
-    pub fn start(
-        addr: SocketAddr,
-        views: Vec<(String, Arc<View>)>,
-    ) -> Result<ViewServer, ViewError> {
-        let err = |e: &dyn std::fmt::Display| ViewError {
-            addr,
-            reason: e.to_string(),
-        };
-        let server = tiny_http::Server::http(addr).map_err(|e| err(&e))?;
-        let bound = server.server_addr().to_ip().unwrap_or(addr);
-        let stop = Arc::new(AtomicBool::new(false));
-        let handle = {
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("view".into())
-                .spawn(move || serve(server, &views, &stop))
-                .map_err(|e| err(&e))?
-        };
-        Ok(ViewServer {
-            stop,
-            handle: Some(handle),
-            addr: bound,
-        })
-    }
-
-    pub fn close(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
+pub fn view_server(
+    addr: SocketAddr,
+    views: Vec<(String, Arc<View>)>,
+) -> Result<HttpServer, HttpError> {
+    HttpServer::start("live view", addr, move |url| answer(url, &views))
 }
 
 /// The answer to one request: status, content type, body.
-fn answer(url: &str, views: &[(String, Arc<View>)]) -> (u16, &'static str, Vec<u8>) {
+fn answer(url: &str, views: &[(String, Arc<View>)]) -> Answer {
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
     let wanted = query
         .split('&')
@@ -273,28 +230,6 @@ fn percent_decode(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn serve(server: tiny_http::Server, views: &[(String, Arc<View>)], stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        let request = match server.recv_timeout(Duration::from_millis(100)) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!(error = %e, "live view failed");
-                return;
-            }
-        };
-        let (code, kind, body) = answer(request.url(), views);
-        let mut response = tiny_http::Response::from_data(body).with_status_code(code);
-        if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], kind.as_bytes()) {
-            response.add_header(h);
-        }
-        if let Ok(h) = tiny_http::Header::from_bytes(&b"Cache-Control"[..], &b"no-store"[..]) {
-            response.add_header(h);
-        }
-        let _ = request.respond(response);
-    }
 }
 
 #[cfg(test)]

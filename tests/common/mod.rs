@@ -31,6 +31,15 @@ pub fn dataset(rel: &str) -> PathBuf {
     p
 }
 
+/// A loopback TCP port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Run a command to its end; it must exit 0 (its exit code and stderr are shown if not).
 pub fn run_ok(c: &mut Command) -> Output {
     let out = c.output().expect("spawn the command");
