@@ -5,7 +5,9 @@ use image::{GrayImage, Luma, Rgb, RgbImage};
 use imageproc::contrast::otsu_level;
 
 /// How heads differ from the background in an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Contrast {
     /// Stained preparations: heads are darker than the background.

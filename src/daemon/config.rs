@@ -254,6 +254,17 @@ impl RawConfig {
         Ok(out)
     }
 
+    /// These settings with a replay of `path` as the source (the embedded defaults name none):
+    /// for tools that read frames themselves but need the rest of the settings.
+    pub fn resolve_with_replay(&self, path: &Path) -> Result<Settings, ConfigError> {
+        let mut raw = self.clone();
+        raw.source
+            .replay
+            .path
+            .get_or_insert_with(|| path.to_path_buf());
+        raw.resolve(None)
+    }
+
     /// Check every value; no I/O. `base` is the folder relative paths are taken from (the
     /// config file's folder); `None` for the embedded defaults.
     pub fn resolve(&self, base: Option<&Path>) -> Result<Settings, ConfigError> {

@@ -13,6 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounde
 
 use crate::core::preprocess::Preprocessor;
 use crate::core::register::{Registrar, Spectrum};
+use crate::daemon::calibrate::{ScaleAlarm, ScaleWatch};
 use crate::daemon::classify::{
     Classifier, Classify, ClassifyError, classify_frames, prepare_cells,
 };
@@ -454,6 +455,7 @@ fn segment_stage(
     um_per_px: f32,
     tel: &Telemetry,
 ) {
+    let mut scale = ScaleWatch::default();
     for mut w in rx {
         let t = Instant::now();
         let seg = segment_frame(&w.frame.image, settings, verifier.as_mut(), um_per_px);
@@ -467,6 +469,15 @@ fn segment_stage(
             }
         }
         w.cells = seg.cells;
+        scale.observe(
+            w.cells
+                .iter()
+                .filter(|c| c.unclassified.is_none())
+                .filter_map(|c| c.head.as_ref().map(|h| (h.major_px, h.minor_px))),
+        );
+        if let Some(alarm) = scale.judge(um_per_px) {
+            warn_scale(&alarm, um_per_px, tel);
+        }
         w.times.segment_ms = t.elapsed().as_secs_f32() * 1e3;
         tel.latency(Stage::Segment, w.times.segment_ms);
         tel.event(Event::CellsFound {
@@ -474,6 +485,34 @@ fn segment_stage(
         });
         tracing::debug!(frame = w.frame.seq, cells = w.cells.len(), "segmented");
         pass(&tx, w, tel);
+    }
+}
+
+/// Say, once, that the heads disagree with the configured scale (log, counter, status line).
+fn warn_scale(alarm: &ScaleAlarm, um_per_px: f32, tel: &Telemetry) {
+    match alarm {
+        ScaleAlarm::Sizes {
+            median_length_um,
+            heads,
+            suggested_um_per_px,
+        } => {
+            tracing::warn!(
+                heads,
+                "head sizes disagree with source.um_per_px = {um_per_px}: median head length {median_length_um:.1} µm where the WHO range is 4.0-5.5 µm; the heads suggest um_per_px = {suggested_um_per_px:.4} (check with `spermscope calibrate`); sizes and the area filter are wrong until it is set"
+            );
+            tel.event(Event::ScaleSuspect {
+                suggested_um_per_px: Some(*suggested_um_per_px),
+            });
+        }
+        ScaleAlarm::NoHeads { frames } => {
+            tracing::warn!(
+                frames,
+                "no head has passed head finding's size filter at source.um_per_px = {um_per_px}; if heads are in view, the scale is likely wrong (run `spermscope calibrate`)"
+            );
+            tel.event(Event::ScaleSuspect {
+                suggested_um_per_px: None,
+            });
+        }
     }
 }
 

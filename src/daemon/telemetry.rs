@@ -115,6 +115,11 @@ pub enum Event {
     },
     /// The stage moved to a new field: every track ended.
     FieldChanged,
+    /// The heads' sizes disagree with `source.um_per_px` (or no heads are found at all); the
+    /// suggestion, when the sizes give one.
+    ScaleSuspect {
+        suggested_um_per_px: Option<f32>,
+    },
 }
 
 /// Pipeline stages with a latency histogram.
@@ -145,7 +150,7 @@ impl Stage {
 }
 
 /// Counter values at one moment; the accounting identities are checked on it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Counts {
     pub frames_seen_total: u64,
     pub frames_published_total: u64,
@@ -177,6 +182,10 @@ pub struct Counts {
     pub classifications_skipped_total: u64,
     /// Times every track ended because the field changed.
     pub field_changes_total: u64,
+    /// Times the head sizes disagreed with the configured scale (once per run).
+    pub scale_warnings_total: u64,
+    /// The scale the heads suggest, after such a warning.
+    pub suggested_um_per_px: Option<f32>,
 }
 
 impl Counts {
@@ -331,6 +340,12 @@ impl Telemetry {
             Event::TracksEnded { n } => c.tracks_ended_total += n,
             Event::ClassificationsSkipped { n } => c.classifications_skipped_total += n,
             Event::FieldChanged => c.field_changes_total += 1,
+            Event::ScaleSuspect {
+                suggested_um_per_px,
+            } => {
+                c.scale_warnings_total += 1;
+                c.suggested_um_per_px = suggested_um_per_px;
+            }
         }
     }
 
@@ -396,7 +411,7 @@ const BUCKETS_S: [f64; 12] = [
 /// A counter with one value per pipeline: name (without `_total`), help, value.
 type PlainCounter = (&'static str, &'static str, fn(&Counts) -> u64);
 
-const COUNTERS: [PlainCounter; 16] = [
+const COUNTERS: [PlainCounter; 17] = [
     ("frames_seen", "Frames the source delivered.", |c| {
         c.frames_seen_total
     }),
@@ -466,6 +481,11 @@ const COUNTERS: [PlainCounter; 16] = [
         "field_changes",
         "Times the field changed and every track ended.",
         |c| c.field_changes_total,
+    ),
+    (
+        "scale_warnings",
+        "Times the head sizes disagreed with source.um_per_px.",
+        |c| c.scale_warnings_total,
     ),
 ];
 
@@ -608,8 +628,16 @@ impl Exposition {
                 ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
             }
         }
+        let help = "The frame scale the heads' sizes suggest, um/px, after a scale warning.";
+        let mut m = enc.encode_descriptor("suggested_um_per_px", help, None, MetricType::Gauge)?;
+        for p in &self.0 {
+            if let Some(s) = p.counts.suggested_um_per_px {
+                let labels = [("sample", p.sample.as_str())];
+                ConstGauge::new(f64::from(s)).encode(m.encode_family(&labels)?)?;
+            }
+        }
         let help =
-            "Label-free accuracy estimate: the classified cells' mean calibrated confidence.";
+            "Label-free accuracy estimate: the classified detections' mean calibrated confidence.";
         let mut m = enc.encode_descriptor("estimated_accuracy", help, None, MetricType::Gauge)?;
         for p in &self.0 {
             if let Some((_, e)) = p.gauges.estimate {
