@@ -200,7 +200,7 @@ pub fn find_head_in_crop(img: &RgbImage, contrast: Contrast) -> Result<HeadRegio
         mask.put_pixel(x, y, Luma([255]));
     }
     fill_holes(&mut mask);
-    Ok(measure(&mask, &t.tail, &t.stain))
+    Ok(measure(&mask, &t.tail, &t.stain, (0, 0)))
 }
 
 /// Share of the Otsu level (above background) at which head pixels start.
@@ -273,52 +273,72 @@ pub fn threshold_above(img: &GrayImage, level: u8) -> GrayImage {
 /// Fill background regions that do not touch the image border.
 pub fn fill_holes(mask: &mut GrayImage) {
     let (w, h) = (mask.width() as usize, mask.height() as usize);
-    if w == 0 || h == 0 {
-        return;
-    }
     let px: &mut [u8] = mask;
-    // Flood the background from the border; what it cannot reach is a hole.
-    let mut outside = vec![false; w * h];
-    let mut stack: Vec<usize> = Vec::new();
-    let visit = |i: usize, outside: &mut Vec<bool>, stack: &mut Vec<usize>| {
-        if !outside[i] && px[i] == 0 {
-            outside[i] = true;
-            stack.push(i);
+    // Holes lie within the mask's bounding box: flood the background inward from the box
+    // grown by one pixel (all background, and reached from the image border), not the image.
+    let Some((x0, y0, x1, y1)) = px.iter().enumerate().filter(|(_, v)| **v != 0).fold(
+        None,
+        |b: Option<(usize, usize, usize, usize)>, (i, _)| {
+            let (x, y) = (i % w, i / w);
+            Some(b.map_or((x, y, x, y), |(a, c, d, e)| {
+                (a.min(x), c.min(y), d.max(x), e.max(y))
+            }))
+        },
+    ) else {
+        return;
+    };
+    let (bx0, by0) = (x0.saturating_sub(1), y0.saturating_sub(1));
+    let (bx1, by1) = ((x1 + 1).min(w - 1), (y1 + 1).min(h - 1));
+    let bw = bx1 - bx0 + 1;
+    let at = |x: usize, y: usize| (y - by0) * bw + (x - bx0);
+    let mut outside = vec![false; bw * (by1 - by0 + 1)];
+    let mut stack: Vec<(usize, usize)> = Vec::new();
+    let visit = |x: usize, y: usize, outside: &mut Vec<bool>, stack: &mut Vec<(usize, usize)>| {
+        if !outside[at(x, y)] && px[y * w + x] == 0 {
+            outside[at(x, y)] = true;
+            stack.push((x, y));
         }
     };
-    for x in 0..w {
-        visit(x, &mut outside, &mut stack);
-        visit((h - 1) * w + x, &mut outside, &mut stack);
+    for x in bx0..=bx1 {
+        visit(x, by0, &mut outside, &mut stack);
+        visit(x, by1, &mut outside, &mut stack);
     }
-    for y in 0..h {
-        visit(y * w, &mut outside, &mut stack);
-        visit(y * w + w - 1, &mut outside, &mut stack);
+    for y in by0..=by1 {
+        visit(bx0, y, &mut outside, &mut stack);
+        visit(bx1, y, &mut outside, &mut stack);
     }
-    while let Some(i) = stack.pop() {
-        let (x, y) = (i % w, i / w);
-        if x > 0 {
-            visit(i - 1, &mut outside, &mut stack);
+    while let Some((x, y)) = stack.pop() {
+        if x > bx0 {
+            visit(x - 1, y, &mut outside, &mut stack);
         }
-        if y > 0 {
-            visit(i - w, &mut outside, &mut stack);
+        if y > by0 {
+            visit(x, y - 1, &mut outside, &mut stack);
         }
-        if x + 1 < w {
-            visit(i + 1, &mut outside, &mut stack);
+        if x < bx1 {
+            visit(x + 1, y, &mut outside, &mut stack);
         }
-        if y + 1 < h {
-            visit(i + w, &mut outside, &mut stack);
+        if y < by1 {
+            visit(x, y + 1, &mut outside, &mut stack);
         }
     }
-    for (p, out) in px.iter_mut().zip(&outside) {
-        if !out {
-            *p = 255;
+    for y in by0..=by1 {
+        for x in bx0..=bx1 {
+            if !outside[at(x, y)] {
+                px[y * w + x] = 255;
+            }
         }
     }
 }
 
 /// Second moments of a head mask, and its polarity from the tail (`raw`: the stain mask
-/// before opening, which still holds the midpiece) or else from the stain asymmetry.
-pub fn measure(head: &GrayImage, raw: &GrayImage, stain: &GrayImage) -> HeadRegion {
+/// before opening, which still holds the midpiece) or else from the stain asymmetry. `raw` and
+/// `stain` may be larger maps the mask was cut from at `offset` (no copies of them are made).
+pub fn measure(
+    head: &GrayImage,
+    raw: &GrayImage,
+    stain: &GrayImage,
+    offset: (u32, u32),
+) -> HeadRegion {
     let pixels: Vec<(u32, u32)> = head
         .enumerate_pixels()
         .filter(|(_, _, p)| p[0] != 0)
@@ -347,13 +367,21 @@ pub fn measure(head: &GrayImage, raw: &GrayImage, stain: &GrayImage) -> HeadRegi
     let minor = 4.0 * l2.sqrt();
     let u = (theta.cos(), theta.sin());
 
-    // Evidence 1: stained pixels outside the head, just beyond either end of the major axis.
+    // Evidence 1: stained pixels outside the head, just beyond either end of the major axis
+    // (no farther than 1.2 lengths along it and 0.3 across it: only that box is looked at).
     let (w, h) = head.dimensions();
     let half = major / 2.0;
+    let reach = (1.2 * major + 0.3 * major.max(4.0)).ceil() + 1.0;
+    let span = |c: f64, n: u32| {
+        let lo = (c - reach).floor().max(0.0) as u32;
+        let hi = ((c + reach).ceil().max(0.0) as u32).min(n);
+        lo..hi
+    };
+    let (ox, oy) = offset;
     let (mut plus, mut minus) = (0usize, 0usize);
-    for y in 0..h {
-        for x in 0..w {
-            if raw.get_pixel(x, y)[0] == 0 || head.get_pixel(x, y)[0] != 0 {
+    for y in span(cy, h) {
+        for x in span(cx, w) {
+            if raw.get_pixel(x + ox, y + oy)[0] == 0 || head.get_pixel(x, y)[0] != 0 {
                 continue;
             }
             let (dx, dy) = (x as f64 - cx, y as f64 - cy);
@@ -389,7 +417,7 @@ pub fn measure(head: &GrayImage, raw: &GrayImage, stain: &GrayImage) -> HeadRegi
             let (mut sp, mut np, mut sm, mut nm) = (0.0, 0.0, 0.0, 0.0);
             for &(x, y) in &pixels {
                 let t = (x as f64 - cx) * u.0 + (y as f64 - cy) * u.1;
-                let s = stain.get_pixel(x, y)[0] as f64;
+                let s = stain.get_pixel(x + ox, y + oy)[0] as f64;
                 if t > 0.0 {
                     sp += s;
                     np += 1.0;
@@ -549,6 +577,61 @@ mod tests {
         let again = find_head_in_crop(&up, Contrast::Dark).expect("head after cut");
         let err = (again.angle_deg() - 90.0).abs();
         assert!(err < 4.0, "upright angle {}", again.angle_deg());
+    }
+
+    /// The flood from the whole image's border: the reference for `fill_holes`.
+    fn fill_holes_whole(mask: &mut GrayImage) {
+        let (w, h) = (mask.width() as usize, mask.height() as usize);
+        let mut outside = vec![false; w * h];
+        let mut stack: Vec<usize> = (0..w)
+            .flat_map(|x| [x, (h - 1) * w + x])
+            .chain((0..h).flat_map(|y| [y * w, y * w + w - 1]))
+            .collect();
+        let px: &mut [u8] = mask;
+        while let Some(i) = stack.pop() {
+            if outside[i] || px[i] != 0 {
+                continue;
+            }
+            outside[i] = true;
+            let (x, y) = (i % w, i / w);
+            if x > 0 {
+                stack.push(i - 1);
+            }
+            if y > 0 {
+                stack.push(i - w);
+            }
+            if x + 1 < w {
+                stack.push(i + 1);
+            }
+            if y + 1 < h {
+                stack.push(i + w);
+            }
+        }
+        for (p, o) in px.iter_mut().zip(&outside) {
+            if !o {
+                *p = 255;
+            }
+        }
+    }
+
+    #[test]
+    fn holes_are_filled_as_a_flood_from_the_image_border_fills_them() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for case in 0..300 {
+            let (w, h) = (rng.random_range(3..40u32), rng.random_range(3..40u32));
+            let mut m = GrayImage::new(w, h);
+            let density = rng.random_range(0.1..0.9);
+            for p in m.pixels_mut() {
+                if rng.random_bool(density) {
+                    p[0] = 255;
+                }
+            }
+            let mut want = m.clone();
+            fill_holes_whole(&mut want);
+            fill_holes(&mut m);
+            assert_eq!(m, want, "case {case}");
+        }
     }
 
     #[test]

@@ -233,9 +233,7 @@ fn measure_region(
         local.put_pixel(x - lx0, y - ly0, Luma([255]));
     }
     pose::fill_holes(&mut local);
-    let tail_local = image::imageops::crop_imm(&t.tail, lx0, ly0, lw, lh).to_image();
-    let stain_local = image::imageops::crop_imm(&t.stain, lx0, ly0, lw, lh).to_image();
-    let mut head = pose::measure(&local, &tail_local, &stain_local);
+    let mut head = pose::measure(&local, &t.tail, &t.stain, (lx0, ly0));
     head.shift(lx0, ly0);
     if head.major_px / head.minor_px.max(1.0) > s.max_elongation {
         return None;
