@@ -2,7 +2,6 @@
 //! an upright window around it. The trainer and the daemon both call this one implementation.
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
-use imageproc::contrast::otsu_level;
 
 /// How heads differ from the background in an image.
 #[derive(
@@ -139,8 +138,16 @@ fn blur3(img: &GrayImage) -> GrayImage {
         }
         let row = &mut dst[y * w..(y + 1) * w];
         if w >= 3 {
-            for x in 1..w - 1 {
-                row[x] = ((col[x - 1] + col[x] + col[x + 1]) / (rows * 3)) as u8;
+            if rows == 3 {
+                // s / 9 for s <= 2295, exactly: 7282 / 2^16 is 1/9 less 2.7e-6, and the
+                // largest fraction of s / 9 is 8/9.
+                for x in 1..w - 1 {
+                    row[x] = (((col[x - 1] + col[x] + col[x + 1]) * 7282) >> 16) as u8;
+                }
+            } else {
+                for x in 1..w - 1 {
+                    row[x] = ((col[x - 1] + col[x] + col[x + 1]) / (rows * 3)) as u8;
+                }
             }
         }
         for x in [0, w - 1] {
@@ -162,17 +169,14 @@ pub fn find_head_in_crop(img: &RgbImage, contrast: Contrast) -> Result<HeadRegio
         return Err(PoseError::Empty);
     }
     let t = Thresholded::new(img, contrast);
-    let (lo, hi) = t
-        .stain
-        .pixels()
-        .fold((255u8, 0u8), |(lo, hi), p| (lo.min(p[0]), hi.max(p[0])));
+    let (lo, hi) = t.range;
     if hi.saturating_sub(lo) < 12 {
         return Err(PoseError::NoContrast);
     }
     let k = ((w.min(h) as f32 / 45.0).round() as u8).clamp(2, 4);
     let min_area = ((w * h) as f32 * 0.004).max(20.0) as usize;
     // Regions left by the opening, each with its area and centroid.
-    let regions = crate::core::regions::opened_regions(&t.head, k, min_area);
+    let regions = crate::core::regions::opened_regions(&t.stain, t.head_level, k, min_area);
     let (cx0, cy0) = (w as f64 / 2.0, h as f64 / 2.0);
     let diag = ((w * w + h * h) as f64).sqrt();
     let mut best: Option<(usize, f64)> = None;
@@ -200,7 +204,7 @@ pub fn find_head_in_crop(img: &RgbImage, contrast: Contrast) -> Result<HeadRegio
         mask.put_pixel(x, y, Luma([255]));
     }
     fill_holes(&mut mask);
-    Ok(measure(&mask, &t.tail, &t.stain, (0, 0)))
+    Ok(measure(&mask, &t.stain, t.tail_level, (0, 0)))
 }
 
 /// Share of the Otsu level (above background) at which head pixels start.
@@ -208,8 +212,10 @@ const HEAD_LEVEL: f32 = 0.6;
 /// Share of the Otsu level (above background) at which tail pixels start.
 const TAIL_LEVEL: f32 = 0.3;
 
-/// The stain map of an image and the head and tail masks cut from it; crops (`find_head_in_crop`)
-/// and full fields (`segment`) threshold the same way.
+/// The stain map of an image and the levels that cut the head and tail masks from it (pixels
+/// strictly above a level belong to it); crops (`find_head_in_crop`) and full fields
+/// (`segment`) threshold the same way. The masks are never made whole: what needs one reads
+/// the stain map against its level.
 pub(crate) struct Thresholded {
     /// Smoothed stain intensity.
     pub stain: GrayImage,
@@ -217,10 +223,12 @@ pub(crate) struct Thresholded {
     pub otsu: u8,
     /// Otsu's level above the background level (at least 1).
     pub span: f32,
-    /// Pixels above the head level.
-    pub head: GrayImage,
-    /// Pixels above the (lower) tail level.
-    pub tail: GrayImage,
+    /// Head pixels lie above this level.
+    pub head_level: u8,
+    /// Tail pixels lie above this (lower) level.
+    pub tail_level: u8,
+    /// The smallest and largest stain level.
+    pub range: (u8, u8),
 }
 
 impl Thresholded {
@@ -229,31 +237,64 @@ impl Thresholded {
     /// looked for at a lower level still.
     pub(crate) fn new(img: &RgbImage, contrast: Contrast) -> Self {
         let stain = blur3(&stain_map(img, contrast));
-        let otsu = otsu_level(&stain);
-        let bg = percentile(&stain, 0.3) as f32;
+        let mut hist = [0u32; 256];
+        for &v in stain.as_raw() {
+            hist[v as usize] += 1;
+        }
+        let otsu = otsu_of(&hist);
+        let bg = percentile(&hist, 0.3) as f32;
         let span = (otsu as f32 - bg).max(1.0);
-        let head = threshold_above(&stain, (bg + HEAD_LEVEL * span) as u8);
-        let tail = threshold_above(&stain, (bg + TAIL_LEVEL * span) as u8);
+        let lo = hist.iter().position(|&c| c > 0).unwrap_or(0) as u8;
+        let hi = hist.iter().rposition(|&c| c > 0).unwrap_or(0) as u8;
         Self {
             stain,
             otsu,
             span,
-            head,
-            tail,
+            head_level: (bg + HEAD_LEVEL * span) as u8,
+            tail_level: (bg + TAIL_LEVEL * span) as u8,
+            range: (lo, hi),
         }
     }
 }
 
-/// The grey level below which `q` of the pixels lie.
-fn percentile(img: &GrayImage, q: f32) -> u8 {
-    let mut hist = [0usize; 256];
-    for p in img.pixels() {
-        hist[p[0] as usize] += 1;
+/// Otsu's level from a histogram, as `imageproc::contrast::otsu_level` computes it (the same
+/// sums in the same order, the same tie rule), without a second pass over the image.
+fn otsu_of(hist: &[u32; 256]) -> u8 {
+    let total: u32 = hist.iter().sum();
+    let total_sum = hist
+        .iter()
+        .enumerate()
+        .fold(0f64, |s, (t, &h)| s + (t as u32 * h) as f64);
+    let (mut bg_sum, mut bg_weight) = (0f64, 0u32);
+    let (mut largest, mut best) = (0f64, 0u8);
+    for (t, &h) in hist.iter().enumerate() {
+        bg_weight += h;
+        if bg_weight == 0 {
+            continue;
+        }
+        let fg_weight = total - bg_weight;
+        if fg_weight == 0 {
+            break;
+        }
+        bg_sum += (t as u32 * h) as f64;
+        let fg_sum = total_sum - bg_sum;
+        let diff = bg_sum / bg_weight as f64 - fg_sum / fg_weight as f64;
+        let v = bg_weight as f64 * fg_weight as f64 * diff.powi(2);
+        if v > largest {
+            largest = v;
+            best = t as u8;
+        }
     }
-    let target = (img.pixels().len() as f32 * q) as usize;
-    let mut acc = 0;
+    best
+}
+
+/// The grey level below which `q` of the histogram's pixels lie.
+fn percentile(hist: &[u32; 256], q: f32) -> u8 {
+    let total: u32 = hist.iter().sum();
+    let target = (total as f32 * q) as usize;
+    let mut acc = 0usize;
     for (v, &c) in hist.iter().enumerate() {
-        acc += c;
+        acc += c as usize;
         if acc > target {
             return v as u8;
         }
@@ -330,13 +371,13 @@ pub fn fill_holes(mask: &mut GrayImage) {
     }
 }
 
-/// Second moments of a head mask, and its polarity from the tail (`raw`: the stain mask
-/// before opening, which still holds the midpiece) or else from the stain asymmetry. `raw` and
-/// `stain` may be larger maps the mask was cut from at `offset` (no copies of them are made).
+/// Second moments of a head mask, and its polarity from the tail (stain above `tail_level`
+/// outside the head: the midpiece) or else from the stain asymmetry. `stain` may be a larger
+/// map the mask was cut from at `offset` (no copy of it is made).
 pub fn measure(
     head: &GrayImage,
-    raw: &GrayImage,
     stain: &GrayImage,
+    tail_level: u8,
     offset: (u32, u32),
 ) -> HeadRegion {
     let pixels: Vec<(u32, u32)> = head
@@ -381,7 +422,7 @@ pub fn measure(
     let (mut plus, mut minus) = (0usize, 0usize);
     for y in span(cy, h) {
         for x in span(cx, w) {
-            if raw.get_pixel(x + ox, y + oy)[0] == 0 || head.get_pixel(x, y)[0] != 0 {
+            if stain.get_pixel(x + ox, y + oy)[0] <= tail_level || head.get_pixel(x, y)[0] != 0 {
                 continue;
             }
             let (dx, dy) = (x as f64 - cx, y as f64 - cy);
@@ -631,6 +672,13 @@ mod tests {
             fill_holes_whole(&mut want);
             fill_holes(&mut m);
             assert_eq!(m, want, "case {case}");
+        }
+    }
+
+    #[test]
+    fn dividing_by_nine_with_a_multiply_is_exact() {
+        for s in 0..=9 * 255u32 {
+            assert_eq!((s * 7282) >> 16, s / 9, "{s}");
         }
     }
 

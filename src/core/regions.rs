@@ -12,10 +12,10 @@ struct Run {
     x1: u32,
 }
 
-/// 8-connected regions of a mask as runs, with their bounding boxes: one pass over the rows,
-/// joining runs that touch a run of the row above (union-find). Much cheaper than a label
-/// image on a sparse full field.
-fn blobs(mask: &GrayImage) -> Vec<(Blob, Vec<Run>)> {
+/// 8-connected regions of a mask (the pixels above `above`) as runs, with their bounding
+/// boxes: one pass over the rows, joining runs that touch a run of the row above (union-find).
+/// Much cheaper than a label image on a sparse full field.
+fn blobs(mask: &GrayImage, above: u8) -> Vec<(Blob, Vec<Run>)> {
     let (w, h) = (mask.width() as usize, mask.height() as usize);
     let px = mask.as_raw();
     let mut runs: Vec<Run> = Vec::new();
@@ -33,12 +33,12 @@ fn blobs(mask: &GrayImage) -> Vec<(Blob, Vec<Run>)> {
         let start = runs.len();
         let mut x = 0;
         while x < w {
-            if row[x] == 0 {
+            if row[x] <= above {
                 x += 1;
                 continue;
             }
             let x0 = x;
-            while x < w && row[x] != 0 {
+            while x < w && row[x] > above {
                 x += 1;
             }
             runs.push(Run {
@@ -192,24 +192,37 @@ pub(crate) fn open_disc(mask: &GrayImage, k: u8) -> GrayImage {
     out
 }
 
-/// The 8-connected regions left by opening `mask` with a disc of radius `k` (L2), keeping
-/// only those that come from blobs of at least `min_area` px (an opening only shrinks a
-/// region). Each region is its pixel list; regions come in raster order of their first pixel.
+/// The 8-connected regions left by opening the mask of `img`'s pixels above `above` (a
+/// binary mask with `above` = 0, or a stain map with its level) with a disc of radius `k`
+/// (L2), keeping only those that come from blobs of at least `min_area` px (an opening only
+/// shrinks a region). Each region is its pixel list; regions come in raster order of their
+/// first pixel.
 ///
 /// Each blob is opened in a window padded by twice the radius: the opening reaches no
 /// further than that, so the result is the same as opening the whole mask.
-pub(crate) fn opened_regions(mask: &GrayImage, k: u8, min_area: usize) -> Vec<Vec<(u32, u32)>> {
-    let (w, h) = mask.dimensions();
+pub(crate) fn opened_regions(
+    img: &GrayImage,
+    above: u8,
+    k: u8,
+    min_area: usize,
+) -> Vec<Vec<(u32, u32)>> {
+    let (w, h) = img.dimensions();
     let pad = 2 * k as u32 + 2;
     let mut regions: Vec<Vec<(u32, u32)>> = Vec::new();
-    for (b, runs) in blobs(mask) {
+    for (b, runs) in blobs(img, above) {
         if b.n < min_area {
             continue;
         }
         let (x0, y0) = (b.x0.saturating_sub(pad), b.y0.saturating_sub(pad));
         let (x1, y1) = ((b.x1 + pad).min(w - 1), (b.y1 + pad).min(h - 1));
         let (lw, lh) = (x1 - x0 + 1, y1 - y0 + 1);
-        let local = image::imageops::crop_imm(mask, x0, y0, lw, lh).to_image();
+        let mut local = GrayImage::new(lw, lh);
+        for (y, row) in local.rows_mut().enumerate() {
+            let src = &img.as_raw()[((y0 as usize + y) * w as usize + x0 as usize)..][..lw as usize];
+            for (o, &v) in row.zip(src) {
+                o[0] = if v > above { 255 } else { 0 };
+            }
+        }
         let opened = open_disc(&local, k);
         // Keep what the opening left of this blob only (its neighbours have their own turn).
         let mut mine = GrayImage::new(lw, lh);
@@ -220,7 +233,7 @@ pub(crate) fn opened_regions(mask: &GrayImage, k: u8, min_area: usize) -> Vec<Ve
                 }
             }
         }
-        for (part, runs) in blobs(&mine) {
+        for (part, runs) in blobs(&mine, 0) {
             let mut px: Vec<(u32, u32)> = Vec::with_capacity(part.n);
             for r in runs {
                 px.extend((r.x0..=r.x1).map(|x| (x + x0, r.y + y0)));
@@ -324,7 +337,7 @@ mod tests {
         for seed in 0..24 {
             let mask = random_mask(seed);
             for k in [0u8, 1, 2, 3, 5] {
-                let mut local = opened_regions(&mask, k, 0);
+                let mut local = opened_regions(&mask, 0, k, 0);
                 for px in &mut local {
                     px.sort_by_key(|&(x, y)| (y, x));
                 }
@@ -339,8 +352,8 @@ mod tests {
     #[test]
     fn small_blobs_are_skipped_before_opening() {
         let mask = random_mask(3);
-        let all = opened_regions(&mask, 2, 0);
-        let big = opened_regions(&mask, 2, 400);
+        let all = opened_regions(&mask, 0, 2, 0);
+        let big = opened_regions(&mask, 0, 2, 400);
         assert!(big.len() < all.len());
         assert!(big.iter().all(|r| all.contains(r)));
     }
