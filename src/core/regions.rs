@@ -218,7 +218,8 @@ pub(crate) fn opened_regions(
         let (lw, lh) = (x1 - x0 + 1, y1 - y0 + 1);
         let mut local = GrayImage::new(lw, lh);
         for (y, row) in local.rows_mut().enumerate() {
-            let src = &img.as_raw()[((y0 as usize + y) * w as usize + x0 as usize)..][..lw as usize];
+            let src =
+                &img.as_raw()[((y0 as usize + y) * w as usize + x0 as usize)..][..lw as usize];
             for (o, &v) in row.zip(src) {
                 o[0] = if v > above { 255 } else { 0 };
             }

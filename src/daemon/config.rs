@@ -81,6 +81,9 @@ pub struct RawPipeline {
     pub queue_frames: usize,
     /// Seconds between status lines in the log.
     pub status_interval_secs: f32,
+    /// Threads that find heads in frames side by side (each with its own head verifier); the
+    /// frames stay in order. 1: one thread.
+    pub workers: usize,
 }
 
 impl Default for RawPipeline {
@@ -88,6 +91,7 @@ impl Default for RawPipeline {
         Self {
             queue_frames: 4,
             status_interval_secs: 10.0,
+            workers: 2,
         }
     }
 }
@@ -97,6 +101,7 @@ impl Default for RawPipeline {
 pub struct PipelineSettings {
     pub queue_frames: usize,
     pub status_interval_secs: f32,
+    pub workers: usize,
 }
 
 /// What one process shares across its pipelines: the service endpoints and the ONNX Runtime
@@ -285,6 +290,9 @@ impl RawConfig {
             return Err(invalid("pipeline.queue_frames", "must lie in 1..=1024"));
         }
         positive("pipeline.status_interval_secs", q.status_interval_secs)?;
+        if q.workers == 0 || q.workers > 64 {
+            return Err(invalid("pipeline.workers", "must lie in 1..=64"));
+        }
         Ok(Settings {
             process: ProcessSettings {
                 service: self.service.resolve()?,
@@ -301,6 +309,7 @@ impl RawConfig {
                 pipeline: PipelineSettings {
                     queue_frames: q.queue_frames,
                     status_interval_secs: q.status_interval_secs,
+                    workers: q.workers,
                 },
             },
             reload: ReloadSettings {
