@@ -7,6 +7,7 @@ pub mod config;
 pub mod exit;
 pub mod frame;
 pub mod host;
+pub mod mqtt;
 pub mod pipeline;
 pub mod publish;
 pub mod report;
