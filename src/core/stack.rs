@@ -83,7 +83,7 @@ fn attribute<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
 /// Micrometres per unit of an OME length unit symbol (OME's default is µm).
 fn um_per_unit(unit: &str) -> Option<f32> {
     match unit {
-        "µm" | "μm" | "um" | "micron" => Some(1.0),
+        "µm" | "μm" | "um" | "micron" | "&#181;m" | "&#xB5;m" | "&#xb5;m" => Some(1.0),
         "nm" => Some(1e-3),
         "Å" => Some(1e-4),
         "mm" => Some(1e3),
