@@ -94,7 +94,11 @@ fn main() -> anyhow::Result<()> {
     };
     drop(sink);
     let _ = reader.join();
-    let dropped: u64 = telemetry.counts().mqtt_messages_dropped_total.values().sum();
+    let dropped: u64 = telemetry
+        .counts()
+        .mqtt_messages_dropped_total
+        .values()
+        .sum();
     println!(
         "MQTT sink, {n} records of {} bytes, broker on loopback (QoS 1): queued in {:.1} ms; \
          acknowledged by the broker {:.0} records/s; at the subscriber {:.0} records/s; dropped {dropped}",

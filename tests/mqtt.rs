@@ -311,10 +311,8 @@ fn a_broker_that_is_not_there_never_holds_the_pipeline_up() {
     assert_eq!(log.matches("MQTT queue full").count(), 1, "{log}");
 }
 
-#[test]
-fn tls_with_a_password_from_a_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// A CA, a server certificate for localhost signed by it, and a mosquitto password file.
+fn make_certs(d: &Path) {
     let openssl = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)
@@ -383,6 +381,13 @@ fn tls_with_a_password_from_a_file() {
         .status()
         .expect("mosquitto_passwd (package mosquitto) is needed");
     assert!(pw.success());
+}
+
+#[test]
+fn tls_with_a_password_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_certs(d);
     std::fs::write(d.join("credentials"), "scope\npa:ss word\n").unwrap();
     let port = common::free_port();
     let extra = format!(

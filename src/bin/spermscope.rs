@@ -277,9 +277,12 @@ fn cameras() -> anyhow::Result<()> {
             c.id, c.vendor, c.model, c.protocol, c.address
         );
         match c.details {
-            Ok((serial, (w, h), formats)) => {
-                println!("    serial {serial}, sensor {w}x{h}");
-                println!("    pixel formats: {}", formats.join(", "));
+            Ok(d) => {
+                println!(
+                    "    serial {}, sensor {}x{}",
+                    d.serial, d.sensor.0, d.sensor.1
+                );
+                println!("    pixel formats: {}", d.formats.join(", "));
             }
             Err(e) => println!("    (cannot be opened: {e})"),
         }

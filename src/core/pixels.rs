@@ -122,7 +122,7 @@ fn site(cfa: Cfa, x: usize, y: usize) -> usize {
         Cfa::Gb => ([1, 2], [0, 1]),
         Cfa::Gr => ([1, 0], [2, 1]),
     };
-    if y % 2 == 0 {
+    if y.is_multiple_of(2) {
         top[x % 2]
     } else {
         bottom[x % 2]

@@ -397,8 +397,16 @@ pub struct Listed {
     pub model: String,
     pub protocol: String,
     pub address: String,
-    /// Serial number, sensor size and pixel formats, or why they could not be read.
-    pub details: Result<(String, (i32, i32), Vec<String>), String>,
+    /// What the camera says when opened, or why it could not be.
+    pub details: Result<Details, String>,
+}
+
+/// A camera's serial number, sensor size and pixel formats.
+#[derive(Debug, Clone)]
+pub struct Details {
+    pub serial: String,
+    pub sensor: (i32, i32),
+    pub formats: Vec<String>,
 }
 
 /// Aravis's device list is global state: one token for the process, one user at a time.
@@ -483,20 +491,24 @@ pub fn list() -> Result<Vec<Listed>, String> {
         .collect())
 }
 
-fn details(id: &str) -> Result<(String, (i32, i32), Vec<String>), String> {
+fn details(id: &str) -> Result<Details, String> {
     let camera = Camera::new(Some(id)).map_err(|e| e.to_string())?;
     let serial = camera
         .device_serial_number()
         .map(|s| s.to_string())
         .map_err(|e| e.to_string())?;
-    let size = camera.sensor_size().map_err(|e| e.to_string())?;
+    let sensor = camera.sensor_size().map_err(|e| e.to_string())?;
     let formats = camera
         .dup_available_pixel_formats_as_strings()
         .map_err(|e| e.to_string())?
         .iter()
         .map(|f| f.to_string())
         .collect();
-    Ok((serial, size, formats))
+    Ok(Details {
+        serial,
+        sensor,
+        formats,
+    })
 }
 
 #[cfg(test)]

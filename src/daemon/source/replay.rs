@@ -188,7 +188,7 @@ mod tests {
                     seen.push(name)
                 }
                 Pull::Unreadable { name, .. } => seen.push(format!("bad:{name}")),
-                Pull::Idle(_) => {}
+                Pull::Idle(_) | Pull::Incomplete { .. } => {}
                 Pull::End => break,
             }
         }
