@@ -11,7 +11,7 @@ use spermscope::core::calibration;
 use spermscope::core::dataset;
 use spermscope::core::model::{Model, Provider, RuntimeOptions};
 use spermscope::offline::eval::{self, Calibration};
-use spermscope::offline::metrics::Scores;
+use spermscope::offline::metrics::{self, Scores};
 
 /// One class's one-vs-rest ROC curve and its AUC.
 type RocCurve = (String, Vec<calibration::RocPoint>, f64);
@@ -64,6 +64,14 @@ struct Args {
     /// Draw ROC curves, the reliability diagram and occlusion saliency maps into this folder.
     #[arg(long)]
     plots: Option<PathBuf>,
+    /// Agreement with the dataset's labels as an expert's: Cohen's kappa with a 95% interval
+    /// (and accuracy with its Wilson interval).
+    #[arg(long)]
+    agreement: bool,
+    /// With --agreement: the model's classes are ordered (in their output order); adds the
+    /// linearly weighted kappa.
+    #[arg(long)]
+    ordered: bool,
 }
 
 /// A path relative to the working directory, or else to the source tree (the embedded default).
@@ -137,7 +145,16 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(dir) = &args.plots {
         draw(dir, &mut model, &curves, &scored, &bins)?;
     }
+    let agreement = args.agreement.then(|| {
+        metrics::agreement(
+            &scored.truth,
+            &scored.predictions(),
+            classes.len(),
+            args.ordered,
+        )
+    });
     let figures = Figures {
+        agreement: agreement.as_ref(),
         scores: &scores,
         auc: &auc,
         ece,
@@ -154,6 +171,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
 
 /// What the evaluation measured, for printing.
 struct Figures<'a> {
+    agreement: Option<&'a metrics::Agreement>,
     scores: &'a Scores,
     auc: &'a BTreeMap<String, f64>,
     ece: f64,
@@ -184,6 +202,9 @@ fn print_json(
         o.insert("ece".into(), serde_json::json!(f.ece));
         o.insert("reliability".into(), serde_json::json!(f.bins));
         o.insert("estimated_accuracy".into(), serde_json::json!(f.estimate));
+        if let Some(a) = f.agreement {
+            o.insert("agreement".into(), serde_json::json!(a));
+        }
     }
     println!("{}", serde_json::to_string(&v)?);
     Ok(())
@@ -205,6 +226,21 @@ fn print_text(model: &Model, data: &Path, scored: &eval::Scored, f: &Figures) {
         println!("  {c:<20} {a:.3}");
     }
     println!("expected calibration error (10 bins): {:.3}", f.ece);
+    if let Some(a) = f.agreement {
+        println!(
+            "agreement with the labels ({} crops): accuracy {:.1}% (95% {:.1}-{:.1}%), Cohen's kappa {:.3} (95% {:.3} to {:.3})",
+            a.n,
+            100.0 * a.accuracy,
+            100.0 * a.accuracy_ci95[0],
+            100.0 * a.accuracy_ci95[1],
+            a.kappa,
+            a.kappa_ci95[0],
+            a.kappa_ci95[1]
+        );
+        if let (Some(w), Some([lo, hi])) = (a.weighted_kappa, a.weighted_kappa_ci95) {
+            println!("  linearly weighted kappa {w:.3} (95% {lo:.3} to {hi:.3})");
+        }
+    }
     if let Some(e) = f.estimate {
         println!(
             "label-free accuracy estimate (mean confidence): {:.1}% (true accuracy {:.1}%)",

@@ -3,9 +3,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use spermscope::core::pose::Contrast;
+use spermscope::daemon::calibrate;
+use spermscope::daemon::check::invalid;
+use spermscope::daemon::classify::Classify;
 use spermscope::daemon::config::{ConfigError, RawConfig, Settings};
+use spermscope::daemon::crops::{self, Order};
 use spermscope::daemon::exit;
 use spermscope::daemon::host::{self, HostError};
 use spermscope::daemon::pipeline::{self, StartError};
@@ -39,6 +46,12 @@ enum Command {
     Replay(ReplayArgs),
     /// List the cameras (V4L2 devices and GenICam cameras) and the formats each offers.
     Cameras,
+    /// Estimate the frame scale (source.um_per_px) from the sizes of the heads in view
+    /// (WHO 6th edition: 4.0-5.5 µm long, 2.5-3.5 µm wide).
+    Calibrate(CalibrateArgs),
+    /// Cut the upright crops the classifier saw (one per cell) from the recorded frames, most
+    /// uncertain first, for an expert to sort into class folders.
+    Crops(CropsArgs),
     /// Build the sample report(s) from a records file (JSON Lines), one per sample.
     Report {
         records: PathBuf,
@@ -58,6 +71,44 @@ enum Command {
         #[arg(long, default_value_t = 0.05)]
         drift_margin: f64,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct CropsArgs {
+    /// Records file (JSON Lines) written by the daemon.
+    records: PathBuf,
+    /// Folder holding the frames the records name.
+    #[arg(long)]
+    frames: PathBuf,
+    /// Folder for the crops and their index.csv.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Order::Uncertainty)]
+    order: Order,
+    /// The config the records were made with (its model, scale and head finding) [default: the
+    /// embedded defaults].
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct CalibrateArgs {
+    /// Folder of frames or a glob; without it, the source of --config (a camera, a replay).
+    path: Option<PathBuf>,
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Frames to look at (spread over a folder).
+    #[arg(long, default_value_t = 16)]
+    frames: usize,
+    /// How heads differ from the background [default: the config's segment.contrast, else dark].
+    #[arg(long, value_enum)]
+    contrast: Option<Contrast>,
+    /// Print one JSON object (its `um_per_px` key holds the suggestion).
+    #[arg(long)]
+    json: bool,
+    /// Draw the head-length histogram (at the suggested scale) to this PNG.
+    #[arg(long)]
+    picture: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -98,6 +149,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => load(&config).and_then(|s| run(s, Some(config))),
         Command::Cameras => cameras().map_err(other),
+        Command::Calibrate(args) => calibrate(args),
+        Command::Crops(args) => crops(args),
         Command::Validate { config } => validate(&config),
         Command::Replay(args) => replay_settings(args).and_then(|s| run(vec![s], None)),
         Command::Report {
@@ -249,6 +302,104 @@ fn run(all: Vec<Settings>, config: Option<PathBuf>) -> Result<(), Failure> {
         Some(e) => Err(other(e.context("pipeline failed"))),
         None => Ok(()),
     }
+}
+
+fn calibrate(args: CalibrateArgs) -> Result<(), Failure> {
+    let raw = match &args.config {
+        Some(c) => Some(RawConfig::load(c).map_err(config_failure)?),
+        None => None,
+    };
+    let contrast = args
+        .contrast
+        .or(raw.as_ref().map(|r| r.segment.contrast))
+        .unwrap_or(Contrast::Dark);
+    let frames = match (&args.path, &raw) {
+        (Some(p), _) => calibrate::frames_from(p, args.frames)
+            .map_err(|e| config_failure(invalid("calibrate", e.to_string())))?,
+        (None, Some(r)) => {
+            let base = args.config.as_deref().and_then(Path::parent);
+            let s = r.resolve(base).map_err(config_failure)?;
+            let mut source = spermscope::daemon::source::open(&s.restart.source)
+                .map_err(|e| start_failure(StartError::Source(e)))?;
+            calibrate::frames_from_source(source.as_mut(), args.frames, Duration::from_secs(30))
+        }
+        (None, None) => {
+            return Err(config_failure(invalid(
+                "calibrate",
+                "give a folder of frames or --config with a source",
+            )));
+        }
+    };
+    let e = calibrate::estimate(&frames, contrast).map_err(|e| other(e.into()))?;
+    if let Some(p) = &args.picture {
+        calibrate::histogram_png(&e, p)
+            .with_context(|| format!("cannot write {}", p.display()))
+            .map_err(other)?;
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&e).map_err(|e| other(e.into()))?
+        );
+        return Ok(());
+    }
+    println!(
+        "suggested source.um_per_px = {:.4}\n  from {} heads in {} frames: median length {:.1} px ({:.4} µm/px for a 4.75 µm head), median width {:.1} px ({:.4} µm/px for a 3.0 µm head)",
+        e.um_per_px,
+        e.heads,
+        e.frames,
+        e.median_length_px,
+        e.from_length_um_per_px,
+        e.median_width_px,
+        e.from_width_um_per_px
+    );
+    println!(
+        "  WHO 6th edition head: 4.0-5.5 µm long, 2.5-3.5 µm wide; confirm with a stage micrometer"
+    );
+    if let Some(p) = &args.picture {
+        println!("  head lengths at this scale: {}", p.display());
+    }
+    Ok(())
+}
+
+fn crops(args: CropsArgs) -> Result<(), Failure> {
+    let settings = match &args.config {
+        Some(c) => RawConfig::load(c)
+            .and_then(|r| r.resolve(c.parent()))
+            .map_err(config_failure)?,
+        None => RawConfig::default()
+            .resolve_with_replay(Path::new("."))
+            .map_err(config_failure)?,
+    };
+    let (classifier, _) = pipeline::load_models(&settings).map_err(start_failure)?;
+    let r = &settings.restart;
+    let done = crops::cut(
+        &args.records,
+        &args.frames,
+        &args.out,
+        args.order,
+        &classifier.preprocessor(),
+        &r.segment,
+        r.source.um_per_px,
+    )
+    .map_err(|e| other(e.into()))?;
+    println!(
+        "{} crops in {} (index.csv lists them, {}); sort them into one folder per class for `spermscope-train --init`",
+        done.written,
+        args.out.display(),
+        match args.order {
+            Order::Uncertainty => "most uncertain first",
+            Order::Recorded => "as recorded",
+        }
+    );
+    if !done.not_found.is_empty() {
+        eprintln!(
+            "{} records whose head was not found again in its frame (other head-finding settings?): {}",
+            done.not_found.len(),
+            done.not_found.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// The V4L2 devices with their formats, then the GenICam cameras discovery finds (it

@@ -146,6 +146,23 @@ pub fn estimated_accuracy(probs: &[Vec<f32>]) -> Option<f64> {
     e.value().map(|(_, v)| v)
 }
 
+/// z for a two-sided 95% interval.
+pub const Z95: f64 = 1.959_963_985;
+
+/// 95% Wilson score interval of `k` successes in `n` trials, as shares.
+pub fn wilson(k: u64, n: u64) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (k, n) = (k as f64, n as f64);
+    let p = k / n;
+    let z2 = Z95 * Z95;
+    let denom = 1.0 + z2 / n;
+    let centre = (p + z2 / (2.0 * n)) / denom;
+    let half = Z95 / denom * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
 /// Mean negative log-likelihood of the true classes at temperature `t`.
 pub fn nll(logits: &[Vec<f32>], truth: &[usize], t: f32) -> f64 {
     let n = logits.len().max(1) as f64;

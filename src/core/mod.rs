@@ -4,6 +4,7 @@
 
 pub mod calibration;
 pub mod dataset;
+pub mod draw;
 pub mod imageio;
 pub mod model;
 pub mod morphometry;

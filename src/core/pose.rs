@@ -2,10 +2,11 @@
 //! an upright window around it. The trainer and the daemon both call this one implementation.
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
-use imageproc::contrast::otsu_level;
 
 /// How heads differ from the background in an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Contrast {
     /// Stained preparations: heads are darker than the background.
@@ -137,8 +138,16 @@ fn blur3(img: &GrayImage) -> GrayImage {
         }
         let row = &mut dst[y * w..(y + 1) * w];
         if w >= 3 {
-            for x in 1..w - 1 {
-                row[x] = ((col[x - 1] + col[x] + col[x + 1]) / (rows * 3)) as u8;
+            if rows == 3 {
+                // s / 9 for s <= 2295, exactly: 7282 / 2^16 is 1/9 less 2.7e-6, and the
+                // largest fraction of s / 9 is 8/9.
+                for x in 1..w - 1 {
+                    row[x] = (((col[x - 1] + col[x] + col[x + 1]) * 7282) >> 16) as u8;
+                }
+            } else {
+                for x in 1..w - 1 {
+                    row[x] = ((col[x - 1] + col[x] + col[x + 1]) / (rows * 3)) as u8;
+                }
             }
         }
         for x in [0, w - 1] {
@@ -160,17 +169,14 @@ pub fn find_head_in_crop(img: &RgbImage, contrast: Contrast) -> Result<HeadRegio
         return Err(PoseError::Empty);
     }
     let t = Thresholded::new(img, contrast);
-    let (lo, hi) = t
-        .stain
-        .pixels()
-        .fold((255u8, 0u8), |(lo, hi), p| (lo.min(p[0]), hi.max(p[0])));
+    let (lo, hi) = t.range;
     if hi.saturating_sub(lo) < 12 {
         return Err(PoseError::NoContrast);
     }
     let k = ((w.min(h) as f32 / 45.0).round() as u8).clamp(2, 4);
     let min_area = ((w * h) as f32 * 0.004).max(20.0) as usize;
     // Regions left by the opening, each with its area and centroid.
-    let regions = crate::core::regions::opened_regions(&t.head, k, min_area);
+    let regions = crate::core::regions::opened_regions(&t.stain, t.head_level, k, min_area);
     let (cx0, cy0) = (w as f64 / 2.0, h as f64 / 2.0);
     let diag = ((w * w + h * h) as f64).sqrt();
     let mut best: Option<(usize, f64)> = None;
@@ -198,7 +204,7 @@ pub fn find_head_in_crop(img: &RgbImage, contrast: Contrast) -> Result<HeadRegio
         mask.put_pixel(x, y, Luma([255]));
     }
     fill_holes(&mut mask);
-    Ok(measure(&mask, &t.tail, &t.stain))
+    Ok(measure(&mask, &t.stain, t.tail_level, (0, 0)))
 }
 
 /// Share of the Otsu level (above background) at which head pixels start.
@@ -206,8 +212,10 @@ const HEAD_LEVEL: f32 = 0.6;
 /// Share of the Otsu level (above background) at which tail pixels start.
 const TAIL_LEVEL: f32 = 0.3;
 
-/// The stain map of an image and the head and tail masks cut from it; crops (`find_head_in_crop`)
-/// and full fields (`segment`) threshold the same way.
+/// The stain map of an image and the levels that cut the head and tail masks from it (pixels
+/// strictly above a level belong to it); crops (`find_head_in_crop`) and full fields
+/// (`segment`) threshold the same way. The masks are never made whole: what needs one reads
+/// the stain map against its level.
 pub(crate) struct Thresholded {
     /// Smoothed stain intensity.
     pub stain: GrayImage,
@@ -215,10 +223,12 @@ pub(crate) struct Thresholded {
     pub otsu: u8,
     /// Otsu's level above the background level (at least 1).
     pub span: f32,
-    /// Pixels above the head level.
-    pub head: GrayImage,
-    /// Pixels above the (lower) tail level.
-    pub tail: GrayImage,
+    /// Head pixels lie above this level.
+    pub head_level: u8,
+    /// Tail pixels lie above this (lower) level.
+    pub tail_level: u8,
+    /// The smallest and largest stain level.
+    pub range: (u8, u8),
 }
 
 impl Thresholded {
@@ -227,31 +237,64 @@ impl Thresholded {
     /// looked for at a lower level still.
     pub(crate) fn new(img: &RgbImage, contrast: Contrast) -> Self {
         let stain = blur3(&stain_map(img, contrast));
-        let otsu = otsu_level(&stain);
-        let bg = percentile(&stain, 0.3) as f32;
+        let mut hist = [0u32; 256];
+        for &v in stain.as_raw() {
+            hist[v as usize] += 1;
+        }
+        let otsu = otsu_of(&hist);
+        let bg = percentile(&hist, 0.3) as f32;
         let span = (otsu as f32 - bg).max(1.0);
-        let head = threshold_above(&stain, (bg + HEAD_LEVEL * span) as u8);
-        let tail = threshold_above(&stain, (bg + TAIL_LEVEL * span) as u8);
+        let lo = hist.iter().position(|&c| c > 0).unwrap_or(0) as u8;
+        let hi = hist.iter().rposition(|&c| c > 0).unwrap_or(0) as u8;
         Self {
             stain,
             otsu,
             span,
-            head,
-            tail,
+            head_level: (bg + HEAD_LEVEL * span) as u8,
+            tail_level: (bg + TAIL_LEVEL * span) as u8,
+            range: (lo, hi),
         }
     }
 }
 
-/// The grey level below which `q` of the pixels lie.
-fn percentile(img: &GrayImage, q: f32) -> u8 {
-    let mut hist = [0usize; 256];
-    for p in img.pixels() {
-        hist[p[0] as usize] += 1;
+/// Otsu's level from a histogram, as `imageproc::contrast::otsu_level` computes it (the same
+/// sums in the same order, the same tie rule), without a second pass over the image.
+fn otsu_of(hist: &[u32; 256]) -> u8 {
+    let total: u32 = hist.iter().sum();
+    let total_sum = hist
+        .iter()
+        .enumerate()
+        .fold(0f64, |s, (t, &h)| s + (t as u32 * h) as f64);
+    let (mut bg_sum, mut bg_weight) = (0f64, 0u32);
+    let (mut largest, mut best) = (0f64, 0u8);
+    for (t, &h) in hist.iter().enumerate() {
+        bg_weight += h;
+        if bg_weight == 0 {
+            continue;
+        }
+        let fg_weight = total - bg_weight;
+        if fg_weight == 0 {
+            break;
+        }
+        bg_sum += (t as u32 * h) as f64;
+        let fg_sum = total_sum - bg_sum;
+        let diff = bg_sum / bg_weight as f64 - fg_sum / fg_weight as f64;
+        let v = bg_weight as f64 * fg_weight as f64 * diff.powi(2);
+        if v > largest {
+            largest = v;
+            best = t as u8;
+        }
     }
-    let target = (img.pixels().len() as f32 * q) as usize;
-    let mut acc = 0;
+    best
+}
+
+/// The grey level below which `q` of the histogram's pixels lie.
+fn percentile(hist: &[u32; 256], q: f32) -> u8 {
+    let total: u32 = hist.iter().sum();
+    let target = (total as f32 * q) as usize;
+    let mut acc = 0usize;
     for (v, &c) in hist.iter().enumerate() {
-        acc += c;
+        acc += c as usize;
         if acc > target {
             return v as u8;
         }
@@ -271,52 +314,72 @@ pub fn threshold_above(img: &GrayImage, level: u8) -> GrayImage {
 /// Fill background regions that do not touch the image border.
 pub fn fill_holes(mask: &mut GrayImage) {
     let (w, h) = (mask.width() as usize, mask.height() as usize);
-    if w == 0 || h == 0 {
-        return;
-    }
     let px: &mut [u8] = mask;
-    // Flood the background from the border; what it cannot reach is a hole.
-    let mut outside = vec![false; w * h];
-    let mut stack: Vec<usize> = Vec::new();
-    let visit = |i: usize, outside: &mut Vec<bool>, stack: &mut Vec<usize>| {
-        if !outside[i] && px[i] == 0 {
-            outside[i] = true;
-            stack.push(i);
+    // Holes lie within the mask's bounding box: flood the background inward from the box
+    // grown by one pixel (all background, and reached from the image border), not the image.
+    let Some((x0, y0, x1, y1)) = px.iter().enumerate().filter(|(_, v)| **v != 0).fold(
+        None,
+        |b: Option<(usize, usize, usize, usize)>, (i, _)| {
+            let (x, y) = (i % w, i / w);
+            Some(b.map_or((x, y, x, y), |(a, c, d, e)| {
+                (a.min(x), c.min(y), d.max(x), e.max(y))
+            }))
+        },
+    ) else {
+        return;
+    };
+    let (bx0, by0) = (x0.saturating_sub(1), y0.saturating_sub(1));
+    let (bx1, by1) = ((x1 + 1).min(w - 1), (y1 + 1).min(h - 1));
+    let bw = bx1 - bx0 + 1;
+    let at = |x: usize, y: usize| (y - by0) * bw + (x - bx0);
+    let mut outside = vec![false; bw * (by1 - by0 + 1)];
+    let mut stack: Vec<(usize, usize)> = Vec::new();
+    let visit = |x: usize, y: usize, outside: &mut Vec<bool>, stack: &mut Vec<(usize, usize)>| {
+        if !outside[at(x, y)] && px[y * w + x] == 0 {
+            outside[at(x, y)] = true;
+            stack.push((x, y));
         }
     };
-    for x in 0..w {
-        visit(x, &mut outside, &mut stack);
-        visit((h - 1) * w + x, &mut outside, &mut stack);
+    for x in bx0..=bx1 {
+        visit(x, by0, &mut outside, &mut stack);
+        visit(x, by1, &mut outside, &mut stack);
     }
-    for y in 0..h {
-        visit(y * w, &mut outside, &mut stack);
-        visit(y * w + w - 1, &mut outside, &mut stack);
+    for y in by0..=by1 {
+        visit(bx0, y, &mut outside, &mut stack);
+        visit(bx1, y, &mut outside, &mut stack);
     }
-    while let Some(i) = stack.pop() {
-        let (x, y) = (i % w, i / w);
-        if x > 0 {
-            visit(i - 1, &mut outside, &mut stack);
+    while let Some((x, y)) = stack.pop() {
+        if x > bx0 {
+            visit(x - 1, y, &mut outside, &mut stack);
         }
-        if y > 0 {
-            visit(i - w, &mut outside, &mut stack);
+        if y > by0 {
+            visit(x, y - 1, &mut outside, &mut stack);
         }
-        if x + 1 < w {
-            visit(i + 1, &mut outside, &mut stack);
+        if x < bx1 {
+            visit(x + 1, y, &mut outside, &mut stack);
         }
-        if y + 1 < h {
-            visit(i + w, &mut outside, &mut stack);
+        if y < by1 {
+            visit(x, y + 1, &mut outside, &mut stack);
         }
     }
-    for (p, out) in px.iter_mut().zip(&outside) {
-        if !out {
-            *p = 255;
+    for y in by0..=by1 {
+        for x in bx0..=bx1 {
+            if !outside[at(x, y)] {
+                px[y * w + x] = 255;
+            }
         }
     }
 }
 
-/// Second moments of a head mask, and its polarity from the tail (`raw`: the stain mask
-/// before opening, which still holds the midpiece) or else from the stain asymmetry.
-pub fn measure(head: &GrayImage, raw: &GrayImage, stain: &GrayImage) -> HeadRegion {
+/// Second moments of a head mask, and its polarity from the tail (stain above `tail_level`
+/// outside the head: the midpiece) or else from the stain asymmetry. `stain` may be a larger
+/// map the mask was cut from at `offset` (no copy of it is made).
+pub fn measure(
+    head: &GrayImage,
+    stain: &GrayImage,
+    tail_level: u8,
+    offset: (u32, u32),
+) -> HeadRegion {
     let pixels: Vec<(u32, u32)> = head
         .enumerate_pixels()
         .filter(|(_, _, p)| p[0] != 0)
@@ -345,13 +408,21 @@ pub fn measure(head: &GrayImage, raw: &GrayImage, stain: &GrayImage) -> HeadRegi
     let minor = 4.0 * l2.sqrt();
     let u = (theta.cos(), theta.sin());
 
-    // Evidence 1: stained pixels outside the head, just beyond either end of the major axis.
+    // Evidence 1: stained pixels outside the head, just beyond either end of the major axis
+    // (no farther than 1.2 lengths along it and 0.3 across it: only that box is looked at).
     let (w, h) = head.dimensions();
     let half = major / 2.0;
+    let reach = (1.2 * major + 0.3 * major.max(4.0)).ceil() + 1.0;
+    let span = |c: f64, n: u32| {
+        let lo = (c - reach).floor().max(0.0) as u32;
+        let hi = ((c + reach).ceil().max(0.0) as u32).min(n);
+        lo..hi
+    };
+    let (ox, oy) = offset;
     let (mut plus, mut minus) = (0usize, 0usize);
-    for y in 0..h {
-        for x in 0..w {
-            if raw.get_pixel(x, y)[0] == 0 || head.get_pixel(x, y)[0] != 0 {
+    for y in span(cy, h) {
+        for x in span(cx, w) {
+            if stain.get_pixel(x + ox, y + oy)[0] <= tail_level || head.get_pixel(x, y)[0] != 0 {
                 continue;
             }
             let (dx, dy) = (x as f64 - cx, y as f64 - cy);
@@ -387,7 +458,7 @@ pub fn measure(head: &GrayImage, raw: &GrayImage, stain: &GrayImage) -> HeadRegi
             let (mut sp, mut np, mut sm, mut nm) = (0.0, 0.0, 0.0, 0.0);
             for &(x, y) in &pixels {
                 let t = (x as f64 - cx) * u.0 + (y as f64 - cy) * u.1;
-                let s = stain.get_pixel(x, y)[0] as f64;
+                let s = stain.get_pixel(x + ox, y + oy)[0] as f64;
                 if t > 0.0 {
                     sp += s;
                     np += 1.0;
@@ -547,6 +618,68 @@ mod tests {
         let again = find_head_in_crop(&up, Contrast::Dark).expect("head after cut");
         let err = (again.angle_deg() - 90.0).abs();
         assert!(err < 4.0, "upright angle {}", again.angle_deg());
+    }
+
+    /// The flood from the whole image's border: the reference for `fill_holes`.
+    fn fill_holes_whole(mask: &mut GrayImage) {
+        let (w, h) = (mask.width() as usize, mask.height() as usize);
+        let mut outside = vec![false; w * h];
+        let mut stack: Vec<usize> = (0..w)
+            .flat_map(|x| [x, (h - 1) * w + x])
+            .chain((0..h).flat_map(|y| [y * w, y * w + w - 1]))
+            .collect();
+        let px: &mut [u8] = mask;
+        while let Some(i) = stack.pop() {
+            if outside[i] || px[i] != 0 {
+                continue;
+            }
+            outside[i] = true;
+            let (x, y) = (i % w, i / w);
+            if x > 0 {
+                stack.push(i - 1);
+            }
+            if y > 0 {
+                stack.push(i - w);
+            }
+            if x + 1 < w {
+                stack.push(i + 1);
+            }
+            if y + 1 < h {
+                stack.push(i + w);
+            }
+        }
+        for (p, o) in px.iter_mut().zip(&outside) {
+            if !o {
+                *p = 255;
+            }
+        }
+    }
+
+    #[test]
+    fn holes_are_filled_as_a_flood_from_the_image_border_fills_them() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for case in 0..300 {
+            let (w, h) = (rng.random_range(3..40u32), rng.random_range(3..40u32));
+            let mut m = GrayImage::new(w, h);
+            let density = rng.random_range(0.1..0.9);
+            for p in m.pixels_mut() {
+                if rng.random_bool(density) {
+                    p[0] = 255;
+                }
+            }
+            let mut want = m.clone();
+            fill_holes_whole(&mut want);
+            fill_holes(&mut m);
+            assert_eq!(m, want, "case {case}");
+        }
+    }
+
+    #[test]
+    fn dividing_by_nine_with_a_multiply_is_exact() {
+        for s in 0..=9 * 255u32 {
+            assert_eq!((s * 7282) >> 16, s / 9, "{s}");
+        }
     }
 
     #[test]

@@ -132,15 +132,40 @@ impl Preprocessor {
     /// same head in a crop give the model the same inputs. The returned head is in frame
     /// coordinates.
     pub fn head(&self, frame: &RgbImage, head: &HeadRegion, um_per_px: Option<f32>) -> Prepared {
-        let window = self.spec.crop.window_px * self.scale(um_per_px);
-        let (patch, local, (ox, oy)) = head_patch(frame, head, window * CROP_CONTEXT);
-        let centre = local.centroid;
-        let loc = self.locate_in(&patch, Some(local), centre, window);
+        let (patch, loc, (ox, oy)) = self.locate_head(frame, head, um_per_px);
         let mut prepared = self.finish(&self.window(&patch, &loc, &Jitter::default()), &loc);
         if let Some(h) = prepared.head.as_mut() {
             h.shift(ox, oy);
         }
         prepared
+    }
+
+    /// The upright window of a field head as the model sees it, at `out_px` a side (the
+    /// model's input size gives its pixels; a larger size is for a person to look at).
+    pub fn head_window(
+        &self,
+        frame: &RgbImage,
+        head: &HeadRegion,
+        um_per_px: Option<f32>,
+        out_px: u32,
+    ) -> RgbImage {
+        let (patch, loc, _) = self.locate_head(frame, head, um_per_px);
+        pose::cut_window(&patch, &loc.cut, out_px, &Jitter::default())
+    }
+
+    /// The crop-sized patch around a field head, the head located in it, and the patch's
+    /// offset in the frame.
+    fn locate_head(
+        &self,
+        frame: &RgbImage,
+        head: &HeadRegion,
+        um_per_px: Option<f32>,
+    ) -> (RgbImage, Located, (u32, u32)) {
+        let window = self.spec.crop.window_px * self.scale(um_per_px);
+        let (patch, local, offset) = head_patch(frame, head, window * CROP_CONTEXT);
+        let centre = local.centroid;
+        let loc = self.locate_in(&patch, Some(local), centre, window);
+        (patch, loc, offset)
     }
 
     /// Frame pixels per training pixel: the training scale over the frame's, when both are

@@ -81,6 +81,9 @@ pub struct RawPipeline {
     pub queue_frames: usize,
     /// Seconds between status lines in the log.
     pub status_interval_secs: f32,
+    /// Threads that find heads in frames side by side (each with its own head verifier); the
+    /// frames stay in order. 1: one thread.
+    pub workers: usize,
 }
 
 impl Default for RawPipeline {
@@ -88,6 +91,7 @@ impl Default for RawPipeline {
         Self {
             queue_frames: 4,
             status_interval_secs: 10.0,
+            workers: 2,
         }
     }
 }
@@ -97,6 +101,7 @@ impl Default for RawPipeline {
 pub struct PipelineSettings {
     pub queue_frames: usize,
     pub status_interval_secs: f32,
+    pub workers: usize,
 }
 
 /// What one process shares across its pipelines: the service endpoints and the ONNX Runtime
@@ -258,6 +263,17 @@ impl RawConfig {
         Ok(out)
     }
 
+    /// These settings with a replay of `path` as the source (the embedded defaults name none):
+    /// for tools that read frames themselves but need the rest of the settings.
+    pub fn resolve_with_replay(&self, path: &Path) -> Result<Settings, ConfigError> {
+        let mut raw = self.clone();
+        raw.source
+            .replay
+            .path
+            .get_or_insert_with(|| path.to_path_buf());
+        raw.resolve(None)
+    }
+
     /// Check every value; no I/O. `base` is the folder relative paths are taken from (the
     /// config file's folder); `None` for the embedded defaults.
     pub fn resolve(&self, base: Option<&Path>) -> Result<Settings, ConfigError> {
@@ -278,6 +294,9 @@ impl RawConfig {
             return Err(invalid("pipeline.queue_frames", "must lie in 1..=1024"));
         }
         positive("pipeline.status_interval_secs", q.status_interval_secs)?;
+        if q.workers == 0 || q.workers > 64 {
+            return Err(invalid("pipeline.workers", "must lie in 1..=64"));
+        }
         Ok(Settings {
             process: ProcessSettings {
                 service: self.service.resolve()?,
@@ -294,6 +313,7 @@ impl RawConfig {
                 pipeline: PipelineSettings {
                     queue_frames: q.queue_frames,
                     status_interval_secs: q.status_interval_secs,
+                    workers: q.workers,
                 },
             },
             reload: ReloadSettings {

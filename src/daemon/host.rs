@@ -93,7 +93,7 @@ pub fn run_all(all: Vec<Settings>, config: Option<&Path>) -> Result<Vec<Finished
         .map(|(settings, handle)| Finished {
             outcome: handle
                 .join()
-                .unwrap_or(Err(RunError::StageFailed("pipeline"))),
+                .unwrap_or(Err(RunError::StageFailed("pipeline".into()))),
             settings,
         })
         .collect();

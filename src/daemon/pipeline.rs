@@ -13,6 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounde
 
 use crate::core::preprocess::Preprocessor;
 use crate::core::register::{Registrar, Spectrum};
+use crate::daemon::calibrate::{ScaleAlarm, ScaleWatch};
 use crate::daemon::classify::{
     Classifier, Classify, ClassifyError, classify_frames, prepare_cells,
 };
@@ -50,7 +51,7 @@ pub enum RunError {
     #[error("a pipeline thread could not start: {0}")]
     Spawn(std::io::Error),
     #[error("pipeline stage {0} stopped unexpectedly")]
-    StageFailed(&'static str),
+    StageFailed(String),
 }
 
 /// Everything opened and loaded, ready to run.
@@ -58,7 +59,8 @@ pub struct Ready {
     settings: Settings,
     source: Box<dyn FrameSource>,
     classifier: Box<dyn Classify>,
-    verifier: Option<Verifier>,
+    /// One head verifier per segment worker (`None` each when verification is off).
+    verifiers: Vec<Option<Verifier>>,
     sinks: Sinks,
     telemetry: Arc<Telemetry>,
     /// Where the publisher leaves its latest frame for the live view, when one is served.
@@ -83,6 +85,14 @@ pub fn load_models(settings: &Settings) -> Result<(Classifier, Option<Verifier>)
 /// any frame is read), then the source, then the sinks.
 pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, StartError> {
     let (classifier, verifier) = load_models(&settings)?;
+    let mut verifiers = vec![verifier];
+    for _ in 1..settings.restart.pipeline.workers {
+        let more = match &settings.restart.verifier {
+            Some(v) => Some(Verifier::load(v, &settings.runtime())?),
+            None => None,
+        };
+        verifiers.push(more);
+    }
     let source = source::open(&settings.restart.source)?;
     let sinks = Sinks::open(&settings.restart.publish, telemetry.clone())?;
     let view = settings
@@ -94,7 +104,7 @@ pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, S
         settings,
         source,
         classifier: Box::new(classifier),
-        verifier,
+        verifiers,
         sinks,
         telemetry,
         view,
@@ -103,9 +113,9 @@ pub fn prepare(settings: Settings, telemetry: Arc<Telemetry>) -> Result<Ready, S
 
 impl Ready {
     pub fn describe(&self) -> String {
-        let verifier = match &self.verifier {
-            Some(v) => format!("head verifier {}", v.model().spec.name),
-            None => "no head verifier".into(),
+        let verifier = match self.verifiers.first() {
+            Some(Some(v)) => format!("head verifier {}", v.model().spec.name),
+            _ => "no head verifier".into(),
         };
         format!(
             "{}; {}, {verifier}, sample {}",
@@ -163,13 +173,81 @@ impl Outcome {
 }
 
 fn spawn<T: Send + 'static>(
-    name: &'static str,
+    name: impl Into<String>,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<JoinHandle<T>, RunError> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(f)
         .map_err(RunError::Spawn)
+}
+
+/// Named threads of a pipeline, joined in order at the end.
+type Handles = Vec<(String, JoinHandle<()>)>;
+
+/// Run `work` on each frame on as many threads as there are workers: frames are handed out
+/// round-robin in arrival order by a dispatcher and taken back in the same order by a merger,
+/// so the stage after sees the frames in their order, as from one thread. One worker: one
+/// thread, no dispatcher or merger.
+fn pool<F>(
+    name: &'static str,
+    workers: Vec<F>,
+    rx: Receiver<Work>,
+    tx: Sender<Work>,
+    tel: &Arc<Telemetry>,
+    handles: &mut Handles,
+) -> Result<(), RunError>
+where
+    F: FnMut(&mut Work) + Send + 'static,
+{
+    let n = workers.len();
+    if n <= 1 {
+        for (i, mut f) in workers.into_iter().enumerate() {
+            let t = tel.clone();
+            let (rx, tx) = (rx.clone(), tx.clone());
+            let h = spawn(format!("{name}-{i}"), move || {
+                for mut w in rx {
+                    f(&mut w);
+                    pass(&tx, w, &t);
+                }
+            })?;
+            handles.push((format!("{name}-{i}"), h));
+        }
+        return Ok(());
+    }
+    let (mut ins, mut outs) = (Vec::new(), Vec::new());
+    for (i, mut f) in workers.into_iter().enumerate() {
+        let (to_worker, worker_in) = bounded::<Work>(1);
+        let (worker_out, from_worker) = bounded::<Work>(2);
+        let t = tel.clone();
+        let h = spawn(format!("{name}-{i}"), move || {
+            for mut w in worker_in {
+                f(&mut w);
+                pass(&worker_out, w, &t);
+            }
+        })?;
+        handles.push((format!("{name}-{i}"), h));
+        ins.push(to_worker);
+        outs.push(from_worker);
+    }
+    let t = tel.clone();
+    let h = spawn(format!("{name}-dispatch"), move || {
+        for (k, w) in rx.into_iter().enumerate() {
+            pass(&ins[k % n], w, &t);
+        }
+    })?;
+    handles.push((format!("{name}-dispatch"), h));
+    let t = tel.clone();
+    let h = spawn(format!("{name}-merge"), move || {
+        for k in 0.. {
+            match outs[k % n].recv() {
+                Ok(w) => pass(&tx, w, &t),
+                Err(_) => break,
+            }
+        }
+    })?;
+    handles.push((format!("{name}-merge"), h));
+    Ok(())
 }
 
 /// How the outside world steers a run.
@@ -195,7 +273,7 @@ impl Control {
 
 /// The stage threads of a running pipeline, and the ends the supervisor keeps.
 struct Stages {
-    handles: Vec<(&'static str, JoinHandle<()>)>,
+    handles: Handles,
     publish: JoinHandle<Tally>,
     swaps: Sender<Swap>,
     /// Receivers of each queue, for their depths (they do not keep a channel open).
@@ -211,7 +289,7 @@ fn start(ready: Ready, stop: &Arc<AtomicBool>) -> Result<(Stages, Settings), Run
         settings,
         source,
         classifier,
-        verifier,
+        verifiers,
         sinks,
         telemetry: tel,
         view,
@@ -242,27 +320,36 @@ fn start(ready: Ready, stop: &Arc<AtomicBool>) -> Result<(Stages, Settings), Run
     let h = spawn("source", move || {
         source_stage(source, to_segment, oldest, &stop, &t)
     })?;
-    handles.push(("source", h));
-    let (t, seg) = (tel.clone(), r.segment.clone());
-    let h = spawn("segment", move || {
-        segment_stage(segment_in, to_track, &seg, verifier, um, &t)
-    })?;
-    handles.push(("segment", h));
+    handles.push(("source".into(), h));
+    let segmenters: Vec<_> = verifiers
+        .into_iter()
+        .map(|v| segmenter(r.segment.clone(), v, um, tel.clone()))
+        .collect();
+    pool(
+        "segment",
+        segmenters,
+        segment_in,
+        to_track,
+        &tel,
+        &mut handles,
+    )?;
     let (t, tracker) = (tel.clone(), Tracker::new(&r.track, um));
-    let h = spawn("track", move || track_stage(track_in, to_pose, tracker, &t))?;
-    handles.push(("track", h));
+    let h = spawn("track", move || {
+        track_stage(track_in, to_pose, tracker, um, &t)
+    })?;
+    handles.push(("track".into(), h));
     let (t, pre) = (tel.clone(), classifier.preprocessor());
     let h = spawn("pose", move || {
         pose_stage(pose_in, to_classify, swap_rx, pre, um, &t)
     })?;
-    handles.push(("pose", h));
+    handles.push(("pose".into(), h));
     let c = &settings.reload.classify;
     let batching = (c.max_batch, Duration::from_millis(c.batch_wait_ms));
     let t = tel.clone();
     let h = spawn("classify", move || {
         classify_stage(classify_in, to_publish, classifier, batching, &t)
     })?;
-    handles.push(("classify", h));
+    handles.push(("classify".into(), h));
     let (t, tally) = (tel.clone(), Tally::new(&r.sample_id));
     let view = view.map(|v| (v, settings.reload.report.clone()));
     let publish = spawn("publish", move || {
@@ -331,7 +418,7 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
     }
     let tally = publish
         .join()
-        .map_err(|_| RunError::StageFailed("publish"))?;
+        .map_err(|_| RunError::StageFailed("publish".into()))?;
     let elapsed = started.elapsed().as_secs_f64();
     let report = settings.reload.report.report(&tally);
     if let Some(m) = mqtt {
@@ -485,17 +572,16 @@ fn send_dropping_oldest(
     }
 }
 
-fn segment_stage(
-    rx: Receiver<Work>,
-    tx: Sender<Work>,
-    settings: &SegmentSettings,
+/// One segment worker: head finding, its verifier's second look, and the cells of a frame.
+fn segmenter(
+    settings: SegmentSettings,
     mut verifier: Option<Verifier>,
     um_per_px: f32,
-    tel: &Telemetry,
-) {
-    for mut w in rx {
+    tel: Arc<Telemetry>,
+) -> impl FnMut(&mut Work) + Send + 'static {
+    move |w: &mut Work| {
         let t = Instant::now();
-        let seg = segment_frame(&w.frame.image, settings, verifier.as_mut(), um_per_px);
+        let seg = segment_frame(&w.frame.image, &settings, verifier.as_mut(), um_per_px);
         match seg.verifier_error {
             None => tel.event(Event::CandidatesRejected {
                 n: seg.rejected as u64,
@@ -512,14 +598,58 @@ fn segment_stage(
             n: w.cells.len() as u64,
         });
         tracing::debug!(frame = w.frame.seq, cells = w.cells.len(), "segmented");
-        pass(&tx, w, tel);
     }
 }
 
-fn track_stage(rx: Receiver<Work>, tx: Sender<Work>, mut tracker: Tracker, tel: &Telemetry) {
+/// Say, once, that the heads disagree with the configured scale (log, counter, status line).
+fn warn_scale(alarm: &ScaleAlarm, um_per_px: f32, tel: &Telemetry) {
+    match alarm {
+        ScaleAlarm::Sizes {
+            median_length_um,
+            heads,
+            suggested_um_per_px,
+        } => {
+            tracing::warn!(
+                heads,
+                "head sizes disagree with source.um_per_px = {um_per_px}: median head length {median_length_um:.1} µm where the WHO range is 4.0-5.5 µm; the heads suggest um_per_px = {suggested_um_per_px:.4} (check with `spermscope calibrate`); sizes and the area filter are wrong until it is set"
+            );
+            tel.event(Event::ScaleSuspect {
+                suggested_um_per_px: Some(*suggested_um_per_px),
+            });
+        }
+        ScaleAlarm::NoHeads { frames } => {
+            tracing::warn!(
+                frames,
+                "no head has passed head finding's size filter at source.um_per_px = {um_per_px}; if heads are in view, the scale is likely wrong (run `spermscope calibrate`)"
+            );
+            tel.event(Event::ScaleSuspect {
+                suggested_um_per_px: None,
+            });
+        }
+    }
+}
+
+fn track_stage(
+    rx: Receiver<Work>,
+    tx: Sender<Work>,
+    mut tracker: Tracker,
+    um_per_px: f32,
+    tel: &Telemetry,
+) {
     let registrar = Registrar::default();
     let mut previous: Option<Spectrum> = None;
+    let mut scale = ScaleWatch::default();
     for mut w in rx {
+        // The frames are in order again here: the scale is judged on them as they came.
+        scale.observe(
+            w.cells
+                .iter()
+                .filter(|c| c.unclassified.is_none())
+                .filter_map(|c| c.head.as_ref().map(|h| (h.major_px, h.minor_px))),
+        );
+        if let Some(alarm) = scale.judge(um_per_px) {
+            warn_scale(&alarm, um_per_px, tel);
+        }
         let t = Instant::now();
         // Registration only when tracks are followed (it is most of this stage's cost).
         let motion = if tracker.enabled() {
@@ -850,7 +980,7 @@ mod tests {
                 live,
             }),
             classifier: fake,
-            verifier: None,
+            verifiers: vec![None, None],
             sinks: Sinks::open(&publish, tel.clone()).unwrap(),
             telemetry: tel,
             settings,
@@ -864,6 +994,62 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         (outcome, records)
+    }
+
+    #[test]
+    fn the_worker_pool_hands_frames_on_in_their_order() {
+        let tel = Arc::new(Telemetry::new());
+        let (tx_in, rx_in) = bounded::<Work>(4);
+        let (tx_out, rx_out) = bounded::<Work>(4);
+        // Three workers, the first much slower than the others: frames still leave in order.
+        let workers: Vec<_> = [7u64, 0, 1]
+            .into_iter()
+            .map(|ms| {
+                move |w: &mut Work| {
+                    std::thread::sleep(Duration::from_millis(ms * (w.frame.seq % 2)));
+                    w.ended_tracks.push(ms);
+                }
+            })
+            .collect();
+        let mut handles = Handles::new();
+        pool("test", workers, rx_in, tx_out, &tel, &mut handles).unwrap();
+        let names: Vec<&str> = handles.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["test-0", "test-1", "test-2", "test-dispatch", "test-merge"]
+        );
+        let feeder = std::thread::spawn(move || {
+            for seq in 1..=40u64 {
+                let w = Work {
+                    frame: crate::daemon::frame::Frame {
+                        seq,
+                        name: format!("f{seq}"),
+                        timestamp: std::time::SystemTime::UNIX_EPOCH,
+                        captured: Instant::now(),
+                        image: Arc::new(image::RgbImage::new(2, 2)),
+                    },
+                    cells: Vec::new(),
+                    times: Default::default(),
+                    model: None,
+                    ended_tracks: Vec::new(),
+                };
+                tx_in.send(w).unwrap();
+            }
+        });
+        let out: Vec<(u64, Vec<u64>)> = rx_out
+            .iter()
+            .map(|w| (w.frame.seq, w.ended_tracks))
+            .collect();
+        feeder.join().unwrap();
+        for (_, h) in handles {
+            h.join().unwrap();
+        }
+        let seqs: Vec<u64> = out.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+        // Each frame went through exactly one worker, round-robin.
+        for (k, (_, by)) in out.iter().enumerate() {
+            assert_eq!(by, &vec![[7u64, 0, 1][k % 3]]);
+        }
     }
 
     #[test]

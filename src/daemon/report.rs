@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::calibration::Estimate;
+use crate::core::calibration::{Estimate, wilson};
 use crate::daemon::check::{Base, ConfigError, invalid, within};
 use crate::daemon::classify::UNCERTAIN;
 use crate::daemon::publish::{Record, RecordKind};
@@ -146,40 +146,49 @@ pub enum RecordsError {
     Empty(PathBuf),
 }
 
-/// Read a records file (JSON Lines) back into one tally per sample, in sample order; the
-/// same tallies the daemon kept while publishing them.
-pub fn read_records(path: &Path) -> Result<Vec<Tally>, RecordsError> {
+/// Every record of a records file (JSON Lines), in order; a line that is not a record is an
+/// error naming it.
+pub fn read_record_lines(path: &Path) -> Result<Vec<Record>, RecordsError> {
     let io = |source| RecordsError::Io {
         path: path.to_path_buf(),
         source,
     };
     let file = std::fs::File::open(path).map_err(io)?;
-    let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
+    let mut records = Vec::new();
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line.map_err(io)?;
         if line.trim().is_empty() {
             continue;
         }
-        let r: Record = serde_json::from_str(&line).map_err(|e| RecordsError::Record {
-            path: path.to_path_buf(),
-            line: i + 1,
-            reason: e.to_string(),
-        })?;
+        records.push(
+            serde_json::from_str(&line).map_err(|e| RecordsError::Record {
+                path: path.to_path_buf(),
+                line: i + 1,
+                reason: e.to_string(),
+            })?,
+        );
+    }
+    if records.is_empty() {
+        return Err(RecordsError::Empty(path.to_path_buf()));
+    }
+    Ok(records)
+}
+
+/// Read a records file back into one tally per sample, in sample order; the same tallies the
+/// daemon kept while publishing them.
+pub fn read_records(path: &Path) -> Result<Vec<Tally>, RecordsError> {
+    let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
+    for r in read_record_lines(path)? {
         tallies
             .entry(r.sample.clone())
             .or_insert_with(|| Tally::new(&r.sample))
             .add_record(&r);
-    }
-    if tallies.is_empty() {
-        return Err(RecordsError::Empty(path.to_path_buf()));
     }
     Ok(tallies.into_values().collect())
 }
 
 /// WHO laboratory manual, 6th edition (2021): lower reference limit of normal forms, %.
 pub const WHO_LOWER_REFERENCE_PCT: f64 = 4.0;
-/// z for a two-sided 95% interval.
-const Z95: f64 = 1.959_963_985;
 
 /// Running counts for one sample: physical cells (one per track) for the report, and the
 /// per-frame detections behind them.
@@ -365,20 +374,6 @@ impl DriftWatch {
         self.drifting = now;
         change
     }
-}
-
-/// 95% Wilson score interval of `k` successes in `n` trials, as shares.
-pub fn wilson(k: u64, n: u64) -> (f64, f64) {
-    if n == 0 {
-        return (0.0, 1.0);
-    }
-    let (k, n) = (k as f64, n as f64);
-    let p = k / n;
-    let z2 = Z95 * Z95;
-    let denom = 1.0 + z2 / n;
-    let centre = (p + z2 / (2.0 * n)) / denom;
-    let half = Z95 / denom * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
-    ((centre - half).max(0.0), (centre + half).min(1.0))
 }
 
 /// The report as written to JSON.

@@ -189,7 +189,8 @@ pub fn find_heads(frame: &RgbImage, s: &SegmentSettings) -> Vec<FoundHead> {
         return Vec::new();
     }
     let t = Thresholded::new(frame, s.contrast);
-    let mut regions = regions::opened_regions(&t.head, s.open_radius_px, s.min_area_px);
+    let mut regions =
+        regions::opened_regions(&t.stain, t.head_level, s.open_radius_px, s.min_area_px);
     regions.retain(|px| px.len() >= s.min_area_px && px.len() <= s.max_area_px);
     regions
         .into_iter()
@@ -233,9 +234,7 @@ fn measure_region(
         local.put_pixel(x - lx0, y - ly0, Luma([255]));
     }
     pose::fill_holes(&mut local);
-    let tail_local = image::imageops::crop_imm(&t.tail, lx0, ly0, lw, lh).to_image();
-    let stain_local = image::imageops::crop_imm(&t.stain, lx0, ly0, lw, lh).to_image();
-    let mut head = pose::measure(&local, &tail_local, &stain_local);
+    let mut head = pose::measure(&local, &t.stain, t.tail_level, (lx0, ly0));
     head.shift(lx0, ly0);
     if head.major_px / head.minor_px.max(1.0) > s.max_elongation {
         return None;

@@ -212,6 +212,12 @@ pub fn status_line(c: &Counts, secs: f64, estimate: Option<(u64, f64)>, drifting
     if drifting {
         line.push_str(", DRIFT SUSPECTED");
     }
+    if c.scale_warnings_total > 0 {
+        match c.suggested_um_per_px {
+            Some(s) => line.push_str(&format!(", SCALE SUSPECT (heads suggest {s:.4} um/px)")),
+            None => line.push_str(", SCALE SUSPECT (no heads pass the size filter)"),
+        }
+    }
     if !c.source_up {
         line.push_str(", SOURCE DOWN (retrying)");
     }

@@ -140,6 +140,11 @@ pub enum Event {
     MqttConnected,
     /// The MQTT connection dropped (messages are queued and retried).
     MqttDisconnected,
+    /// The heads' sizes disagree with `source.um_per_px` (or no heads are found at all); the
+    /// suggestion, when the sizes give one.
+    ScaleSuspect {
+        suggested_um_per_px: Option<f32>,
+    },
 }
 
 /// Pipeline stages with a latency histogram.
@@ -170,7 +175,7 @@ impl Stage {
 }
 
 /// Counter values at one moment; the accounting identities are checked on it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Counts {
     pub frames_seen_total: u64,
     pub frames_published_total: u64,
@@ -210,6 +215,10 @@ pub struct Counts {
     pub mqtt_disconnects_total: u64,
     /// Whether the MQTT sink is connected now.
     pub mqtt_connected: bool,
+    /// Times the head sizes disagreed with the configured scale (once per run).
+    pub scale_warnings_total: u64,
+    /// The scale the heads suggest, after such a warning.
+    pub suggested_um_per_px: Option<f32>,
 }
 
 impl Counts {
@@ -373,6 +382,12 @@ impl Telemetry {
                 c.mqtt_disconnects_total += 1;
                 c.mqtt_connected = false;
             }
+            Event::ScaleSuspect {
+                suggested_um_per_px,
+            } => {
+                c.scale_warnings_total += 1;
+                c.suggested_um_per_px = suggested_um_per_px;
+            }
         }
     }
 
@@ -438,7 +453,7 @@ const BUCKETS_S: [f64; 12] = [
 /// A counter with one value per pipeline: name (without `_total`), help, value.
 type PlainCounter = (&'static str, &'static str, fn(&Counts) -> u64);
 
-const COUNTERS: [PlainCounter; 18] = [
+const COUNTERS: [PlainCounter; 19] = [
     ("frames_seen", "Frames the source delivered.", |c| {
         c.frames_seen_total
     }),
@@ -518,6 +533,11 @@ const COUNTERS: [PlainCounter; 18] = [
         "mqtt_disconnects",
         "Times the MQTT connection dropped.",
         |c| c.mqtt_disconnects_total,
+    ),
+    (
+        "scale_warnings",
+        "Times the head sizes disagreed with source.um_per_px.",
+        |c| c.scale_warnings_total,
     ),
 ];
 
@@ -671,8 +691,16 @@ impl Exposition {
                 ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
             }
         }
+        let help = "The frame scale the heads' sizes suggest, um/px, after a scale warning.";
+        let mut m = enc.encode_descriptor("suggested_um_per_px", help, None, MetricType::Gauge)?;
+        for p in &self.0 {
+            if let Some(s) = p.counts.suggested_um_per_px {
+                let labels = [("sample", p.sample.as_str())];
+                ConstGauge::new(f64::from(s)).encode(m.encode_family(&labels)?)?;
+            }
+        }
         let help =
-            "Label-free accuracy estimate: the classified cells' mean calibrated confidence.";
+            "Label-free accuracy estimate: the classified detections' mean calibrated confidence.";
         let mut m = enc.encode_descriptor("estimated_accuracy", help, None, MetricType::Gauge)?;
         for p in &self.0 {
             if let Some((_, e)) = p.gauges.estimate {

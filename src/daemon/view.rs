@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use image::{Rgb, RgbImage};
 
+use crate::core::draw::digits;
 use crate::daemon::frame::Work;
 use crate::daemon::publish::Record;
 use crate::daemon::report::Report;
@@ -104,45 +105,6 @@ pub fn annotate(image: &RgbImage, marks: &[Mark]) -> RgbImage {
         }
     }
     out
-}
-
-/// 3x5 pixel digits, one row of bits per line (bit 2 is the left column).
-const DIGITS: [[u8; 5]; 10] = [
-    [7, 5, 5, 5, 7],
-    [2, 6, 2, 2, 7],
-    [7, 1, 7, 4, 7],
-    [7, 1, 7, 1, 7],
-    [5, 5, 7, 1, 1],
-    [7, 4, 7, 1, 7],
-    [7, 4, 7, 5, 7],
-    [7, 1, 1, 1, 1],
-    [7, 5, 7, 5, 7],
-    [7, 5, 7, 1, 7],
-];
-
-/// Write decimal digits at (x, y), three pixels per font pixel.
-fn digits(img: &mut RgbImage, text: &str, x: u32, y: u32, c: Rgb<u8>) {
-    const S: u32 = 3;
-    let (w, h) = img.dimensions();
-    for (k, d) in text.bytes().filter(u8::is_ascii_digit).enumerate() {
-        let glyph = DIGITS[(d - b'0') as usize];
-        let gx = x + k as u32 * 4 * S;
-        for (row, bits) in glyph.iter().enumerate() {
-            for col in 0..3 {
-                if bits & (4 >> col) == 0 {
-                    continue;
-                }
-                for dy in 0..S {
-                    for dx in 0..S {
-                        let (px, py) = (gx + col * S + dx, y + row as u32 * S + dy);
-                        if px < w && py < h {
-                            img.put_pixel(px, py, c);
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
 
 const PAGE: &str = include_str!("view.html");
