@@ -38,6 +38,18 @@ struct Args {
     /// No progress bars.
     #[arg(long, short)]
     quiet: bool,
+    /// Continue an interrupted run from its checkpoints (OUT/NAME.checkpoints; needs
+    /// train.checkpoint = true). The result is the one an uninterrupted run gives.
+    #[arg(long)]
+    resume: bool,
+    /// Stop, as if killed, after this many epochs have been trained by this process (to test
+    /// --resume).
+    #[arg(long, hide = true)]
+    stop_after: Option<usize>,
+    /// Cross-validate only the first N folds of each seed (pilot runs; the figures are then
+    /// not the protocol's).
+    #[arg(long)]
+    max_folds: Option<usize>,
     /// Check instead of training: fit this many images (one batch) and report whether the
     /// loss goes to about zero.
     #[arg(long, num_args = 0..=1, default_missing_value = "8")]
@@ -99,6 +111,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
         no_final: args.no_final,
         out: args.out.clone(),
         quiet: args.quiet,
+        resume: args.resume,
+        stop_after: args.stop_after,
+        max_folds: args.max_folds,
     };
     let report = train::run(&args.config, &opts)
         .with_context(|| format!("experiment {}", args.config.display()))?;
@@ -110,66 +125,74 @@ fn run(args: &Args) -> anyhow::Result<()> {
         report.heads_found
     );
     if let Some(cv) = &report.cv {
-        println!(
-            "{:?} cross-validation, {} folds x {} seeds: accuracy {:.4} ± {:.4}, macro-F1 {:.4} ± {:.4} ({:.0} s)",
-            cv.protocol,
-            cv.folds,
-            cv.seeds.len(),
-            cv.accuracy_mean,
-            cv.accuracy_std,
-            cv.macro_f1_mean,
-            cv.macro_f1_std,
-            cv.seconds
-        );
-        println!(
-            "per-seed pooled accuracy: {:?}",
-            cv.seed_accuracy
-                .iter()
-                .map(|a| format!("{a:.4}"))
-                .collect::<Vec<_>>()
-        );
-        println!("{}", cv.pooled.to_text());
+        print_cv(cv);
     }
     if let Some(f) = &report.final_model {
-        println!(
-            "final model {}: {} epochs (kept epoch {}), {} train / {} validation images, {:.0} s, {:.0} img/s",
-            f.path.display(),
-            f.epochs_run,
-            f.best_epoch,
-            f.train_images,
-            f.val_images,
-            f.seconds,
-            f.images_per_second
-        );
-        if let Some(c) = &f.calibration {
-            println!(
-                "temperature {:.3} fitted on {} ({} images): ECE {:.3} -> {:.3}, label-free estimate {:.1}% vs accuracy {:.1}%",
-                c.temperature,
-                c.fitted_on,
-                c.val_images,
-                c.ece_before,
-                c.ece_after,
-                100.0 * c.estimated_accuracy,
-                100.0 * c.val_accuracy
-            );
-        }
-        let warned: std::collections::BTreeSet<String> = f
-            .history
-            .iter()
-            .flat_map(|h| h.grad_warnings.iter().map(|(l, t)| format!("{l} {t:?}")))
-            .collect();
-        if !warned.is_empty() {
-            println!(
-                "gradient warnings (see the metrics history): {}",
-                warned.into_iter().collect::<Vec<_>>().join(", ")
-            );
-        }
-        if let Some(e) = f.overfitting_from_epoch {
-            println!("overfitting from epoch {e}: validation loss rises while training loss falls");
-        }
-        if let Some(t) = &f.test {
-            println!("test split:\n{}", t.to_text());
-        }
+        print_final(f);
     }
     Ok(())
+}
+
+fn print_cv(cv: &train::CvReport) {
+    println!(
+        "{:?} cross-validation, {} folds x {} seeds: accuracy {:.4} ± {:.4}, macro-F1 {:.4} ± {:.4} ({:.0} s)",
+        cv.protocol,
+        cv.folds,
+        cv.seeds.len(),
+        cv.accuracy_mean,
+        cv.accuracy_std,
+        cv.macro_f1_mean,
+        cv.macro_f1_std,
+        cv.seconds
+    );
+    println!(
+        "per-seed pooled accuracy: {:?}",
+        cv.seed_accuracy
+            .iter()
+            .map(|a| format!("{a:.4}"))
+            .collect::<Vec<_>>()
+    );
+    println!("{}", cv.pooled.to_text());
+}
+
+fn print_final(f: &train::FinalReport) {
+    println!(
+        "final model {}: {} epochs (kept epoch {}), {} train / {} validation images, {:.0} s, {:.0} img/s",
+        f.path.display(),
+        f.epochs_run,
+        f.best_epoch,
+        f.train_images,
+        f.val_images,
+        f.seconds,
+        f.images_per_second
+    );
+    if let Some(c) = &f.calibration {
+        println!(
+            "temperature {:.3} fitted on {} ({} images): ECE {:.3} -> {:.3}, label-free estimate {:.1}% vs accuracy {:.1}%",
+            c.temperature,
+            c.fitted_on,
+            c.val_images,
+            c.ece_before,
+            c.ece_after,
+            100.0 * c.estimated_accuracy,
+            100.0 * c.val_accuracy
+        );
+    }
+    let warned: std::collections::BTreeSet<String> = f
+        .history
+        .iter()
+        .flat_map(|h| h.grad_warnings.iter().map(|(l, t)| format!("{l} {t:?}")))
+        .collect();
+    if !warned.is_empty() {
+        println!(
+            "gradient warnings (see the metrics history): {}",
+            warned.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    if let Some(e) = f.overfitting_from_epoch {
+        println!("overfitting from epoch {e}: validation loss rises while training loss falls");
+    }
+    if let Some(t) = &f.test {
+        println!("test split:\n{}", t.to_text());
+    }
 }
