@@ -108,6 +108,10 @@ impl Checkpoints {
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         let text = serde_json::to_string(record).map_err(|e| io(&dir, e))?;
         write_atomic(&dir.join("done.json"), text.as_bytes())?;
+        let latest = dir.join("latest");
+        if latest.exists() {
+            std::fs::remove_file(&latest).map_err(|e| io(&latest, e))?;
+        }
         remove_epochs(&dir, None)
     }
 }

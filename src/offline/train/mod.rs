@@ -421,6 +421,9 @@ struct FoldOutcome {
     mirror: Vec<Vec<f32>>,
     best_epoch: usize,
     images_per_second: f64,
+    /// The fold's per-epoch figures (kept in the record, for diagnosis).
+    #[serde(default)]
+    history: Vec<fit::EpochLog>,
 }
 
 /// Trains one fold (or reads its record) and predicts its test items.
@@ -464,6 +467,7 @@ fn fold_outcome(
         mirror: fit::predict_with(&fitted.model, items, test, &spec, true),
         best_epoch: fitted.best_epoch,
         images_per_second: fitted.images_per_second,
+        history: fitted.history,
     };
     if let Some(c) = ckpts {
         c.finish(&run, &outcome)?;
