@@ -338,6 +338,10 @@ pub struct AugmentConfig {
     /// Probability of a cutout (a patch filled with the crop's mean colour) and its side.
     pub cutout_prob: f32,
     pub cutout_frac: f32,
+    /// Mixup: each training batch is blended with a shuffled copy of itself (images and
+    /// features) by a weight drawn from Beta(alpha, alpha), and the loss is blended the same
+    /// way. 0 turns it off.
+    pub mixup_alpha: f32,
 }
 
 impl Default for AugmentConfig {
@@ -357,6 +361,7 @@ impl Default for AugmentConfig {
             hue: 0.03,
             cutout_prob: 0.25,
             cutout_frac: 0.2,
+            mixup_alpha: 0.0,
         }
     }
 }
@@ -471,6 +476,9 @@ impl Experiment {
             if !(0.0..=1.0).contains(&p) {
                 return bad(key, "is a probability and must be in [0, 1]");
             }
+        }
+        if !(a.mixup_alpha >= 0.0 && a.mixup_alpha.is_finite()) {
+            return bad("augment.mixup_alpha", "must be 0 (off) or above");
         }
         if self.cv.folds < 2 && self.cv.protocol != Protocol::GivenSplit {
             return bad("cv.folds", "must be at least 2");

@@ -563,19 +563,10 @@ impl<'a> Run<'a> {
             seen: 0,
             grad_norms: EpochNorms::default(),
         };
-        let (items, spec) = (self.items, self.spec);
         for (b, chunk) in batches.into_iter().enumerate() {
             let at = |layer: &str| (epoch + 1, b + 1, layer.to_string());
             out.lr = finetune::lr_at(self.exp, epoch as f64 + b as f64 / nb as f64);
-            let (px, fs) = inputs(items, chunk, spec, Some((&self.exp.augment, rng.random())));
-            let (x, f) = tensors(px, fs, chunk.len(), spec, &self.device);
-            let labels: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
-            let y = Tensor::<1, Int>::from_data(
-                TensorData::new(labels.clone(), [chunk.len()]),
-                &self.device,
-            );
-            let logits = model.forward(x, f);
-            let loss = self.loss_fn.forward(logits.clone(), y);
+            let (logits, loss, labels) = self.batch_loss(&model, chunk, rng);
             let value = finite(loss.clone().into_scalar::<f32>(), epoch + 1, b + 1)?;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             let norms = health::gradient_norms(&model, &grads);
@@ -603,6 +594,42 @@ impl<'a> Run<'a> {
             out.seen += chunk.len();
         }
         Ok((model, out))
+    }
+
+    /// One augmented batch through the network: its logits, its loss (blended with a
+    /// shuffled copy of the batch under mixup) and its labels.
+    fn batch_loss(
+        &self,
+        model: &Net,
+        chunk: &[usize],
+        rng: &mut ChaCha8Rng,
+    ) -> (Tensor<2>, Tensor<1>, Vec<i64>) {
+        let (items, spec, n) = (self.items, self.spec, chunk.len());
+        let (px, fs) = inputs(items, chunk, spec, Some((&self.exp.augment, rng.random())));
+        let (x, f) = tensors(px, fs, n, spec, &self.device);
+        let labels: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
+        let y =
+            Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), &self.device);
+        let alpha = self.exp.augment.mixup_alpha;
+        if alpha <= 0.0 {
+            let logits = model.forward(x, f);
+            let loss = self.loss_fn.forward(logits.clone(), y);
+            return (logits, loss, labels);
+        }
+        let lam = augment::mixup_weight(alpha, rng);
+        let mut perm: Vec<i64> = (0..n as i64).collect();
+        perm.shuffle(rng);
+        let perm = Tensor::<1, Int>::from_data(TensorData::new(perm, [n]), &self.device);
+        let blend = |t: Tensor<4>| {
+            t.clone().mul_scalar(lam) + t.select(0, perm.clone()).mul_scalar(1.0 - lam)
+        };
+        let logits = model.forward(blend(x), f.map(blend));
+        let loss = self.loss_fn.forward(logits.clone(), y.clone()).mul_scalar(lam)
+            + self
+                .loss_fn
+                .forward(logits.clone(), y.select(0, perm.clone()))
+                .mul_scalar(1.0 - lam);
+        (logits, loss, labels)
     }
 
     /// Validation loss and accuracy of a (validation-mode) model.
