@@ -172,7 +172,10 @@ mod tests {
             // Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)).
             let want = 1.0 / (4.0 * (2.0 * alpha + 1.0));
             assert!((mean - 0.5).abs() < 0.02, "{alpha}: mean {mean}");
-            assert!((var - want).abs() < 0.1 * want + 0.003, "{alpha}: var {var} vs {want}");
+            assert!(
+                (var - want).abs() < 0.1 * want + 0.003,
+                "{alpha}: var {var} vs {want}"
+            );
         }
     }
 }

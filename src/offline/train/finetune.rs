@@ -198,9 +198,13 @@ mod tests {
         let grad = |p: &Param<Tensor<4>>| grads.get::<4>(p.id).expect("gradient").inner();
         let (g_top, g_below) = (grad(top), grad(below));
         let (w_top, w_below, w_frozen) = (top.val(), below.val(), frozen.val());
+        // The step's rate as the least-squares ratio of the weight change to the gradient
+        // (a ratio of plain sums is ill-conditioned when the gradient sums to nearly zero).
         let rate = |before: Tensor<4>, after: &Param<Tensor<4>>, g: Tensor<4>| {
             let d = before.inner() - after.val().inner();
-            f64::from(d.sum().into_scalar::<f32>() / g.sum().into_scalar::<f32>())
+            let dg = (d * g.clone()).sum().into_scalar::<f32>();
+            let gg = (g.clone() * g).sum().into_scalar::<f32>();
+            f64::from(dg / gg)
         };
         let mut optim = SgdConfig::new().init();
         let stepped = optim.step(policy.at(0.1), net.clone(), grads);

@@ -609,8 +609,7 @@ impl<'a> Run<'a> {
         let (px, fs) = inputs(items, chunk, spec, Some((&self.exp.augment, rng.random())));
         let (x, f) = tensors(px, fs, n, spec, &self.device);
         let labels: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
-        let y =
-            Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), &self.device);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), &self.device);
         let alpha = self.exp.augment.mixup_alpha;
         if alpha <= 0.0 {
             let logits = model.forward(x, f);
@@ -625,7 +624,10 @@ impl<'a> Run<'a> {
             t.clone().mul_scalar(lam) + t.select(0, perm.clone()).mul_scalar(1.0 - lam)
         };
         let logits = model.forward(blend(x), f.map(blend));
-        let loss = self.loss_fn.forward(logits.clone(), y.clone()).mul_scalar(lam)
+        let loss = self
+            .loss_fn
+            .forward(logits.clone(), y.clone())
+            .mul_scalar(lam)
             + self
                 .loss_fn
                 .forward(logits.clone(), y.select(0, perm.clone()))
