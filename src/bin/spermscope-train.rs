@@ -38,6 +38,18 @@ struct Args {
     /// No progress bars.
     #[arg(long, short)]
     quiet: bool,
+    /// Continue an interrupted run from its checkpoints (OUT/NAME.checkpoints; needs
+    /// train.checkpoint = true). The result is the one an uninterrupted run gives.
+    #[arg(long)]
+    resume: bool,
+    /// Stop, as if killed, after this many epochs have been trained by this process (to test
+    /// --resume).
+    #[arg(long, hide = true)]
+    stop_after: Option<usize>,
+    /// Cross-validate only the first N folds of each seed (pilot runs; the figures are then
+    /// not the protocol's).
+    #[arg(long)]
+    max_folds: Option<usize>,
     /// Check instead of training: fit this many images (one batch) and report whether the
     /// loss goes to about zero.
     #[arg(long, num_args = 0..=1, default_missing_value = "8")]
@@ -67,6 +79,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
         no_final: args.no_final,
         out: args.out.clone(),
         quiet: args.quiet,
+        resume: args.resume,
+        stop_after: args.stop_after,
+        max_folds: args.max_folds,
     };
     let report = train::run(&args.config, &opts)
         .with_context(|| format!("experiment {}", args.config.display()))?;

@@ -44,7 +44,7 @@ enum Command {
     /// Replay recorded frames (a folder or glob) through the pipeline. With no config, the
     /// embedded defaults and the bundled SMIDS model are used.
     Replay(ReplayArgs),
-    /// List the cameras (V4L2 devices) and the formats each offers.
+    /// List the cameras (V4L2 devices and GenICam cameras) and the formats each offers.
     Cameras,
     /// Estimate the frame scale (source.um_per_px) from the sizes of the heads in view
     /// (WHO 6th edition: 4.0-5.5 µm long, 2.5-3.5 µm wide).
@@ -238,6 +238,8 @@ fn replay_settings(f: ReplayArgs) -> Result<Settings, Failure> {
     let cwd = std::env::current_dir().map_err(|e| other(e.into()))?;
     let abs = |p: &Path| cwd.join(p);
     raw.source.replay.path = Some(abs(&f.path));
+    raw.source
+        .settle_scale(spermscope::daemon::check::Base(base));
     if let Some(fps) = f.fps {
         raw.source.replay.fps = fps;
     }
@@ -400,16 +402,40 @@ fn crops(args: CropsArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The V4L2 devices with their formats, then the GenICam cameras discovery finds (it
+/// broadcasts on every network interface).
 fn cameras() -> anyhow::Result<()> {
-    let found = spermscope::daemon::source::v4l::list()
-        .map_err(|e| anyhow::anyhow!("cannot list cameras: {e}"))?;
+    use spermscope::daemon::source::{genicam, v4l};
+    match v4l::list() {
+        Ok(found) if found.is_empty() => println!("no V4L2 cameras found"),
+        Ok(found) => {
+            for c in found {
+                println!("{}  {}", c.index, c.name);
+                for f in c.formats {
+                    println!("    {f}");
+                }
+            }
+        }
+        Err(e) => println!("V4L2 cameras cannot be listed: {e}"),
+    }
+    let found = genicam::list().map_err(|e| anyhow::anyhow!("cannot list GenICam cameras: {e}"))?;
     if found.is_empty() {
-        println!("no V4L2 cameras found");
+        println!("no GenICam cameras found");
     }
     for c in found {
-        println!("{}  {}", c.index, c.name);
-        for f in c.formats {
-            println!("    {f}");
+        println!(
+            "genicam {}  {} {} ({} at {})",
+            c.id, c.vendor, c.model, c.protocol, c.address
+        );
+        match c.details {
+            Ok(d) => {
+                println!(
+                    "    serial {}, sensor {}x{}",
+                    d.serial, d.sensor.0, d.sensor.1
+                );
+                println!("    pixel formats: {}", d.formats.join(", "));
+            }
+            Err(e) => println!("    (cannot be opened: {e})"),
         }
     }
     Ok(())

@@ -8,10 +8,12 @@ pub mod draw;
 pub mod imageio;
 pub mod model;
 pub mod morphometry;
+pub mod pixels;
 pub mod pose;
 pub mod preprocess;
 pub mod regions;
 pub mod register;
 pub mod spec;
+pub mod stack;
 #[cfg(test)]
 pub(crate) mod testing;

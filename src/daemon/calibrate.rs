@@ -160,7 +160,7 @@ pub fn frames_from_source(
     while out.len() < n && std::time::Instant::now() < until {
         match source.pull() {
             Pull::Frame { image, .. } => out.push((*image).clone()),
-            Pull::Unreadable { .. } | Pull::Idle(_) => {}
+            Pull::Unreadable { .. } | Pull::Incomplete { .. } | Pull::Idle(_) => {}
             Pull::End => break,
         }
     }

@@ -221,10 +221,13 @@ impl RawConfig {
     }
 
     /// One `Settings` per pipeline: the `[[microscopes]]` entries, or the single top-level
-    /// source. Sample ids, record files, sockets and report files must not be shared.
+    /// source. Sample ids, record files, sockets and report files must not be shared. A
+    /// replayed OME-TIFF stack's frame scale is read first (`RawSource::settle_scale`).
     pub fn resolve_all(&self, base: Option<&Path>) -> Result<Vec<Settings>, ConfigError> {
         if self.microscopes.is_empty() {
-            return Ok(vec![self.resolve(base)?]);
+            let mut one = self.clone();
+            one.source.settle_scale(Base(base));
+            return Ok(vec![one.resolve(base)?]);
         }
         let mut out: Vec<Settings> = Vec::new();
         for m in &self.microscopes {
@@ -232,6 +235,7 @@ impl RawConfig {
             one.microscopes.clear();
             one.sample.id = m.sample.clone();
             one.source = m.source.clone();
+            one.source.settle_scale(Base(base));
             one.publish.file = m.records_file.clone();
             one.publish.socket = m.socket.clone();
             one.publish.stdout = false;
@@ -304,7 +308,7 @@ impl RawConfig {
                 segment,
                 verifier,
                 track: self.track.resolve()?,
-                publish: self.publish.resolve(base)?,
+                publish: self.publish.resolve(base)?.for_sample(id)?,
                 report: report_output,
                 pipeline: PipelineSettings {
                     queue_frames: q.queue_frames,

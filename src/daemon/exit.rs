@@ -6,7 +6,9 @@
 use crate::core::model::ModelError;
 use crate::daemon::check::ConfigError;
 use crate::daemon::classify::ClassifyError;
+use crate::daemon::mqtt::MqttError;
 use crate::daemon::pipeline::StartError;
+use crate::daemon::publish::SinkError;
 use crate::daemon::segment::VerifierError;
 use crate::daemon::source::SourceError;
 use crate::daemon::source::camera::CameraError;
@@ -33,7 +35,7 @@ pub fn of_start(e: &StartError) -> u8 {
         StartError::Classifier(ClassifyError::Unsuitable { .. }) => CONFIG,
         StartError::Verifier(VerifierError::Model(m)) => of_model(m),
         StartError::Verifier(VerifierError::NoHeadClass { .. }) => CONFIG,
-        StartError::Sink(_) => FAILURE,
+        StartError::Sink(s) => of_sink(s),
     }
 }
 
@@ -42,10 +44,20 @@ fn of_source(e: &SourceError) -> u8 {
         SourceError::List(_) | SourceError::Montage { .. } => CONFIG,
         SourceError::Camera(c) => match c {
             // Not plugged in yet, or gone: systemd retries.
-            CameraError::NotFound(_) | CameraError::Disconnected(_) | CameraError::Format(_) => {
-                FAILURE
-            }
+            CameraError::NotFound(_)
+            | CameraError::Disconnected(_)
+            | CameraError::Format(_)
+            | CameraError::Incomplete(_) => FAILURE,
         },
+    }
+}
+
+fn of_sink(e: &SinkError) -> u8 {
+    match e {
+        SinkError::File { .. } | SinkError::Bind { .. } => FAILURE,
+        // Files the config names for the broker: fixing them is a config change.
+        SinkError::Mqtt(MqttError::Credentials { .. } | MqttError::Tls { .. }) => CONFIG,
+        SinkError::Mqtt(MqttError::Spawn(_)) => FAILURE,
     }
 }
 

@@ -9,6 +9,7 @@ pub mod crops;
 pub mod exit;
 pub mod frame;
 pub mod host;
+pub mod mqtt;
 pub mod pipeline;
 pub mod publish;
 pub mod report;

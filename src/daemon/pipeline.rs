@@ -19,6 +19,7 @@ use crate::daemon::classify::{
 };
 use crate::daemon::config::Settings;
 use crate::daemon::frame::{Frame, StageTimes, Work};
+use crate::daemon::mqtt::Mqtt;
 use crate::daemon::publish::{Record, SinkError, Sinks};
 use crate::daemon::report::{Report, ReportRules, Tally};
 use crate::daemon::segment::{SegmentSettings, Verifier, VerifierError, segment_frame};
@@ -278,6 +279,8 @@ struct Stages {
     /// Receivers of each queue, for their depths (they do not keep a channel open).
     depths: [(&'static str, Receiver<Work>); 4],
     classify_depth: Receiver<ToClassify>,
+    /// The MQTT sink, for status lines and the report.
+    mqtt: Option<Mqtt>,
 }
 
 /// Start every stage thread, joined by bounded channels.
@@ -307,6 +310,7 @@ fn start(ready: Ready, stop: &Arc<AtomicBool>) -> Result<(Stages, Settings), Run
         ("publish", publish_in.clone()),
     ];
     let classify_depth = classify_in.clone();
+    let mqtt = sinks.mqtt();
     let (tel, um) = (tel.clone(), r.source.um_per_px);
     tel.set_model(&classifier.id().id);
     let mut handles = Vec::new();
@@ -357,6 +361,7 @@ fn start(ready: Ready, stop: &Arc<AtomicBool>) -> Result<(Stages, Settings), Run
         swaps: swap_tx,
         depths,
         classify_depth,
+        mqtt,
     };
     Ok((stages, settings))
 }
@@ -382,7 +387,16 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
             stages.depths.iter().map(|(n, r)| (*n, r.len())).collect();
         depths.push(("classify", stages.classify_depth.len()));
         tel.set_queue_depths(depths);
-        supervisor.tick(Instant::now(), &tel, stop.load(Ordering::SeqCst));
+        let line = supervisor.tick(Instant::now(), &tel, stop.load(Ordering::SeqCst));
+        if let (Some(line), Some(m)) = (line, &stages.mqtt) {
+            m.status(
+                "running",
+                &line,
+                &tel.counts(),
+                tel.estimate(),
+                supervisor.drifting(),
+            );
+        }
         if let Some((flag, reread)) = &mut reloader
             && flag.swap(false, Ordering::SeqCst)
             && let Some(swap) = supervisor.reload(reread, &mut settings, &tel)
@@ -395,6 +409,7 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
         handles,
         publish,
         swaps,
+        mqtt,
         ..
     } = stages;
     drop(swaps);
@@ -405,9 +420,23 @@ pub fn run(ready: Ready, control: Control) -> Result<Outcome, RunError> {
         .join()
         .map_err(|_| RunError::StageFailed("publish".into()))?;
     let elapsed = started.elapsed().as_secs_f64();
+    let report = settings.reload.report.report(&tally);
+    if let Some(m) = mqtt {
+        let c = tel.counts();
+        let line = crate::daemon::supervisor::status_line(
+            &c,
+            elapsed,
+            tel.estimate(),
+            supervisor.drifting(),
+        );
+        m.report(&report);
+        m.status("stopped", &line, &c, tel.estimate(), supervisor.drifting());
+        // The last handle: the sink delivers what is queued (up to its drain time) and stops.
+        drop(m);
+    }
     let counts = tel.counts();
     Ok(Outcome {
-        report: settings.reload.report.report(&tally),
+        report,
         frames_per_sec: counts.frames_published_total as f64 / elapsed.max(1e-9),
         cells_per_sec: counts.cells_published_total as f64 / elapsed.max(1e-9),
         latency: tel.latencies(),
@@ -457,6 +486,16 @@ fn source_stage(
                     Some(SourceNote::Reconnected) => tel.event(Event::SourceBack),
                     None => {}
                 }
+                continue;
+            }
+            Pull::Incomplete { name, reason } => {
+                seq += 1;
+                tel.event(Event::FrameSeen);
+                tel.event(Event::FramesDropped {
+                    reason: FrameDropReason::Incomplete,
+                    n: 1,
+                });
+                tracing::debug!(frame = %name, %reason, "frame skipped: incomplete");
                 continue;
             }
             Pull::Unreadable { name, reason } => {
@@ -933,6 +972,7 @@ mod tests {
             file: Some(records.to_path_buf()),
             socket: None,
             subscriber_queue: 16,
+            mqtt: None,
         };
         let ready = Ready {
             source: Box::new(Frames {

@@ -1,6 +1,7 @@
 //! Records and sinks: the only place cells are serialized. One JSON object per cell (JSON
-//! Lines) goes to standard output, an appended file and a socket that any number of
-//! subscribers read; a slow or vanished subscriber is dropped, never waited for.
+//! Lines) goes to standard output, an appended file, a socket that any number of
+//! subscribers read, and an MQTT broker (`mqtt`); a slow or vanished subscriber is dropped,
+//! never waited for.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -19,6 +20,7 @@ use crate::core::model::ModelId;
 use crate::core::morphometry::HeadSize;
 use crate::daemon::check::{Base, ConfigError, invalid, loopback};
 use crate::daemon::frame::{Cell, Unclassified, Work};
+use crate::daemon::mqtt::{Mqtt, MqttError, MqttSettings, RawMqtt};
 use crate::daemon::telemetry::{CellDropReason, Event, SubscriberDropReason, Telemetry};
 
 /// `[publish]`: where records go.
@@ -34,6 +36,8 @@ pub struct RawPublish {
     pub socket: Option<String>,
     /// Records queued per subscriber before a slow one is dropped.
     pub subscriber_queue: usize,
+    /// Records, the report and status lines to an MQTT broker.
+    pub mqtt: RawMqtt,
 }
 
 impl Default for RawPublish {
@@ -43,6 +47,7 @@ impl Default for RawPublish {
             file: None,
             socket: None,
             subscriber_queue: 4096,
+            mqtt: RawMqtt::default(),
         }
     }
 }
@@ -61,6 +66,7 @@ pub struct PublishSettings {
     pub file: Option<PathBuf>,
     pub socket: Option<SocketAddrSpec>,
     pub subscriber_queue: usize,
+    pub mqtt: Option<MqttSettings>,
 }
 
 impl RawPublish {
@@ -74,7 +80,16 @@ impl RawPublish {
             file: self.file.as_deref().map(|p| base.path(p)),
             socket: self.socket.as_deref().map(parse_socket).transpose()?,
             subscriber_queue: self.subscriber_queue,
+            mqtt: self.mqtt.resolve(base)?,
         })
+    }
+}
+
+impl PublishSettings {
+    /// The sinks of the pipeline of `sample` (the MQTT topics name it).
+    pub fn for_sample(mut self, sample: &str) -> Result<Self, ConfigError> {
+        self.mqtt = self.mqtt.map(|m| m.for_sample(sample)).transpose()?;
+        Ok(self)
     }
 }
 
@@ -251,6 +266,8 @@ pub enum SinkError {
     File { path: PathBuf, reason: String },
     #[error("record socket {addr} cannot be bound: {reason}")]
     Bind { addr: String, reason: String },
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
 }
 
 /// Every place records go.
@@ -258,6 +275,7 @@ pub struct Sinks {
     stdout: Option<BufWriter<std::io::Stdout>>,
     file: Option<(PathBuf, BufWriter<File>)>,
     socket: Option<Broadcaster>,
+    mqtt: Option<Mqtt>,
     telemetry: Arc<Telemetry>,
     last_flush: Instant,
 }
@@ -283,13 +301,25 @@ impl Sinks {
             .as_ref()
             .map(|a| Broadcaster::bind(a, s.subscriber_queue, telemetry.clone()))
             .transpose()?;
+        let mqtt = s
+            .mqtt
+            .as_ref()
+            .map(|m| Mqtt::start(m, telemetry.clone()))
+            .transpose()?;
         Ok(Sinks {
             stdout: s.stdout.then(|| BufWriter::new(std::io::stdout())),
             file,
             socket,
+            mqtt,
             telemetry,
             last_flush: Instant::now(),
         })
+    }
+
+    /// The MQTT sink, for the report and status lines (its queue is shared; it drains and
+    /// stops when the last handle is dropped).
+    pub fn mqtt(&self) -> Option<Mqtt> {
+        self.mqtt.clone()
     }
 
     /// Where subscribers connect, if a socket is served.
@@ -325,6 +355,9 @@ impl Sinks {
         }
         if let Some(b) = &self.socket {
             b.send(lines);
+        }
+        if let Some(m) = &self.mqtt {
+            m.records(lines);
         }
     }
 
@@ -613,6 +646,7 @@ mod tests {
             file: Some(path.clone()),
             socket: None,
             subscriber_queue: 4,
+            mqtt: None,
         };
         let tel = Arc::new(Telemetry::new());
         let mut sinks = Sinks::open(&s, tel.clone()).unwrap();

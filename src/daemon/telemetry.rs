@@ -28,6 +28,8 @@ pub enum FrameDropReason {
     QueueFull,
     /// A stage downstream had stopped.
     PipelineClosed,
+    /// A camera frame arrived with parts missing (lost packets).
+    Incomplete,
 }
 
 /// Why a found cell was not published.
@@ -38,6 +40,16 @@ pub enum CellDropReason {
     InferenceError,
     /// Its frame was dropped after segmentation.
     FrameDropped,
+}
+
+/// Why a message to the MQTT broker was given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MqttDropReason {
+    /// The sink's queue was full (the broker away or slower than the records).
+    QueueFull,
+    /// The broker had not acknowledged it when the drain time at shutdown ran out.
+    UnsentAtExit,
 }
 
 /// Why a record subscriber was disconnected.
@@ -115,6 +127,19 @@ pub enum Event {
     },
     /// The stage moved to a new field: every track ended.
     FieldChanged,
+    /// The MQTT broker acknowledged messages.
+    MqttDelivered {
+        n: u64,
+    },
+    /// MQTT messages given up.
+    MqttDropped {
+        reason: MqttDropReason,
+        n: u64,
+    },
+    /// The MQTT connection is up.
+    MqttConnected,
+    /// The MQTT connection dropped (messages are queued and retried).
+    MqttDisconnected,
     /// The heads' sizes disagree with `source.um_per_px` (or no heads are found at all); the
     /// suggestion, when the sizes give one.
     ScaleSuspect {
@@ -182,6 +207,14 @@ pub struct Counts {
     pub classifications_skipped_total: u64,
     /// Times every track ended because the field changed.
     pub field_changes_total: u64,
+    /// MQTT messages the broker acknowledged.
+    pub mqtt_messages_delivered_total: u64,
+    /// MQTT messages given up, by reason.
+    pub mqtt_messages_dropped_total: BTreeMap<MqttDropReason, u64>,
+    /// Times the MQTT connection dropped.
+    pub mqtt_disconnects_total: u64,
+    /// Whether the MQTT sink is connected now.
+    pub mqtt_connected: bool,
     /// Times the head sizes disagreed with the configured scale (once per run).
     pub scale_warnings_total: u64,
     /// The scale the heads suggest, after such a warning.
@@ -340,6 +373,15 @@ impl Telemetry {
             Event::TracksEnded { n } => c.tracks_ended_total += n,
             Event::ClassificationsSkipped { n } => c.classifications_skipped_total += n,
             Event::FieldChanged => c.field_changes_total += 1,
+            Event::MqttDelivered { n } => c.mqtt_messages_delivered_total += n,
+            Event::MqttDropped { reason, n } => {
+                *c.mqtt_messages_dropped_total.entry(reason).or_default() += n
+            }
+            Event::MqttConnected => c.mqtt_connected = true,
+            Event::MqttDisconnected => {
+                c.mqtt_disconnects_total += 1;
+                c.mqtt_connected = false;
+            }
             Event::ScaleSuspect {
                 suggested_um_per_px,
             } => {
@@ -411,7 +453,7 @@ const BUCKETS_S: [f64; 12] = [
 /// A counter with one value per pipeline: name (without `_total`), help, value.
 type PlainCounter = (&'static str, &'static str, fn(&Counts) -> u64);
 
-const COUNTERS: [PlainCounter; 17] = [
+const COUNTERS: [PlainCounter; 19] = [
     ("frames_seen", "Frames the source delivered.", |c| {
         c.frames_seen_total
     }),
@@ -483,6 +525,16 @@ const COUNTERS: [PlainCounter; 17] = [
         |c| c.field_changes_total,
     ),
     (
+        "mqtt_messages_delivered",
+        "MQTT messages the broker acknowledged.",
+        |c| c.mqtt_messages_delivered_total,
+    ),
+    (
+        "mqtt_disconnects",
+        "Times the MQTT connection dropped.",
+        |c| c.mqtt_disconnects_total,
+    ),
+    (
         "scale_warnings",
         "Times the head sizes disagreed with source.um_per_px.",
         |c| c.scale_warnings_total,
@@ -509,7 +561,7 @@ fn by<K: serde::Serialize>(m: &BTreeMap<K, u64>) -> Vec<(String, u64)> {
         .collect()
 }
 
-const LABELLED: [LabelledCounter; 5] = [
+const LABELLED: [LabelledCounter; 6] = [
     (
         "frames_dropped",
         "Frames dropped, by reason.",
@@ -539,6 +591,12 @@ const LABELLED: [LabelledCounter; 5] = [
         "Failed record writes, by sink.",
         "sink",
         |c| by(&c.sink_write_errors_total),
+    ),
+    (
+        "mqtt_messages_dropped",
+        "MQTT messages given up, by reason.",
+        "reason",
+        |c| by(&c.mqtt_messages_dropped_total),
     ),
 ];
 
@@ -581,7 +639,7 @@ impl Exposition {
 
     fn gauges(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
         type Flag = (&'static str, &'static str, fn(&Counts) -> bool);
-        const FLAGS: [Flag; 2] = [
+        const FLAGS: [Flag; 3] = [
             ("source_up", "Whether the source has its device.", |c| {
                 c.source_up
             }),
@@ -589,6 +647,11 @@ impl Exposition {
                 "drift_suspected",
                 "Whether the running accuracy estimate is below the reference now.",
                 |c| c.drift_suspected,
+            ),
+            (
+                "mqtt_connected",
+                "Whether the MQTT sink is connected.",
+                |c| c.mqtt_connected,
             ),
         ];
         for (name, help, f) in FLAGS {

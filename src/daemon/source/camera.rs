@@ -1,12 +1,14 @@
 //! Live capture from a microscope camera: format request, decoding to RGB, and reconnection
 //! with backoff when the device goes away. The device sits behind `CameraDevice`, so tests
-//! drive this logic with a scripted fake; `V4lCamera` is the real one (nokhwa, V4L2).
+//! drive this logic with a scripted fake; `V4lCamera` (nokhwa, V4L2) and `GenicamCamera`
+//! (Aravis: GigE Vision, USB3 Vision) are the real ones.
 
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
 
 use crate::core::imageio::{DecodeError, decode_rgb};
+use crate::core::pixels::{self, Cfa};
 use crate::daemon::source::{FrameSource, Pull, SourceNote};
 
 /// Pixel formats a camera may deliver.
@@ -19,6 +21,16 @@ pub enum PixelFormat {
     Yuyv,
     /// 8-bit grey.
     Grey,
+    /// 16-bit grey, little-endian, with `bits` significant bits (GenICam Mono16; not a V4L2
+    /// request).
+    #[serde(skip_deserializing)]
+    Grey16 { bits: u8 },
+    /// Packed 8-bit RGB (GenICam RGB8).
+    #[serde(skip_deserializing)]
+    Rgb24,
+    /// An 8-bit Bayer mosaic (GenICam BayerRG8, BayerBG8, BayerGB8, BayerGR8).
+    #[serde(skip_deserializing)]
+    Bayer8(Cfa),
 }
 
 /// Which camera to open.
@@ -57,6 +69,9 @@ pub enum CameraError {
     Disconnected(String),
     #[error("camera cannot deliver the requested format: {0}")]
     Format(String),
+    /// A frame arrived with parts missing (lost packets); it is counted and skipped.
+    #[error("incomplete frame: {0}")]
+    Incomplete(String),
 }
 
 /// A capture device: open it with a request, then read frames.
@@ -68,6 +83,17 @@ pub trait CameraDevice: Send {
     /// The next frame; blocks until the device delivers one.
     fn frame(&mut self) -> Result<RawFrame, CameraError>;
     fn close(&mut self);
+    /// One line for the log: the device and what was asked of it.
+    fn describe(&self, req: &CameraRequest) -> String {
+        format!(
+            "camera {} ({}x{} {:?} at {} frames/s requested)",
+            self.name(),
+            req.width_px,
+            req.height_px,
+            req.format,
+            req.fps
+        )
+    }
 }
 
 /// Decode a raw frame to RGB.
@@ -114,6 +140,12 @@ pub fn decode(raw: &RawFrame) -> Result<RgbImage, DecodeError> {
             RgbImage::from_raw(raw.width, raw.height, rgb)
                 .ok_or_else(|| DecodeError::Invalid("bad frame size".into()))
         }
+        PixelFormat::Grey16 { bits } => pixels::grey16_le(&raw.data, raw.width, raw.height, bits)
+            .map_err(|e| DecodeError::Invalid(e.to_string())),
+        PixelFormat::Rgb24 => pixels::rgb8(&raw.data, raw.width, raw.height)
+            .map_err(|e| DecodeError::Invalid(e.to_string())),
+        PixelFormat::Bayer8(cfa) => pixels::bayer8(&raw.data, raw.width, raw.height, cfa)
+            .map_err(|e| DecodeError::Invalid(e.to_string())),
     }
 }
 
@@ -160,14 +192,7 @@ impl<D: CameraDevice> CameraSource<D> {
 
 impl<D: CameraDevice> FrameSource for CameraSource<D> {
     fn describe(&self) -> String {
-        format!(
-            "camera {} ({}x{} {:?} at {} frames/s requested)",
-            self.device.name(),
-            self.request.width_px,
-            self.request.height_px,
-            self.request.format,
-            self.request.fps
-        )
+        self.device.describe(&self.request)
     }
 
     fn live(&self) -> bool {
@@ -214,6 +239,13 @@ impl<D: CameraDevice> FrameSource for CameraSource<D> {
                         name,
                         reason: e.to_string(),
                     },
+                }
+            }
+            Err(CameraError::Incomplete(reason)) => {
+                self.frames += 1;
+                Pull::Incomplete {
+                    name: format!("camera-{:08}", self.frames),
+                    reason,
                 }
             }
             Err(e) => {
@@ -295,6 +327,28 @@ mod tests {
             ..grey(4, 2, 0)
         };
         assert!(decode(&short).unwrap_err().to_string().contains("needs 8"));
+        // GenICam layouts: Mono16 (12 significant bits), RGB8, a Bayer mosaic.
+        let mono16 = RawFrame {
+            width: 1,
+            height: 1,
+            format: PixelFormat::Grey16 { bits: 12 },
+            data: 4095u16.to_le_bytes().to_vec(),
+        };
+        assert_eq!(decode(&mono16).unwrap().get_pixel(0, 0).0, [255; 3]);
+        let rgb = RawFrame {
+            width: 1,
+            height: 1,
+            format: PixelFormat::Rgb24,
+            data: vec![1, 2, 3],
+        };
+        assert_eq!(decode(&rgb).unwrap().get_pixel(0, 0).0, [1, 2, 3]);
+        let bayer = RawFrame {
+            width: 2,
+            height: 2,
+            format: PixelFormat::Bayer8(Cfa::Rg),
+            data: vec![200, 100, 100, 50],
+        };
+        assert_eq!(decode(&bayer).unwrap().get_pixel(1, 1).0, [200, 100, 50]);
     }
 
     #[test]
@@ -303,6 +357,7 @@ mod tests {
         frames.push_back(Ok(grey(4, 2, 10)));
         frames.push_back(Err(CameraError::Disconnected("unplugged".into())));
         frames.push_back(Ok(grey(4, 2, 20)));
+        frames.push_back(Err(CameraError::Incomplete("missing packets".into())));
         frames.push_back(Ok(RawFrame {
             data: vec![1],
             ..grey(4, 2, 0)
@@ -321,18 +376,27 @@ mod tests {
                     log.push(format!("frame {}", image.get_pixel(0, 0)[0]))
                 }
                 Pull::Unreadable { .. } => log.push("unreadable".into()),
+                Pull::Incomplete { name, .. } => log.push(format!("incomplete {name}")),
                 Pull::Idle(Some(SourceNote::Disconnected(_))) => log.push("lost".into()),
                 Pull::Idle(Some(SourceNote::Reconnected)) => log.push("back".into()),
                 Pull::Idle(None) => {}
                 Pull::End => break,
             }
-            if log.len() == 6 {
+            if log.len() == 7 {
                 break;
             }
         }
         assert_eq!(
             log,
-            ["frame 10", "lost", "back", "frame 20", "unreadable", "lost"],
+            [
+                "frame 10",
+                "lost",
+                "back",
+                "frame 20",
+                "incomplete camera-00000003",
+                "unreadable",
+                "lost"
+            ],
             "{log:?}"
         );
         // The first reopen attempts failed, then the third open worked.

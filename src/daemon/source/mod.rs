@@ -1,7 +1,8 @@
-//! Frame sources: the trait every source implements (replay, montage, and the camera to come)
-//! so that live and recorded input take one code path through the pipeline.
+//! Frame sources: the trait every source implements (replay, montage, the V4L2 and GenICam
+//! cameras) so that live and recorded input take one code path through the pipeline.
 
 pub mod camera;
+pub mod genicam;
 pub mod montage;
 pub mod replay;
 pub mod v4l;
@@ -12,9 +13,11 @@ use std::sync::Arc;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::core::imageio::ListError;
+use crate::core::imageio::{ListError, list_files};
+use crate::core::stack::{TiffStack, file_is_tiff};
 use crate::daemon::check::{Base, ConfigError, invalid, positive};
 use camera::{CameraRequest, CameraSelector, PixelFormat};
+use genicam::{GenicamSettings, RawGenicam};
 
 /// The frame scale the defaults assume, µm/px: it fits the sperm-parsing fields (heads of
 /// about 3800 px at about 10.5 µm²).
@@ -31,34 +34,43 @@ pub enum SourceKind {
     Montage,
     /// A live V4L2 camera.
     Camera,
+    /// A live GenICam camera (GigE Vision, USB3 Vision) through Aravis.
+    Genicam,
 }
 
 /// `[source]`: where frames come from, and the optics they were taken with.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawSource {
-    /// `replay`, `montage` or `camera`.
+    /// `replay`, `montage`, `camera` (V4L2) or `genicam`.
     pub kind: SourceKind,
-    /// Size of one frame pixel in micrometres (calibrate with a stage micrometer). The default
-    /// fits the sperm-parsing fields (heads of about 3800 px at about 10.5 µm²).
-    pub um_per_px: f32,
+    /// Size of one frame pixel in micrometres (calibrate with a stage micrometer). Unset: the
+    /// `PhysicalSizeX` of a replayed OME-TIFF stack, else 0.053, which fits the sperm-parsing
+    /// fields (heads of about 3800 px at about 10.5 µm²).
+    pub um_per_px: Option<f32>,
     /// Behave as a live camera: when the pipeline is behind, drop the oldest queued frame and
     /// count it, instead of waiting.
     pub live: bool,
     pub replay: RawReplay,
     pub montage: RawMontage,
     pub camera: RawCamera,
+    pub genicam: RawGenicam,
+    /// The scale a replayed stack's OME metadata gives, and its file (`settle_scale`).
+    #[serde(skip)]
+    pub metadata_scale: Option<(f32, PathBuf)>,
 }
 
 impl Default for RawSource {
     fn default() -> Self {
         Self {
             kind: SourceKind::Replay,
-            um_per_px: DEFAULT_UM_PER_PX,
+            um_per_px: None,
             live: false,
             replay: RawReplay::default(),
             montage: RawMontage::default(),
             camera: RawCamera::default(),
+            genicam: RawGenicam::default(),
+            metadata_scale: None,
         }
     }
 }
@@ -158,6 +170,19 @@ pub enum Input {
         seed: u64,
     },
     Camera(CameraRequest),
+    Genicam(GenicamSettings),
+}
+
+/// Where the frame scale came from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleOrigin {
+    /// `source.um_per_px`, with what a replayed stack's OME metadata said if it said anything.
+    Config { metadata_um_per_px: Option<f32> },
+    /// The OME metadata (`PhysicalSizeX`) of this stack.
+    Metadata { file: PathBuf },
+    /// Neither: the default.
+    Default,
 }
 
 /// The source's resolved settings.
@@ -166,6 +191,8 @@ pub struct SourceSettings {
     pub input: Input,
     /// Scale of the frames, µm/px.
     pub um_per_px: f32,
+    /// Where `um_per_px` came from (logged when the source opens).
+    pub scale_origin: ScaleOrigin,
     /// Drop the oldest queued frame instead of waiting when the pipeline is behind.
     pub live: bool,
 }
@@ -173,17 +200,64 @@ pub struct SourceSettings {
 impl RawSource {
     /// Check every value (no I/O).
     pub fn resolve(&self, base: Base<'_>) -> Result<SourceSettings, ConfigError> {
-        positive("source.um_per_px", self.um_per_px)?;
+        if let Some(um) = self.um_per_px {
+            positive("source.um_per_px", um)?;
+        }
         let input = match self.kind {
             SourceKind::Replay => self.replay.resolve(base)?,
             SourceKind::Montage => self.montage.resolve(base)?,
             SourceKind::Camera => Input::Camera(self.camera.resolve()?),
+            SourceKind::Genicam => Input::Genicam(self.genicam.resolve()?),
+        };
+        let metadata = self
+            .metadata_scale
+            .as_ref()
+            .filter(|_| self.kind == SourceKind::Replay);
+        let (um_per_px, scale_origin) = match (self.um_per_px, metadata) {
+            (Some(um), m) => (
+                um,
+                ScaleOrigin::Config {
+                    metadata_um_per_px: m.map(|m| m.0),
+                },
+            ),
+            (None, Some((um, file))) => (*um, ScaleOrigin::Metadata { file: file.clone() }),
+            (None, None) => (DEFAULT_UM_PER_PX, ScaleOrigin::Default),
         };
         Ok(SourceSettings {
             input,
-            um_per_px: self.um_per_px,
+            um_per_px,
+            scale_origin,
             live: self.live,
         })
+    }
+
+    /// Read the frame scale a replayed OME-TIFF stack carries (the first file's OME-XML
+    /// `PhysicalSizeX`), for `resolve` to use when `um_per_px` is not set. This is the one step
+    /// of reading a config that opens a frame file; it reads the file's first directory only.
+    pub fn settle_scale(&mut self, base: Base<'_>) {
+        self.metadata_scale = None;
+        let Some(path) = self
+            .replay
+            .path
+            .as_ref()
+            .filter(|_| self.kind == SourceKind::Replay)
+        else {
+            return;
+        };
+        let Some(first) = list_files(&base.path(path))
+            .ok()
+            .and_then(|f| f.into_iter().next())
+        else {
+            return;
+        };
+        if !file_is_tiff(&first) {
+            return;
+        }
+        let scale = TiffStack::open(&first)
+            .ok()
+            .and_then(|s| s.ome())
+            .and_then(|o| o.physical_size_x_um);
+        self.metadata_scale = scale.map(|um| (um, first));
     }
 }
 
@@ -276,6 +350,8 @@ pub enum Pull {
     },
     /// A frame that arrived but cannot be used; counted and skipped.
     Unreadable { name: String, reason: String },
+    /// A frame that arrived with parts missing (lost packets); counted and skipped.
+    Incomplete { name: String, reason: String },
     /// Nothing this time (a live source waiting for its device); the note, if any, says why.
     Idle(Option<SourceNote>),
     /// No more frames.
@@ -313,8 +389,32 @@ pub enum SourceError {
     Camera(#[from] camera::CameraError),
 }
 
-/// Open the source the settings describe.
+/// Open the source the settings describe, and say which frame scale it runs at.
 pub fn open(settings: &SourceSettings) -> Result<Box<dyn FrameSource>, SourceError> {
+    let um = settings.um_per_px;
+    match &settings.scale_origin {
+        ScaleOrigin::Config {
+            metadata_um_per_px: Some(m),
+        } => tracing::info!(
+            um_per_px = um,
+            "frame scale {um} µm/px from source.um_per_px (the stack's OME metadata says {m} µm/px; the config wins)"
+        ),
+        ScaleOrigin::Config { .. } => {
+            tracing::info!(
+                um_per_px = um,
+                "frame scale {um} µm/px from source.um_per_px"
+            )
+        }
+        ScaleOrigin::Metadata { file } => tracing::info!(
+            um_per_px = um,
+            "frame scale {um} µm/px from the OME metadata (PhysicalSizeX) of {}",
+            file.display()
+        ),
+        ScaleOrigin::Default => tracing::info!(
+            um_per_px = um,
+            "frame scale {um} µm/px: the default (set source.um_per_px from a stage micrometer)"
+        ),
+    }
     match &settings.input {
         Input::Replay {
             path,
@@ -345,6 +445,10 @@ pub fn open(settings: &SourceSettings) -> Result<Box<dyn FrameSource>, SourceErr
         Input::Camera(request) => Ok(Box::new(camera::CameraSource::open(
             v4l::V4lCamera::new(request.device.clone()),
             request.clone(),
+        )?)),
+        Input::Genicam(g) => Ok(Box::new(camera::CameraSource::open(
+            genicam::GenicamCamera::new(g.clone()),
+            g.request(),
         )?)),
     }
 }

@@ -54,11 +54,13 @@ pub fn list() -> Result<Vec<Listed>, String> {
     Ok(out)
 }
 
-fn fourcc(f: PixelFormat) -> FrameFormat {
+/// The V4L2 format of a request; the GenICam-only layouts have none.
+fn fourcc(f: PixelFormat) -> Option<FrameFormat> {
     match f {
-        PixelFormat::Mjpeg => FrameFormat::MJPEG,
-        PixelFormat::Yuyv => FrameFormat::YUYV,
-        PixelFormat::Grey => FrameFormat::GRAY,
+        PixelFormat::Mjpeg => Some(FrameFormat::MJPEG),
+        PixelFormat::Yuyv => Some(FrameFormat::YUYV),
+        PixelFormat::Grey => Some(FrameFormat::GRAY),
+        PixelFormat::Grey16 { .. } | PixelFormat::Rgb24 | PixelFormat::Bayer8(_) => None,
     }
 }
 
@@ -142,7 +144,8 @@ fn open_camera(
     req: &CameraRequest,
 ) -> Result<(Camera, (u32, u32, PixelFormat)), CameraError> {
     let index = index_of(selector)?;
-    let want = fourcc(req.format);
+    let want = fourcc(req.format)
+        .ok_or_else(|| CameraError::Format(format!("{:?} is not a V4L2 format", req.format)))?;
     let format = CameraFormat::new(Resolution::new(req.width_px, req.height_px), want, req.fps);
     let formats = [want];
     let requested = RequestedFormat::with_formats(RequestedFormatType::Closest(format), &formats);

@@ -89,6 +89,41 @@ fn hue_matrix(angle: f32) -> [[f32; 3]; 3] {
     ]
 }
 
+/// A standard normal draw (Box-Muller).
+fn normal(rng: &mut impl Rng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// A Gamma(shape, 1) draw (Marsaglia and Tsang; shapes below 1 by the boost u^(1/shape)).
+fn gamma(shape: f64, rng: &mut impl Rng) -> f64 {
+    if shape < 1.0 {
+        let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        return gamma(shape + 1.0, rng) * u.powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        let x = normal(rng);
+        let v = (1.0 + c * x).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+            return d * v;
+        }
+    }
+}
+
+/// The mixup weight: a Beta(alpha, alpha) draw.
+pub fn mixup_weight(alpha: f32, rng: &mut impl Rng) -> f32 {
+    let a = gamma(f64::from(alpha), rng);
+    let b = gamma(f64::from(alpha), rng);
+    (a / (a + b).max(f64::MIN_POSITIVE)) as f32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +158,24 @@ mod tests {
         for row in m {
             let v = row[0] * g[0] + row[1] * g[1] + row[2] * g[2];
             assert!((v - 100.0).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn mixup_weights_follow_a_symmetric_beta() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for alpha in [0.2f32, 1.0, 4.0] {
+            let w: Vec<f32> = (0..4000).map(|_| mixup_weight(alpha, &mut rng)).collect();
+            assert!(w.iter().all(|x| (0.0..=1.0).contains(x)));
+            let mean = w.iter().sum::<f32>() / w.len() as f32;
+            let var = w.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / w.len() as f32;
+            // Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)).
+            let want = 1.0 / (4.0 * (2.0 * alpha + 1.0));
+            assert!((mean - 0.5).abs() < 0.02, "{alpha}: mean {mean}");
+            assert!(
+                (var - want).abs() < 0.1 * want + 0.003,
+                "{alpha}: var {var} vs {want}"
+            );
         }
     }
 }

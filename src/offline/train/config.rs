@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::efficientnet::{PIXEL_NORM, Variant};
 use crate::core::pose::Contrast;
 use crate::core::spec::PoseMode;
 
@@ -41,6 +42,8 @@ pub struct Experiment {
     pub augment: AugmentConfig,
     #[serde(default)]
     pub cv: CvConfig,
+    #[serde(default)]
+    pub finetune: FinetuneConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -90,14 +93,46 @@ impl Default for CropConfig {
     }
 }
 
+/// The network's feature extractor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backbone {
+    /// The small CNN family (`widths`, `convs_per_block`, `residual`).
+    SmallCnn,
+    /// EfficientNet-Lite0 (4.0M parameters without its classifier; ImageNet weights with
+    /// `pretrained = true`).
+    EfficientnetLite0,
+    EfficientnetLite1,
+    EfficientnetLite2,
+}
+
+impl Backbone {
+    /// The EfficientNet-Lite variant, or `None` for the small CNN.
+    pub fn lite(self) -> Option<Variant> {
+        match self {
+            Backbone::SmallCnn => None,
+            Backbone::EfficientnetLite0 => Some(Variant::Lite0),
+            Backbone::EfficientnetLite1 => Some(Variant::Lite1),
+            Backbone::EfficientnetLite2 => Some(Variant::Lite2),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetConfig {
-    /// Output channels of each block (each block halves the resolution).
+    /// `small-cnn` (the default), or `efficientnet-lite0`, `-lite1`, `-lite2`.
+    pub backbone: Backbone,
+    /// Start an EfficientNet-Lite backbone from its ImageNet weights (from `scripts/setup
+    /// --train`), with the input normalisation they expect instead of one fitted on the data.
+    pub pretrained: bool,
+    /// The weight file, when not in `.weights/` (see `efficientnet::find_weights`).
+    pub weights: Option<PathBuf>,
+    /// Small CNN: output channels of each block (each block halves the resolution).
     pub widths: Vec<usize>,
-    /// Convolutions per block.
+    /// Small CNN: convolutions per block.
     pub convs_per_block: usize,
-    /// Add a residual (1x1 projection) shortcut around each block.
+    /// Small CNN: add a residual (1x1 projection) shortcut around each block.
     pub residual: bool,
     /// Dropout before the classifier.
     pub dropout: f64,
@@ -109,9 +144,19 @@ pub struct NetConfig {
     pub test_time_mirror: bool,
 }
 
+impl NetConfig {
+    /// The pixel (mean, std) a pretrained backbone expects; `None`: fitted on the data.
+    pub fn fixed_pixel_norm(&self) -> Option<(f32, f32)> {
+        (self.pretrained && self.backbone.lite().is_some()).then_some(PIXEL_NORM)
+    }
+}
+
 impl Default for NetConfig {
     fn default() -> Self {
         Self {
+            backbone: Backbone::SmallCnn,
+            pretrained: false,
+            weights: None,
             widths: vec![16, 32, 64, 128],
             convs_per_block: 2,
             residual: true,
@@ -188,6 +233,11 @@ pub struct TrainConfig {
     /// Fit the softmax temperature on the final model's validation split and store it in the
     /// model (calibrated confidences for the label-free accuracy estimate).
     pub fit_temperature: bool,
+    /// Write a checkpoint after every epoch under `OUT/NAME.checkpoints/`, so that a killed run
+    /// continues with `--resume`. Each epoch then draws its random numbers (order,
+    /// augmentation, dropout) from the seed and the epoch alone, so a resumed run ends with the
+    /// same weights as an uninterrupted one.
+    pub checkpoint: bool,
 }
 
 impl Default for TrainConfig {
@@ -209,6 +259,57 @@ impl Default for TrainConfig {
             patience: 0,
             seed: 1,
             fit_temperature: true,
+            checkpoint: false,
+        }
+    }
+}
+
+/// How a pretrained backbone's batch norms behave while their layers train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BnMode {
+    /// Batch statistics; the running statistics are re-estimated on the new data (with
+    /// `finetune.bn_momentum`).
+    Train,
+    /// The ImageNet running statistics are kept and used; scale and shift still learn.
+    Frozen,
+}
+
+/// The fine-tuning recipe of a pretrained backbone (EfficientNet-Lite only; the defaults train
+/// every layer from the first epoch at one learning rate, as for the small CNN).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    /// Epochs at the start with the whole backbone frozen: only the classifier and the
+    /// morphometric branch learn, at `head_lr`. They count in `train.epochs`.
+    pub head_epochs: usize,
+    /// Learning rate of the head epochs (constant). Unset: `train.lr`.
+    pub head_lr: Option<f64>,
+    /// After the head epochs: 0 unfreezes the whole backbone at once; N > 0 unfreezes one more
+    /// group (head convolution, then the stages from the top down, then the stem) every N
+    /// epochs (gradual unfreezing).
+    pub unfreeze_every: usize,
+    /// Learning rate of the backbone relative to the classifier's.
+    pub backbone_lr_mult: f64,
+    /// Discriminative learning rates: each backbone group below the top one learns at this
+    /// factor times the rate of the group above it (1: the same rate for all).
+    pub layer_lr_decay: f64,
+    /// Batch norm in the trainable backbone groups: `train` (re-estimated) or `frozen`.
+    pub bn: BnMode,
+    /// Weight of each batch in the running statistics when `bn = "train"`.
+    pub bn_momentum: f64,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self {
+            head_epochs: 0,
+            head_lr: None,
+            unfreeze_every: 0,
+            backbone_lr_mult: 1.0,
+            layer_lr_decay: 1.0,
+            bn: BnMode::Train,
+            bn_momentum: 0.1,
         }
     }
 }
@@ -237,6 +338,10 @@ pub struct AugmentConfig {
     /// Probability of a cutout (a patch filled with the crop's mean colour) and its side.
     pub cutout_prob: f32,
     pub cutout_frac: f32,
+    /// Mixup: each training batch is blended with a shuffled copy of itself (images and
+    /// features) by a weight drawn from Beta(alpha, alpha), and the loss is blended the same
+    /// way. 0 turns it off.
+    pub mixup_alpha: f32,
 }
 
 impl Default for AugmentConfig {
@@ -256,6 +361,7 @@ impl Default for AugmentConfig {
             hue: 0.03,
             cutout_prob: 0.25,
             cutout_frac: 0.2,
+            mixup_alpha: 0.0,
         }
     }
 }
@@ -330,18 +436,7 @@ impl Experiment {
         if self.crop.window_px <= 4.0 {
             return bad("crop.window_px", "must be larger than 4");
         }
-        if self.model.widths.is_empty() || self.model.widths.contains(&0) {
-            return bad("model.widths", "needs at least one non-zero width");
-        }
-        if self.crop.size_px >> self.model.widths.len() == 0 {
-            return bad(
-                "model.widths",
-                "has more blocks than the input size can halve",
-            );
-        }
-        if self.model.convs_per_block == 0 {
-            return bad("model.convs_per_block", "must be at least 1");
-        }
+        self.validate_net(path)?;
         if !(0.0..1.0).contains(&self.model.dropout) {
             return bad("model.dropout", "must be in [0, 1)");
         }
@@ -382,11 +477,75 @@ impl Experiment {
                 return bad(key, "is a probability and must be in [0, 1]");
             }
         }
+        if !(a.mixup_alpha >= 0.0 && a.mixup_alpha.is_finite()) {
+            return bad("augment.mixup_alpha", "must be 0 (off) or above");
+        }
         if self.cv.folds < 2 && self.cv.protocol != Protocol::GivenSplit {
             return bad("cv.folds", "must be at least 2");
         }
         if self.cv.seeds.is_empty() {
             return bad("cv.seeds", "needs at least one seed");
+        }
+        Ok(())
+    }
+
+    /// The network and fine-tuning keys.
+    fn validate_net(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, reason: &str| {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        let m = &self.model;
+        let f = &self.finetune;
+        if m.backbone.lite().is_none() {
+            if m.widths.is_empty() || m.widths.contains(&0) {
+                return bad("model.widths", "needs at least one non-zero width");
+            }
+            if self.crop.size_px >> m.widths.len() == 0 {
+                return bad(
+                    "model.widths",
+                    "has more blocks than the input size can halve",
+                );
+            }
+            if m.convs_per_block == 0 {
+                return bad("model.convs_per_block", "must be at least 1");
+            }
+            if m.pretrained {
+                return bad("model.pretrained", "needs an efficientnet-lite backbone");
+            }
+            if f.head_epochs > 0 || f.unfreeze_every > 0 || f.bn == BnMode::Frozen {
+                return bad("finetune", "needs an efficientnet-lite backbone");
+            }
+        } else {
+            if self.crop.channels != 3 {
+                return bad(
+                    "crop.channels",
+                    "must be 3 for an efficientnet-lite backbone",
+                );
+            }
+            if self.crop.size_px < 32 {
+                return bad("crop.size_px", "must be at least 32 for efficientnet-lite");
+            }
+        }
+        if f.head_epochs >= self.train.epochs && f.head_epochs > 0 {
+            return bad("finetune.head_epochs", "must be below train.epochs");
+        }
+        if f.head_lr.is_some_and(|lr| !(lr > 0.0 && lr < 1.0)) {
+            return bad("finetune.head_lr", "must be in (0, 1)");
+        }
+        for (key, v) in [
+            ("finetune.backbone_lr_mult", f.backbone_lr_mult),
+            ("finetune.layer_lr_decay", f.layer_lr_decay),
+        ] {
+            if !(v > 0.0 && v <= 1.0) {
+                return bad(key, "must be in (0, 1]");
+            }
+        }
+        if !(0.0..=1.0).contains(&f.bn_momentum) {
+            return bad("finetune.bn_momentum", "must be in [0, 1]");
         }
         Ok(())
     }
@@ -400,7 +559,12 @@ mod tests {
     fn every_shipped_experiment_parses() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/train");
         let mut n = 0;
-        for dir in [root.clone(), root.join("ablation"), root.join("optimisers")] {
+        for dir in [
+            root.clone(),
+            root.join("ablation"),
+            root.join("optimisers"),
+            root.join("transfer"),
+        ] {
             for e in std::fs::read_dir(&dir).expect("config/train exists") {
                 let p = e.expect("entry").path();
                 if p.extension().is_some_and(|x| x == "toml") {

@@ -46,7 +46,7 @@ fn load(
 pub fn overfit_batch(config: &Path, n: usize, steps: usize) -> Result<OverfitReport, TrainError> {
     let (mut exp, items, mut spec) = load(config, Some(n.max(2)))?;
     let idx: Vec<usize> = (0..items.len()).collect();
-    fit::fit_normalisation(&items, &idx, &mut spec);
+    fit::fit_normalisation(&items, &idx, &mut spec, exp.model.fixed_pixel_norm());
     let a = &mut exp.augment;
     for prob in [
         &mut a.rotate_prob,
@@ -75,6 +75,7 @@ pub fn overfit_batch(config: &Path, n: usize, steps: usize) -> Result<OverfitRep
         &spec,
         exp.train.seed,
         &ProgressBar::hidden(),
+        None,
     )?;
     let first = fitted.history.first().map_or(f64::NAN, |h| h.train_loss);
     let last = fitted.history.last().map_or(f64::NAN, |h| h.train_loss);
@@ -99,7 +100,7 @@ pub fn lr_find(
 ) -> Result<LrFindReport, TrainError> {
     let (exp, items, mut spec) = load(config, limit)?;
     let idx: Vec<usize> = (0..items.len()).collect();
-    fit::fit_normalisation(&items, &idx, &mut spec);
+    fit::fit_normalisation(&items, &idx, &mut spec, exp.model.fixed_pixel_norm());
     let curve = fit::lr_range(
         &exp,
         &items,
@@ -107,7 +108,7 @@ pub fn lr_find(
         &spec,
         exp.train.seed,
         (1e-6, 1.0, steps),
-    );
+    )?;
     let suggested = fit::suggest_lr(&curve);
     std::fs::create_dir_all(out).map_err(|e| TrainError::Write {
         path: out.to_path_buf(),

@@ -17,10 +17,13 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::augment;
+use super::checkpoint::{self, CheckpointError, Checkpoints, Saved};
 use super::config::{Balance, Experiment, Optimizer};
+use super::efficientnet;
+use super::finetune::{self, LrPolicy};
 use super::health::{self, EpochNorms, GradStats, GradTrouble};
 use super::net::Net;
 use crate::core::calibration::argmax;
@@ -82,11 +85,23 @@ pub fn load_items(ds: &Dataset, spec: &ModelSpec, bar: &ProgressBar) -> (Vec<Ite
     (items, skipped)
 }
 
-/// Fit normalisation (pixel mean/std per channel, feature mean/std) on the training items only.
-pub fn fit_normalisation(items: &[Item], idx: &[usize], spec: &mut ModelSpec) {
+/// Fit normalisation (pixel mean/std per channel, feature mean/std) on the training items only;
+/// `fixed` pixel statistics (a pretrained backbone's) replace the fitted ones.
+pub fn fit_normalisation(
+    items: &[Item],
+    idx: &[usize],
+    spec: &mut ModelSpec,
+    fixed: Option<(f32, f32)>,
+) {
     let c = spec.input.channels as usize;
     spec.input.mean = vec![0.0; c];
     spec.input.std = vec![1.0; c];
+    if let Some((mean, std)) = fixed {
+        spec.input.mean = vec![mean; c];
+        spec.input.std = vec![std; c];
+        fit_features(items, idx, spec);
+        return;
+    }
     let mut sum = vec![0f64; c];
     let mut sq = vec![0f64; c];
     let mut n = 0f64;
@@ -114,6 +129,11 @@ pub fn fit_normalisation(items: &[Item], idx: &[usize], spec: &mut ModelSpec) {
         spec.input.mean[ch] = m as f32;
         spec.input.std[ch] = var.sqrt() as f32;
     }
+    fit_features(items, idx, spec);
+}
+
+/// Feature mean/std on the training items.
+fn fit_features(items: &[Item], idx: &[usize], spec: &mut ModelSpec) {
     if let Some(fs) = spec.features.as_mut() {
         let k = fs.count;
         let mut m = vec![0f64; k];
@@ -222,7 +242,7 @@ pub fn predict_with(
 }
 
 /// One epoch's figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochLog {
     pub epoch: usize,
     pub lr: f64,
@@ -234,7 +254,7 @@ pub struct EpochLog {
     /// Each layer's gradient L2 norm over the epoch's batches (before clipping).
     pub grad_norms: Vec<GradStats>,
     /// Layers whose gradient vanished or exploded this epoch.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grad_warnings: Vec<(String, GradTrouble)>,
 }
 
@@ -276,6 +296,35 @@ pub enum FitError {
         batch: usize,
         layer: String,
     },
+    #[error(transparent)]
+    Weights(#[from] efficientnet::WeightsError),
+    #[error("cannot load the ImageNet weights from {path}: {reason}")]
+    LoadWeights { path: PathBuf, reason: String },
+    #[error("per-group learning rates: {0}")]
+    LrGroups(String),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("stopped after {epochs} epochs as asked (--stop-after); continue with --resume")]
+    Stopped { epochs: usize },
+}
+
+/// The network an experiment trains, on `device`: a fresh small CNN, or an EfficientNet-Lite
+/// backbone (with its ImageNet weights when `model.pretrained`) and a new classifier.
+pub fn new_model(exp: &Experiment, spec: &ModelSpec, device: &Device) -> Result<Net, FitError> {
+    let n_feat = spec.features.as_ref().map_or(0, |f| f.count);
+    let k = spec.classes.len();
+    let mut model = Net::new(device, &exp.model, spec.input.channels as usize, n_feat, k);
+    if let (true, Some(v)) = (exp.model.pretrained, exp.model.backbone.lite()) {
+        let path = efficientnet::find_weights(v, exp.model.weights.as_deref())?;
+        let summary = model
+            .load_pretrained(&path)
+            .map_err(|e| FitError::LoadWeights {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        tracing::debug!(path = %path.display(), tensors = summary.map_or(0, |s| s.applied), "ImageNet weights loaded");
+    }
+    Ok(model)
 }
 
 /// The loss of a batch, or the error that stops a diverged run.
@@ -352,12 +401,10 @@ pub fn lr_range(
     spec: &ModelSpec,
     seed: u64,
     (lo, hi, steps): (f64, f64, usize),
-) -> Vec<(f64, f64)> {
+) -> Result<Vec<(f64, f64)>, FitError> {
     let device = Device::flex().autodiff();
     device.seed(seed);
-    let k = spec.classes.len();
-    let n_feat = spec.features.as_ref().map_or(0, |f| f.count);
-    let mut model = Net::new(&device, &exp.model, spec.input.channels as usize, n_feat, k);
+    let mut model = finetune::prepare_epoch(exp, new_model(exp, spec, &device)?, 0);
     let mut optim = optimizer(&exp.train);
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -390,7 +437,7 @@ pub fn lr_range(
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(lr, model, grads);
     }
-    out
+    Ok(out)
 }
 
 /// The learning rate a range test suggests: a tenth of the rate at the lowest smoothed loss.
@@ -408,18 +455,6 @@ pub fn suggest_lr(curve: &[(f64, f64)]) -> Option<f64> {
         }
     }
     best.map(|(lr, _)| lr / 10.0)
-}
-
-/// Learning rate at a fractional epoch: linear warm-up, then cosine decay to zero.
-pub fn lr_at(exp: &Experiment, epoch_f: f64) -> f64 {
-    let t = &exp.train;
-    let warm = t.warmup_epochs as f64;
-    if epoch_f < warm {
-        return t.lr * (epoch_f + 1.0 / 8.0).min(warm) / warm;
-    }
-    let span = (t.epochs as f64 - warm).max(1.0);
-    let p = ((epoch_f - warm) / span).clamp(0.0, 1.0);
-    t.lr * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
 }
 
 /// What one training run holds fixed: the data, the loss and the class balance.
@@ -513,7 +548,7 @@ impl<'a> Run<'a> {
         &self,
         mut model: Net,
         optim: &mut ModuleOptimizer,
-        epoch: usize,
+        (epoch, policy): (usize, &LrPolicy),
         rng: &mut ChaCha8Rng,
     ) -> Result<(Net, EpochTrained), FitError> {
         let order = self.order(rng);
@@ -529,19 +564,10 @@ impl<'a> Run<'a> {
             seen: 0,
             grad_norms: EpochNorms::default(),
         };
-        let (items, spec) = (self.items, self.spec);
         for (b, chunk) in batches.into_iter().enumerate() {
             let at = |layer: &str| (epoch + 1, b + 1, layer.to_string());
-            out.lr = lr_at(self.exp, epoch as f64 + b as f64 / nb as f64);
-            let (px, fs) = inputs(items, chunk, spec, Some((&self.exp.augment, rng.random())));
-            let (x, f) = tensors(px, fs, chunk.len(), spec, &self.device);
-            let labels: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
-            let y = Tensor::<1, Int>::from_data(
-                TensorData::new(labels.clone(), [chunk.len()]),
-                &self.device,
-            );
-            let logits = model.forward(x, f);
-            let loss = self.loss_fn.forward(logits.clone(), y);
+            out.lr = finetune::lr_at(self.exp, epoch as f64 + b as f64 / nb as f64);
+            let (logits, loss, labels) = self.batch_loss(&model, chunk, rng);
             let value = finite(loss.clone().into_scalar::<f32>(), epoch + 1, b + 1)?;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             let norms = health::gradient_norms(&model, &grads);
@@ -554,7 +580,7 @@ impl<'a> Run<'a> {
                 });
             }
             out.grad_norms.add(&norms);
-            model = optim.step(out.lr, model, grads);
+            model = optim.step(policy.at(out.lr), model, grads);
             if let Some(layer) = health::first_non_finite(&health::weight_norms(&model)) {
                 let (epoch, batch, layer) = at(layer);
                 return Err(FitError::NonFiniteWeights {
@@ -569,6 +595,44 @@ impl<'a> Run<'a> {
             out.seen += chunk.len();
         }
         Ok((model, out))
+    }
+
+    /// One augmented batch through the network: its logits, its loss (blended with a
+    /// shuffled copy of the batch under mixup) and its labels.
+    fn batch_loss(
+        &self,
+        model: &Net,
+        chunk: &[usize],
+        rng: &mut ChaCha8Rng,
+    ) -> (Tensor<2>, Tensor<1>, Vec<i64>) {
+        let (items, spec, n) = (self.items, self.spec, chunk.len());
+        let (px, fs) = inputs(items, chunk, spec, Some((&self.exp.augment, rng.random())));
+        let (x, f) = tensors(px, fs, n, spec, &self.device);
+        let labels: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
+        let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), &self.device);
+        let alpha = self.exp.augment.mixup_alpha;
+        if alpha <= 0.0 {
+            let logits = model.forward(x, f);
+            let loss = self.loss_fn.forward(logits.clone(), y);
+            return (logits, loss, labels);
+        }
+        let lam = augment::mixup_weight(alpha, rng);
+        let mut perm: Vec<i64> = (0..n as i64).collect();
+        perm.shuffle(rng);
+        let perm = Tensor::<1, Int>::from_data(TensorData::new(perm, [n]), &self.device);
+        let blend = |t: Tensor<4>| {
+            t.clone().mul_scalar(lam) + t.select(0, perm.clone()).mul_scalar(1.0 - lam)
+        };
+        let logits = model.forward(blend(x), f.map(blend));
+        let loss = self
+            .loss_fn
+            .forward(logits.clone(), y.clone())
+            .mul_scalar(lam)
+            + self
+                .loss_fn
+                .forward(logits.clone(), y.select(0, perm.clone()))
+                .mul_scalar(1.0 - lam);
+        (logits, loss, labels)
     }
 
     /// Validation loss and accuracy of a (validation-mode) model.
@@ -613,8 +677,104 @@ fn judge_gradients(epoch: usize, stats: &[GradStats]) -> Vec<(String, GradTroubl
     warnings
 }
 
+/// Where a fit keeps its per-epoch checkpoints.
+pub struct FitCheckpoint<'a> {
+    pub all: &'a Checkpoints,
+    /// The fit's folder (`s1-f3`, `final`).
+    pub run: String,
+}
+
+/// The training loop's own state, saved with every checkpoint.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct LoopState {
+    epochs_done: usize,
+    history: Vec<EpochLog>,
+    /// Lowest validation loss so far and its epoch (1-based).
+    best: Option<(f64, usize)>,
+    since_best: usize,
+    images: usize,
+    seconds: f64,
+    /// Early stopping ended the run.
+    finished: bool,
+}
+
+/// With checkpoints, each epoch draws its random numbers from the seed and the epoch alone:
+/// (device seed for dropout, seed of the order and augmentation).
+fn epoch_seeds(seed: u64, epoch: usize) -> (u64, u64) {
+    let e = (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (
+        seed ^ e.rotate_left(17),
+        seed.wrapping_mul(31).wrapping_add(7) ^ e,
+    )
+}
+
+/// The network, optimiser, loop state and best weights to start from: the last checkpoint
+/// when there is one, else a new network.
+fn start(
+    exp: &Experiment,
+    spec: &ModelSpec,
+    device: &Device,
+    ckpt: Option<&FitCheckpoint>,
+) -> Result<Saved, FitError> {
+    let resume = ckpt
+        .map(|c| c.all.run_dir(&c.run))
+        .filter(|d| checkpoint::exists(d));
+    let optim = optimizer(&exp.train);
+    let Some(dir) = resume else {
+        let model = new_model(exp, spec, device)?;
+        return Ok(Saved {
+            model,
+            optim,
+            best: None,
+            state: String::new(),
+        });
+    };
+    // The checkpoint overwrites every weight: no need for the ImageNet ones.
+    let n_feat = spec.features.as_ref().map_or(0, |f| f.count);
+    let fresh = Net::new(
+        device,
+        &exp.model,
+        spec.input.channels as usize,
+        n_feat,
+        spec.classes.len(),
+    );
+    let saved = checkpoint::load(&dir, fresh, optim)?;
+    tracing::info!(path = %dir.display(), "resuming from the last checkpoint");
+    Ok(saved)
+}
+
+/// The figures of a trained epoch, before validation.
+fn epoch_log(epoch: usize, trained: &EpochTrained) -> EpochLog {
+    let grad_stats = trained.grad_norms.stats();
+    EpochLog {
+        epoch: epoch + 1,
+        lr: trained.lr,
+        train_loss: trained.loss_sum / trained.seen.max(1) as f64,
+        train_accuracy: trained.correct as f64 / trained.seen.max(1) as f64,
+        val_loss: None,
+        val_accuracy: None,
+        seconds: 0.0,
+        grad_warnings: judge_gradients(epoch + 1, &grad_stats),
+        grad_norms: grad_stats,
+    }
+}
+
+fn show(bar: &ProgressBar, log: &EpochLog) {
+    bar.set_message(format!(
+        "loss {:.3} acc {:.3}{}",
+        log.train_loss,
+        log.train_accuracy,
+        log.val_accuracy
+            .map_or(String::new(), |a| format!(" val_acc {a:.3}"))
+    ));
+    bar.inc(1);
+    tracing::debug!(?log, "epoch");
+}
+
 /// Train on `train_idx`; when `val_idx` is not empty it drives early stopping and the choice
-/// of the kept weights (lowest validation loss).
+/// of the kept weights (lowest validation loss). With `ckpt`, every epoch is checkpointed and
+/// a run continues from its last checkpoint.
+#[allow(clippy::too_many_arguments)]
 pub fn fit(
     exp: &Experiment,
     items: &[Item],
@@ -623,77 +783,74 @@ pub fn fit(
     spec: &ModelSpec,
     seed: u64,
     bar: &ProgressBar,
+    ckpt: Option<&FitCheckpoint>,
 ) -> Result<Fitted, FitError> {
     let device = Device::flex().autodiff();
     device.seed(seed);
-    let n_feat = spec.features.as_ref().map_or(0, |f| f.count);
-    let k = spec.classes.len();
-    let mut model = Net::new(&device, &exp.model, spec.input.channels as usize, n_feat, k);
-    let run = Run::new(exp, items, train_idx, spec, device);
+    let Saved {
+        mut model,
+        mut optim,
+        mut best,
+        state,
+    } = start(exp, spec, &device, ckpt)?;
+    let dir = ckpt.map(|c| c.all.run_dir(&c.run)).unwrap_or_default();
+    let mut st: LoopState = checkpoint::parse_state(&state, &dir)?;
+    let policy = LrPolicy::new(exp, &model).map_err(FitError::LrGroups)?;
+    let run = Run::new(exp, items, train_idx, spec, device.clone());
     let t = &exp.train;
-    let mut optim = optimizer(t);
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(7));
-    let mut history = Vec::new();
-    let mut best: Option<(f64, usize, Net)> = None;
-    let mut since_best = 0;
-    let mut images = 0usize;
-    let started = Instant::now();
     bar.set_length(t.epochs as u64);
-    bar.set_position(0);
-    for epoch in 0..t.epochs {
+    bar.set_position(st.epochs_done as u64);
+    for epoch in st.epochs_done..t.epochs {
+        if st.finished {
+            break;
+        }
+        if ckpt.is_some() {
+            let (d, r) = epoch_seeds(seed, epoch);
+            device.seed(d);
+            rng = ChaCha8Rng::seed_from_u64(r);
+        }
         let t0 = Instant::now();
+        model = finetune::prepare_epoch(exp, model, epoch);
         let trained;
-        (model, trained) = run.epoch(model, &mut optim, epoch, &mut rng)?;
-        images += trained.seen;
-        let grad_stats = trained.grad_norms.stats();
-        let mut log = EpochLog {
-            epoch: epoch + 1,
-            lr: trained.lr,
-            train_loss: trained.loss_sum / trained.seen.max(1) as f64,
-            train_accuracy: trained.correct as f64 / trained.seen.max(1) as f64,
-            val_loss: None,
-            val_accuracy: None,
-            seconds: 0.0,
-            grad_warnings: judge_gradients(epoch + 1, &grad_stats),
-            grad_norms: grad_stats,
-        };
+        (model, trained) = run.epoch(model, &mut optim, (epoch, &policy), &mut rng)?;
+        let mut log = epoch_log(epoch, &trained);
         if !val_idx.is_empty() {
             let valid = model.valid();
             let (vl, acc) = run.validate(&valid, val_idx);
             log.val_loss = Some(vl);
             log.val_accuracy = Some(acc);
-            if best.as_ref().is_none_or(|(b, _, _)| vl < *b) {
-                best = Some((vl, epoch + 1, valid));
-                since_best = 0;
+            if st.best.is_none_or(|(b, _)| vl < b) {
+                st.best = Some((vl, epoch + 1));
+                best = Some(valid);
+                st.since_best = 0;
             } else {
-                since_best += 1;
+                st.since_best += 1;
             }
         }
         log.seconds = t0.elapsed().as_secs_f64();
-        bar.set_message(format!(
-            "loss {:.3} acc {:.3}{}",
-            log.train_loss,
-            log.train_accuracy,
-            log.val_accuracy
-                .map_or(String::new(), |a| format!(" val_acc {a:.3}"))
-        ));
-        bar.inc(1);
-        tracing::debug!(?log, "epoch");
-        history.push(log);
-        if t.patience > 0 && since_best >= t.patience {
-            break;
+        show(bar, &log);
+        st.seconds += log.seconds;
+        st.images += trained.seen;
+        st.history.push(log);
+        st.epochs_done = epoch + 1;
+        st.finished = t.patience > 0 && st.since_best >= t.patience;
+        if let Some(c) = ckpt {
+            checkpoint::save(&dir, epoch + 1, &model, &optim, best.as_ref(), &st)?;
+            if c.all.count_epoch() && epoch + 1 < t.epochs && !st.finished {
+                return Err(FitError::Stopped { epochs: epoch + 1 });
+            }
         }
     }
-    let ips = images as f64 / started.elapsed().as_secs_f64().max(1e-9);
-    let (model, best_epoch) = match best {
-        Some((_, e, m)) => (m, e),
-        None => (model.valid(), history.len()),
+    let (model, best_epoch) = match (best, st.best) {
+        (Some(m), Some((_, e))) => (m, e),
+        _ => (model.valid(), st.history.len()),
     };
     Ok(Fitted {
         model,
-        history,
         best_epoch,
-        images_per_second: ips,
+        images_per_second: st.images as f64 / st.seconds.max(1e-9),
+        history: st.history,
     })
 }
 

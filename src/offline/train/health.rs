@@ -4,7 +4,7 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One layer's L2 norm (its parameters together: weight and bias, or BatchNorm's gamma and
 /// beta), named by its path in the network, e.g. `blocks.2.convs.0` or `head`.
@@ -92,7 +92,7 @@ pub const VANISH_BELOW: f64 = 1e-6;
 pub const EXPLODE_ABOVE: f64 = 1e3;
 
 /// One layer's gradient norm over an epoch.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct GradStats {
     pub layer: String,
     /// Mean over the epoch's batches.
@@ -102,7 +102,7 @@ pub struct GradStats {
 }
 
 /// What is wrong with a layer's gradient.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum GradTrouble {
     Vanishing,

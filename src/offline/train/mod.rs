@@ -2,9 +2,12 @@
 //! protocols, the final model, its ONNX export, metrics and pictures.
 
 pub mod augment;
+pub mod checkpoint;
 pub mod config;
 pub mod diagnose;
+pub mod efficientnet;
 pub mod export;
+pub mod finetune;
 pub mod fit;
 pub mod health;
 pub mod net;
@@ -15,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::core::calibration::argmax;
 use crate::core::dataset::{self, Dataset, Skipped};
@@ -25,8 +28,9 @@ use crate::core::spec::{
 };
 use crate::offline::eval::Calibration;
 use crate::offline::metrics::{Scores, mean_std};
+use checkpoint::Checkpoints;
 use config::{Experiment, Protocol};
-use fit::Item;
+use fit::{FitCheckpoint, Item};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -44,6 +48,14 @@ pub enum TrainError {
     Write { path: PathBuf, reason: String },
     #[error(transparent)]
     Fit(#[from] fit::FitError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(transparent)]
+    Weights(#[from] efficientnet::WeightsError),
+    #[error(
+        "--resume needs train.checkpoint = true in the experiment (a run without checkpoints cannot be continued)"
+    )]
+    ResumeWithoutCheckpoints,
 }
 
 /// What the command line may change in an experiment.
@@ -61,6 +73,12 @@ pub struct RunOptions {
     /// Folder for the model and its metrics/pictures.
     pub out: PathBuf,
     pub quiet: bool,
+    /// Continue from the checkpoints of an earlier, interrupted run (`train.checkpoint`).
+    pub resume: bool,
+    /// Stop, as if killed, after this many epochs (tests of `resume`).
+    pub stop_after: Option<usize>,
+    /// Cross-validate only the first N folds of each seed (pilot runs).
+    pub max_folds: Option<usize>,
 }
 
 /// Cross-validation figures.
@@ -223,6 +241,10 @@ pub fn run(config_path: &Path, opts: &RunOptions) -> Result<RunReport, TrainErro
         exp.cv.seeds = s.clone();
     }
     exp.validate(config_path)?;
+    if let (true, Some(v)) = (exp.model.pretrained, exp.model.backbone.lite()) {
+        efficientnet::find_weights(v, exp.model.weights.as_deref())?;
+    }
+    let ckpts = open_checkpoints(&exp, opts)?;
     let multi = if opts.quiet {
         MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
     } else {
@@ -242,7 +264,14 @@ pub fn run(config_path: &Path, opts: &RunOptions) -> Result<RunReport, TrainErro
         "dataset ready"
     );
     let cv = if opts.folds {
-        Some(cross_validate(&exp, &ds, &items, &spec0, &multi)?)
+        Some(cross_validate(
+            &exp,
+            &ds,
+            &items,
+            &spec0,
+            &multi,
+            (ckpts.as_ref(), opts.max_folds),
+        )?)
     } else {
         None
     };
@@ -256,6 +285,7 @@ pub fn run(config_path: &Path, opts: &RunOptions) -> Result<RunReport, TrainErro
             cv.as_ref(),
             opts,
             &multi,
+            ckpts.as_ref(),
         )?)
     };
     let report = RunReport {
@@ -284,6 +314,30 @@ pub fn run(config_path: &Path, opts: &RunOptions) -> Result<RunReport, TrainErro
             reason: e.to_string(),
         })?;
     Ok(report)
+}
+
+/// The run's checkpoints when the experiment keeps them (`train.checkpoint`), under
+/// `OUT/NAME.checkpoints`.
+fn open_checkpoints(
+    exp: &Experiment,
+    opts: &RunOptions,
+) -> Result<Option<Checkpoints>, TrainError> {
+    if !exp.train.checkpoint {
+        if opts.resume {
+            return Err(TrainError::ResumeWithoutCheckpoints);
+        }
+        return Ok(None);
+    }
+    // The experiment after the command line's overrides, and the subset: a checkpoint of any
+    // other run must not be continued as this one.
+    let fingerprint = format!("{exp:?}\nlimit {:?}", opts.limit);
+    let root = opts.out.join(format!("{}.checkpoints", exp.name));
+    Ok(Some(Checkpoints::open(
+        root,
+        &fingerprint,
+        opts.resume,
+        opts.stop_after,
+    )?))
 }
 
 fn test_folds(
@@ -358,19 +412,84 @@ fn accuracy(classes: &[String], truth: &[usize], logits: &[Vec<f32>]) -> f64 {
     Scores::new(classes, truth, &p).accuracy
 }
 
+/// A fold's test predictions, both without and with test-time mirror fusion; what a
+/// checkpointed run records when the fold is done, so that a resumed run skips it.
+#[derive(Debug, Serialize, Deserialize)]
+struct FoldOutcome {
+    test: Vec<usize>,
+    plain: Vec<Vec<f32>>,
+    mirror: Vec<Vec<f32>>,
+    best_epoch: usize,
+    images_per_second: f64,
+    /// The fold's per-epoch figures (kept in the record, for diagnosis).
+    #[serde(default)]
+    history: Vec<fit::EpochLog>,
+}
+
+/// Trains one fold (or reads its record) and predicts its test items.
+#[allow(clippy::too_many_arguments)]
+fn fold_outcome(
+    exp: &Experiment,
+    items: &[Item],
+    spec0: &ModelSpec,
+    (train_idx, val_idx, test): (&[usize], &[usize], &[usize]),
+    seed: u64,
+    bar: &ProgressBar,
+    ckpts: Option<&Checkpoints>,
+    run: String,
+) -> Result<FoldOutcome, TrainError> {
+    if let Some(c) = ckpts
+        && let Some(done) = c.done::<FoldOutcome>(&run)?
+        && done.test == test
+    {
+        tracing::info!(run, "fold done in an earlier session: its record is reused");
+        return Ok(done);
+    }
+    let mut spec = spec0.clone();
+    fit::fit_normalisation(items, train_idx, &mut spec, exp.model.fixed_pixel_norm());
+    let ckpt = ckpts.map(|all| FitCheckpoint {
+        all,
+        run: run.clone(),
+    });
+    let fitted = fit::fit(
+        exp,
+        items,
+        train_idx,
+        val_idx,
+        &spec,
+        seed,
+        bar,
+        ckpt.as_ref(),
+    )?;
+    let outcome = FoldOutcome {
+        test: test.to_vec(),
+        plain: fit::predict_with(&fitted.model, items, test, &spec, false),
+        mirror: fit::predict_with(&fitted.model, items, test, &spec, true),
+        best_epoch: fitted.best_epoch,
+        images_per_second: fitted.images_per_second,
+        history: fitted.history,
+    };
+    if let Some(c) = ckpts {
+        c.finish(&run, &outcome)?;
+    }
+    Ok(outcome)
+}
+
 fn cross_validate(
     exp: &Experiment,
     ds: &Dataset,
     items: &[Item],
     spec0: &ModelSpec,
     multi: &MultiProgress,
+    (ckpts, max_folds): (Option<&Checkpoints>, Option<usize>),
 ) -> Result<CvReport, TrainError> {
     let started = Instant::now();
     let folds = match exp.cv.protocol {
         Protocol::GivenSplit => 1,
         _ => exp.cv.folds,
     };
-    let runs = folds * exp.cv.seeds.len();
+    let run_folds = max_folds.map_or(folds, |m| m.clamp(1, folds));
+    let runs = run_folds * exp.cv.seeds.len();
     let top = multi.add(
         ProgressBar::new(runs as u64)
             .with_style(bar_style())
@@ -385,35 +504,33 @@ fn cross_validate(
     for (seed_no, &seed) in exp.cv.seeds.iter().enumerate() {
         let assign = test_folds(exp, ds, items, seed)?;
         let mut seed_conf = vec![vec![0usize; k]; k];
-        for fold in 0..folds {
+        for fold in 0..run_folds {
             epoch_bar.set_prefix(format!("seed {seed} fold {}/{folds}", fold + 1));
             let (train_idx, val_idx, test) = fold_split(exp, items, &assign, fold, seed);
-            let mut spec = spec0.clone();
-            fit::fit_normalisation(items, &train_idx, &mut spec);
-            let fitted = fit::fit(
+            let o = fold_outcome(
                 exp,
                 items,
-                &train_idx,
-                &val_idx,
-                &spec,
+                spec0,
+                (&train_idx, &val_idx, &test),
                 seed * 1000 + fold as u64,
                 &epoch_bar,
+                ckpts,
+                format!("s{seed}-f{}", fold + 1),
             )?;
             let truth: Vec<usize> = test.iter().map(|&i| items[i].label).collect();
             // Both ways once; the model's own setting picks which are its predictions.
-            let mut logits = Vec::new();
-            for (mirror, acc) in [(false, &mut plain), (true, &mut fused)] {
-                let l = fit::predict_with(&fitted.model, items, &test, &spec, mirror);
-                acc.push(accuracy(&spec.classes, &truth, &l));
-                if mirror == spec.test_time_mirror {
-                    logits = l;
-                }
-            }
+            plain.push(accuracy(&spec0.classes, &truth, &o.plain));
+            fused.push(accuracy(&spec0.classes, &truth, &o.mirror));
+            let logits = if spec0.test_time_mirror {
+                o.mirror
+            } else {
+                o.plain
+            };
             if seed_no == 0 {
                 out_of_fold.extend(test.iter().copied().zip(logits.iter().cloned()));
             }
             let pred: Vec<usize> = logits.iter().map(|l| argmax(l)).collect();
-            let s = Scores::new(&spec.classes, &truth, &pred);
+            let s = Scores::new(&spec0.classes, &truth, &pred);
             for t in 0..k {
                 for p in 0..k {
                     pooled[t][p] += s.confusion[t][p];
@@ -422,13 +539,13 @@ fn cross_validate(
             }
             multi.suspend(|| {
                 eprintln!(
-                    "seed {seed} fold {}/{folds}: accuracy {:.3} macro-F1 {:.3} (n {}, best epoch {}, {:.0} img/s)",
+                    "seed {seed} fold {}/{folds}: accuracy {:.3} macro-F1 {:.3} (n {}, best epoch {}, {:.1} img/s)",
                     fold + 1,
                     s.accuracy,
                     s.macro_f1,
                     s.n,
-                    fitted.best_epoch,
-                    fitted.images_per_second
+                    o.best_epoch,
+                    o.images_per_second
                 )
             });
             accs.push(s.accuracy);
@@ -527,6 +644,7 @@ fn train_final(
     cv: Option<&CvReport>,
     opts: &RunOptions,
     multi: &MultiProgress,
+    ckpts: Option<&Checkpoints>,
 ) -> Result<FinalReport, TrainError> {
     let started = Instant::now();
     let seed = exp.cv.seeds.first().copied().unwrap_or(exp.train.seed);
@@ -545,13 +663,26 @@ fn train_final(
         (tr, va, Vec::new())
     };
     let mut spec = spec0.clone();
-    fit::fit_normalisation(items, &train_idx, &mut spec);
+    fit::fit_normalisation(items, &train_idx, &mut spec, exp.model.fixed_pixel_norm());
     let bar = multi.add(
         ProgressBar::new(0)
             .with_style(bar_style())
             .with_prefix("final model"),
     );
-    let fitted = fit::fit(exp, items, &train_idx, &val_idx, &spec, seed, &bar)?;
+    let ckpt = ckpts.map(|all| FitCheckpoint {
+        all,
+        run: "final".into(),
+    });
+    let fitted = fit::fit(
+        exp,
+        items,
+        &train_idx,
+        &val_idx,
+        &spec,
+        seed,
+        &bar,
+        ckpt.as_ref(),
+    )?;
     bar.finish_and_clear();
     // `all` is every item in order, so these logits are indexed by item.
     let all_logits = fit::predict(&fitted.model, items, &all, &spec);

@@ -1,12 +1,18 @@
-//! The small CNN family (conv + batchnorm + ReLU blocks, optional residual shortcut, global
-//! pooling, dropout) with an optional morphometric branch fused before the classifier.
+//! The trainer's networks: the small CNN family (conv + batchnorm + ReLU blocks, optional
+//! residual shortcut, global pooling, dropout) or an EfficientNet-Lite backbone, with an
+//! optional morphometric branch fused before the classifier.
 
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, PaddingConfig2d, Relu};
 use burn::prelude::*;
 
+use std::path::Path;
+
 use super::config::NetConfig;
+use super::efficientnet::{
+    EfficientNetLite, EfficientNetLiteConfig, FEATURE_CHANNELS, LoadError, LoadSummary,
+};
 
 #[derive(Module, Debug)]
 pub struct Block {
@@ -70,9 +76,15 @@ impl Block {
     }
 }
 
+/// Field name of the pretrained backbone in [`Net`] (parameter paths start with it).
+pub const BACKBONE_FIELD: &str = "backbone";
+
 #[derive(Module, Debug)]
 pub struct Net {
+    /// The small CNN's blocks (empty with a backbone).
     blocks: Vec<Block>,
+    /// An EfficientNet-Lite feature extractor instead of the blocks.
+    backbone: Option<EfficientNetLite>,
     gap: AdaptiveAvgPool2d,
     feat_fc: Option<Conv2d>,
     drop: Dropout,
@@ -90,9 +102,18 @@ impl Net {
     ) -> Self {
         let mut blocks = Vec::new();
         let mut c = channels;
-        for &w in &cfg.widths {
-            blocks.push(Block::new(device, c, w, cfg.convs_per_block, cfg.residual));
-            c = w;
+        let backbone = cfg.backbone.lite().map(|v| {
+            EfficientNetLiteConfig::variant(v)
+                .without_classifier()
+                .init(device)
+        });
+        if backbone.is_some() {
+            c = FEATURE_CHANNELS;
+        } else {
+            for &w in &cfg.widths {
+                blocks.push(Block::new(device, c, w, cfg.convs_per_block, cfg.residual));
+                c = w;
+            }
         }
         // 1x1 convolutions on [batch, features, 1, 1] instead of linear layers: the graph then
         // needs no reshape, which the exporter cannot resolve when two inputs share the batch axis.
@@ -105,6 +126,7 @@ impl Net {
         };
         Self {
             blocks,
+            backbone,
             gap: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
             feat_fc,
             drop: DropoutConfig::new(cfg.dropout).init(),
@@ -115,6 +137,9 @@ impl Net {
 
     /// Pooled CNN features, `[batch, channels, 1, 1]`.
     fn embed(&self, x: Tensor<4>) -> Tensor<4> {
+        if let Some(b) = &self.backbone {
+            return b.features(x);
+        }
         let mut x = x;
         for b in &self.blocks {
             x = b.forward(x);
@@ -140,6 +165,56 @@ impl Net {
 
     pub fn takes_features(&self) -> bool {
         self.feat_fc.is_some()
+    }
+
+    /// The pretrained backbone, if the network has one.
+    pub fn backbone(&self) -> Option<&EfficientNetLite> {
+        self.backbone.as_ref()
+    }
+
+    /// Loads the backbone's ImageNet weights (nothing to do for the small CNN).
+    pub fn load_pretrained(&mut self, path: &Path) -> Result<Option<LoadSummary>, LoadError> {
+        self.backbone
+            .as_mut()
+            .map(|b| b.load_pytorch(path))
+            .transpose()
+    }
+
+    /// The backbone's fine-tuning groups (0 for the small CNN).
+    pub fn backbone_groups(&self) -> usize {
+        self.backbone.as_ref().map_or(0, EfficientNetLite::groups)
+    }
+
+    /// Path patterns of each backbone group's parameters, in group order (stem first).
+    pub fn backbone_group_patterns(&self) -> Vec<String> {
+        self.backbone
+            .as_ref()
+            .map_or_else(Vec::new, |b| b.group_patterns(BACKBONE_FIELD))
+    }
+
+    /// Freezes the backbone groups below `first_trainable` (see
+    /// [`EfficientNetLite::set_trainable`]); the small CNN and the classifier always train.
+    pub fn set_trainable(
+        self,
+        first_trainable: usize,
+        bn_batch_statistics: bool,
+        bn_momentum: f64,
+    ) -> Self {
+        Self {
+            backbone: self
+                .backbone
+                .map(|b| b.set_trainable(first_trainable, bn_batch_statistics, bn_momentum)),
+            ..self
+        }
+    }
+
+    /// The same network computed only with operations burn-onnx can export (ReLU6 without
+    /// `Clamp`); call it before the export.
+    pub fn exportable(self) -> Self {
+        Self {
+            backbone: self.backbone.map(|b| b.exportable(true)),
+            ..self
+        }
     }
 
     /// Logits `[batch, classes]` (training and evaluation in burn).

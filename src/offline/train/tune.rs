@@ -700,7 +700,7 @@ fn train_and_score(
     test: &[usize],
 ) -> Result<f64, TrainError> {
     let mut spec = base_spec(exp, classes);
-    fit::fit_normalisation(items, train, &mut spec);
+    fit::fit_normalisation(items, train, &mut spec, exp.model.fixed_pixel_norm());
     let fitted = fit::fit(
         exp,
         items,
@@ -709,6 +709,7 @@ fn train_and_score(
         &spec,
         exp.train.seed,
         &ProgressBar::hidden(),
+        None,
     )?;
     let logits = fit::predict(&fitted.model, items, test, &spec);
     let truth: Vec<usize> = test.iter().map(|&i| items[i].label).collect();
