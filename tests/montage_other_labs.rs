@@ -1,9 +1,10 @@
 //! Other microscopes' crops on whole fields: SMIDS and HuSHeM crops (other labs, other scales,
 //! other stains) pasted into montage fields, the scale set by `spermscope calibrate`, the head
 //! verifier on. The sperm found must be classified end to end within 5 points of the accuracy
-//! the model has on the same crops alone. How many are found is checked against what was
-//! measured when the verifier learnt its scale (SMIDS 79.0%, HuSHeM 57.5%; with the scale
-//! unset, 35.5% and 0%); the aim is 90% (README, "A new microscope").
+//! the model has on the same crops alone. How many are found is checked against what the
+//! bundled verifier was measured to find (SMIDS 79.0%, where the classical segmenter alone
+//! finds 80.6%; HuSHeM 92.5%); before it learnt its scale and these acquisitions it found
+//! 35.5% and 0% (models/head-verifier.md). The aim is 90%.
 //! `SPERMSCOPE_TEST_VERIFIER=MODEL.onnx` scores another verifier (leave-one-acquisition-out).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -44,7 +45,7 @@ fn smids_montage_at_its_calibrated_scale_finds_and_classifies_the_sperm() {
 
 #[test]
 fn hushem_montage_at_its_calibrated_scale_finds_and_classifies_the_sperm() {
-    montage_run("hushem", "hushem-4class", 12, 50.0);
+    montage_run("hushem", "hushem-4class", 12, 85.0);
 }
 
 /// Paste `dataset`'s crops into 25 fields, calibrate, replay, and score; at least
