@@ -491,3 +491,39 @@ fn logs_have_colour_only_on_a_terminal_and_no_timestamps_under_the_journal() {
         assert!(err.contains("INFO"), "{err}");
     }
 }
+
+/// A listener beyond loopback is served, with a WARN naming it. The daemon runs in a fresh
+/// network namespace (`unshare -n`), so the wildcard address reaches no real network.
+#[test]
+fn a_listener_beyond_loopback_is_logged_as_exposed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = daemon_config(
+        dir.path(),
+        "[service]\nmetrics_addr = \"0.0.0.0:9464\"\nview_addr = \"127.0.0.1:9465\"\n",
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("repeat = true", "repeat = false")
+        .replace("fps = 12.0", "fps = 0.0")
+        .replace(&frames(), &format!("{}/000*.jpg", frames()));
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new("unshare")
+        .args(["-n", BIN, "run", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info,ort=warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "unshare -n (root or a user namespace) is needed:\n{stderr}"
+    );
+    let exposed: Vec<&str> = stderr.lines().filter(|l| l.contains("exposed")).collect();
+    assert_eq!(exposed.len(), 1, "{stderr}");
+    assert!(
+        exposed[0].contains("WARN")
+            && exposed[0].contains("metrics endpoint")
+            && exposed[0].contains("0.0.0.0:9464"),
+        "{stderr}"
+    );
+}
