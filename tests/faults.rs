@@ -10,7 +10,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::os::unix::net::UnixDatagram;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -210,13 +210,17 @@ enum Subscribers {
 /// readers received (the fifty's lines, for `Fifty`).
 fn fps_with(subs: Subscribers) -> (f64, Value, Vec<Vec<u8>>) {
     let dir = tempfile::tempdir().unwrap();
-    let (port, sock) = (common::free_port(), common::free_port());
+    let port = common::free_port();
+    // A Unix socket: its buffers are small enough that a stalled reader fills its queue
+    // within the window (loopback TCP buffers can hold the whole run).
+    let sock = dir.path().join("records.sock");
     let cfg = config(
         dir.path(),
         "fps = 0.0\nrepeat = true\npreload = true",
         &format!(
-            "[publish]\nsocket = \"tcp:127.0.0.1:{sock}\"\nsubscriber_queue = 256\n\
-             [service]\nmetrics_addr = \"127.0.0.1:{port}\"\n"
+            "[publish]\nsocket = \"unix:{}\"\nsubscriber_queue = 256\n\
+             [service]\nmetrics_addr = \"127.0.0.1:{port}\"\n",
+            sock.display()
         ),
     );
     let mut child = spawn(&cfg, Stdio::null());
@@ -228,13 +232,13 @@ fn fps_with(subs: Subscribers) -> (f64, Value, Vec<Vec<u8>>) {
     let mut stalled = Vec::new();
     match subs {
         Subscribers::None => {}
-        Subscribers::Stalled => stalled.push(TcpStream::connect(("127.0.0.1", sock)).unwrap()),
+        Subscribers::Stalled => stalled.push(UnixStream::connect(&sock).unwrap()),
         Subscribers::Churning => {
-            let stop = stop.clone();
+            let (stop, sock) = (stop.clone(), sock.clone());
             readers.push(std::thread::spawn(move || {
                 let mut n = 0u32;
                 while !stop.load(Ordering::SeqCst) {
-                    if let Ok(mut s) = TcpStream::connect(("127.0.0.1", sock)) {
+                    if let Ok(mut s) = UnixStream::connect(&sock) {
                         let mut buf = [0u8; 512];
                         let _ = s.set_read_timeout(Some(Duration::from_millis(30)));
                         let _ = s.read(&mut buf);
@@ -246,7 +250,7 @@ fn fps_with(subs: Subscribers) -> (f64, Value, Vec<Vec<u8>>) {
         }
         Subscribers::Fifty => {
             for _ in 0..50 {
-                let mut s = TcpStream::connect(("127.0.0.1", sock)).unwrap();
+                let mut s = UnixStream::connect(&sock).unwrap();
                 readers.push(std::thread::spawn(move || {
                     let mut all = Vec::new();
                     let _ = s.read_to_end(&mut all);
