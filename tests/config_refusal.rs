@@ -58,7 +58,7 @@ fn bad_configs_and_models_exit_78_naming_the_problem() {
     refused(d, "[source]\nkind = \"replay\"\n", "source.replay.path");
     refused(
         d,
-        &format!("{src}[publish]\nsocket = \"tcp:10.0.0.1:9000\"\n"),
+        &format!("{src}[publish]\nsocket = \"tcp:10.0.0.1\"\n"),
         "publish.socket",
     );
     refused(

@@ -41,18 +41,21 @@ pub fn within(key: &'static str, v: f32, lo: f32, hi: f32) -> Result<(), ConfigE
     }
 }
 
-/// A loopback `address:port` (services are never exposed beyond the host by default).
-pub fn loopback(key: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
-    let addr: SocketAddr = text
-        .parse()
-        .map_err(|e| invalid(key, format!("'{text}' is not an address and port: {e}")))?;
+/// An `address:port` to listen on. The documented values are loopback ones; any other is
+/// accepted and the listener logs a WARN at start-up that it is exposed (`warn_if_exposed`).
+pub fn listen_addr(key: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|e| invalid(key, format!("'{text}' is not an address and port: {e}")))
+}
+
+/// Log a WARN when `what` listens beyond this host: anyone who reaches the address reads it.
+pub fn warn_if_exposed(what: &str, addr: SocketAddr) {
     if !addr.ip().is_loopback() {
-        return Err(invalid(
-            key,
-            format!("{addr} is not a loopback address; it is served on localhost only"),
-        ));
+        tracing::warn!(
+            %addr,
+            "{what} listens on a non-loopback address: it is exposed to every host that can reach it, without authentication"
+        );
     }
-    Ok(addr)
 }
 
 /// Where relative paths in a config are taken from: the config file's folder, or (embedded
@@ -90,9 +93,11 @@ mod tests {
         assert!(e.contains("a.b") && e.contains("NaN"), "{e}");
         assert!(within("x", 0.5, 0.0, 1.0).is_ok());
         assert!(within("x", 1.5, 0.0, 1.0).is_err());
-        assert!(loopback("s", "127.0.0.1:9").is_ok());
-        let e = loopback("s", "0.0.0.0:9").unwrap_err().to_string();
-        assert!(e.contains("loopback"), "{e}");
+        assert!(listen_addr("s", "127.0.0.1:9").is_ok());
+        assert!(listen_addr("s", "[::1]:9").is_ok());
+        assert!(listen_addr("s", "0.0.0.0:9").is_ok());
+        let e = listen_addr("s", "localhost").unwrap_err().to_string();
+        assert!(e.contains("s:") && e.contains("localhost"), "{e}");
         let b = Base(Some(Path::new("/etc/x")));
         assert_eq!(b.path(Path::new("m.onnx")), Path::new("/etc/x/m.onnx"));
         assert_eq!(b.path(Path::new("/m.onnx")), Path::new("/m.onnx"));

@@ -49,7 +49,7 @@ pub struct RawMicroscope {
     pub source: RawSource,
     /// Append its records to this JSON Lines file.
     pub records_file: Option<PathBuf>,
-    /// Serve its records on this socket (`unix:` or `tcp:` loopback).
+    /// Serve its records on this socket (`unix:`, or `tcp:` on loopback; see `[publish]`).
     pub socket: Option<String>,
     /// Write its sample report as JSON here.
     pub report_file: Option<PathBuf>,
@@ -360,12 +360,12 @@ mod tests {
         let e = raw.resolve(None).unwrap_err();
         assert!(e.to_string().contains("classify.uncertain_below"), "{e}");
         let raw = RawConfig::parse(
-            &with_replay("[publish]\nsocket = \"tcp:0.0.0.0:9000\"\n"),
+            &with_replay("[publish]\nsocket = \"tcp:0.0.0.0\"\n"),
             Path::new("t.toml"),
         )
         .unwrap();
         let e = raw.resolve(None).unwrap_err();
-        assert!(e.to_string().contains("loopback"), "{e}");
+        assert!(e.to_string().contains("publish.socket"), "{e}");
         let raw = RawConfig::parse("", Path::new("t.toml")).unwrap();
         let e = raw.resolve(None).unwrap_err();
         assert!(e.to_string().contains("source.replay.path"), "{e}");

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -18,7 +18,7 @@ use crossbeam_channel::{Sender, TrySendError, bounded};
 
 use crate::core::model::ModelId;
 use crate::core::morphometry::HeadSize;
-use crate::daemon::check::{Base, ConfigError, invalid, loopback};
+use crate::daemon::check::{Base, ConfigError, invalid, listen_addr, warn_if_exposed};
 use crate::daemon::frame::{Cell, Unclassified, Work};
 use crate::daemon::mqtt::{Mqtt, MqttError, MqttSettings, RawMqtt};
 use crate::daemon::telemetry::{CellDropReason, Event, SubscriberDropReason, Telemetry};
@@ -32,7 +32,8 @@ pub struct RawPublish {
     /// Append records to this JSON Lines file.
     pub file: Option<PathBuf>,
     /// Serve records to any number of subscribers: `unix:/path/to.sock` or
-    /// `tcp:127.0.0.1:PORT` (loopback only).
+    /// `tcp:127.0.0.1:PORT` (keep TCP on loopback; any other address is served with a WARN at
+    /// start-up).
     pub socket: Option<String>,
     /// Records queued per subscriber before a slow one is dropped.
     pub subscriber_queue: usize,
@@ -102,7 +103,7 @@ fn parse_socket(s: &str) -> Result<SocketAddrSpec, ConfigError> {
         return Ok(SocketAddrSpec::Unix(PathBuf::from(p)));
     }
     if let Some(a) = s.strip_prefix("tcp:") {
-        return Ok(SocketAddrSpec::Tcp(loopback(KEY, a)?));
+        return Ok(SocketAddrSpec::Tcp(listen_addr(KEY, a)?));
     }
     Err(invalid(KEY, format!("'{s}' must start with unix: or tcp:")))
 }
@@ -273,7 +274,7 @@ pub enum SinkError {
 /// Every place records go.
 pub struct Sinks {
     stdout: Option<BufWriter<std::io::Stdout>>,
-    file: Option<(PathBuf, BufWriter<File>)>,
+    file: Option<FileSink>,
     socket: Option<Broadcaster>,
     mqtt: Option<Mqtt>,
     telemetry: Arc<Telemetry>,
@@ -282,20 +283,11 @@ pub struct Sinks {
 
 impl Sinks {
     pub fn open(s: &PublishSettings, telemetry: Arc<Telemetry>) -> Result<Sinks, SinkError> {
-        let file = match &s.file {
-            Some(p) => {
-                let f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| SinkError::File {
-                        path: p.clone(),
-                        reason: e.to_string(),
-                    })?;
-                Some((p.clone(), BufWriter::new(f)))
-            }
-            None => None,
-        };
+        let file = s
+            .file
+            .as_ref()
+            .map(|p| FileSink::open(p, telemetry.clone()))
+            .transpose()?;
         let socket = s
             .socket
             .as_ref()
@@ -346,12 +338,8 @@ impl Sinks {
                     .event(Event::SinkWriteFailed { sink: "stdout" });
             }
         }
-        if let Some((path, out)) = &mut self.file
-            && !lines.iter().all(|l| writeln!(out, "{l}").is_ok())
-        {
-            tracing::warn!(path = %path.display(), "records file write failed");
-            self.telemetry
-                .event(Event::SinkWriteFailed { sink: "file" });
+        if let Some(f) = &mut self.file {
+            f.push(lines);
         }
         if let Some(b) = &self.socket {
             b.send(lines);
@@ -363,12 +351,8 @@ impl Sinks {
 
     pub fn flush(&mut self) {
         self.last_flush = Instant::now();
-        if let Some((path, out)) = &mut self.file
-            && let Err(e) = out.flush()
-        {
-            tracing::warn!(path = %path.display(), error = %e, "records file flush failed");
-            self.telemetry
-                .event(Event::SinkWriteFailed { sink: "file" });
+        if let Some(f) = &mut self.file {
+            f.write_out();
         }
         if let Some(out) = &mut self.stdout {
             let _ = out.flush();
@@ -384,12 +368,143 @@ impl Sinks {
     }
 }
 
+/// Pending records written out early once they take this many bytes.
+const FILE_PENDING_MAX: usize = 256 * 1024;
+
+/// The appended records file. Records wait in memory as whole lines and go out in one
+/// `write` per flush (every second, or sooner past `FILE_PENDING_MAX`), followed by
+/// `fdatasync`; a write that fails part way (a full disk) is cut back to the last whole line,
+/// its records are counted as lost, and the failure is logged once until a write succeeds
+/// again. A file left ending in a partial line (a killed writer) is cut back when opened.
+struct FileSink {
+    path: PathBuf,
+    file: File,
+    pending: Vec<u8>,
+    pending_records: u64,
+    /// Records lost since the current run of failures began (`None`: writes succeed).
+    failing: Option<u64>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl FileSink {
+    fn open(path: &std::path::Path, telemetry: Arc<Telemetry>) -> Result<Self, SinkError> {
+        let err = |e: std::io::Error| SinkError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        let whole = whole_lines_len(&mut file, len).map_err(err)?;
+        if whole < len {
+            file.set_len(whole).map_err(err)?;
+            tracing::warn!(
+                path = %path.display(),
+                bytes = len - whole,
+                "records file ended in a partial line (an earlier run was killed); it was cut off"
+            );
+        }
+        Ok(FileSink {
+            path: path.to_path_buf(),
+            file,
+            pending: Vec::new(),
+            pending_records: 0,
+            failing: None,
+            telemetry,
+        })
+    }
+
+    fn push(&mut self, lines: &[String]) {
+        for l in lines {
+            self.pending.extend_from_slice(l.as_bytes());
+            self.pending.push(b'\n');
+        }
+        self.pending_records += lines.len() as u64;
+        if self.pending.len() >= FILE_PENDING_MAX {
+            self.write_out();
+        }
+    }
+
+    /// Write the pending lines with one `write_all` and sync them to the disk.
+    fn write_out(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let before = self.file.metadata().map(|m| m.len());
+        let result = self
+            .file
+            .write_all(&self.pending)
+            .and_then(|()| self.file.sync_data());
+        let records = std::mem::take(&mut self.pending_records);
+        self.pending.clear();
+        match result {
+            Ok(()) => {
+                if let Some(lost) = self.failing.take() {
+                    tracing::info!(
+                        path = %self.path.display(),
+                        records_lost = lost,
+                        "records file takes writes again"
+                    );
+                }
+            }
+            Err(e) => {
+                // Cut a partly written line off, so the file holds whole records only.
+                if let Ok(len) = before
+                    && self.file.metadata().is_ok_and(|m| m.len() > len)
+                    && let Err(t) = self.file.set_len(len)
+                {
+                    tracing::warn!(path = %self.path.display(), error = %t, "records file cannot be cut back to its last whole line");
+                }
+                self.telemetry
+                    .event(Event::SinkWriteFailed { sink: "file" });
+                self.telemetry.event(Event::SinkRecordsLost {
+                    sink: "file",
+                    n: records,
+                });
+                match &mut self.failing {
+                    Some(lost) => *lost += records,
+                    None => {
+                        tracing::warn!(
+                            path = %self.path.display(),
+                            error = %e,
+                            "records file write failed; records are counted as lost until it takes writes again"
+                        );
+                        self.failing = Some(records);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The length of `file` up to and including its last newline (`len` when it is empty or ends
+/// in one).
+fn whole_lines_len(file: &mut File, len: u64) -> std::io::Result<u64> {
+    let mut end = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
 type Subscriber = Sender<Arc<str>>;
 
 /// A subscriber whose socket takes no bytes for this long is cut off.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves records to subscribers of a Unix or loopback TCP socket. Each subscriber has its own
+/// Serves records to subscribers of a Unix or TCP socket. Each subscriber has its own
 /// bounded queue and writer thread; the publisher only ever `try_send`s.
 pub struct Broadcaster {
     addr: String,
@@ -433,7 +548,8 @@ impl Broadcaster {
                 let l = TcpListener::bind(a).map_err(|e| bind_err(format!("tcp:{a}"), e))?;
                 l.set_nonblocking(true)
                     .map_err(|e| bind_err(format!("tcp:{a}"), e))?;
-                let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                let local = l.local_addr().unwrap_or(*a);
+                warn_if_exposed("record socket", local);
                 (Listener::Tcp(l), format!("tcp:{local}"), None)
             }
         };
@@ -667,6 +783,41 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_last_line_is_cut_off_when_the_file_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.jsonl");
+        std::fs::write(&path, "{\"a\":1}\n{\"b\":").unwrap();
+        let tel = Arc::new(Telemetry::new());
+        let mut f = FileSink::open(&path, tel.clone()).unwrap();
+        f.push(&["{\"c\":3}".to_string()]);
+        f.write_out();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "{\"a\":1}\n{\"c\":3}\n");
+        // No newline at all: nothing whole is kept.
+        std::fs::write(&path, "{\"b\":").unwrap();
+        drop(FileSink::open(&path, tel).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    }
+
+    #[test]
+    fn a_full_disk_counts_lost_records_and_logs_once_per_episode() {
+        // /dev/full answers every write with ENOSPC.
+        let tel = Arc::new(Telemetry::new());
+        let mut f = FileSink::open(std::path::Path::new("/dev/full"), tel.clone()).unwrap();
+        f.push(&["{}".to_string(), "{}".to_string()]);
+        f.write_out();
+        f.push(&["{}".to_string()]);
+        f.write_out();
+        // Nothing pending: no write, no error.
+        f.write_out();
+        let c = tel.counts();
+        assert_eq!(c.sink_write_errors_total["file"], 2);
+        assert_eq!(c.sink_records_lost_total["file"], 3);
+        assert_eq!(f.failing, Some(3));
+        assert!(f.pending.is_empty());
+    }
+
+    #[test]
     fn socket_addresses_are_checked() {
         let base = Base(None);
         let raw = |socket: &str| RawPublish {
@@ -675,7 +826,8 @@ mod tests {
         };
         assert!(raw("unix:/tmp/x.sock").resolve(base).is_ok());
         assert!(raw("tcp:127.0.0.1:9000").resolve(base).is_ok());
-        for bad in ["tcp:10.0.0.1:9000", "udp:1", "unix:"] {
+        assert!(raw("tcp:10.0.0.1:9000").resolve(base).is_ok());
+        for bad in ["tcp:localhost", "udp:1", "unix:"] {
             let e = raw(bad).resolve(base).unwrap_err().to_string();
             assert!(e.contains("publish.socket"), "{bad}: {e}");
         }

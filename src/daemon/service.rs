@@ -12,20 +12,21 @@ use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::flag;
 
-use crate::daemon::check::{ConfigError, loopback, positive};
+use crate::daemon::check::{ConfigError, listen_addr, positive, warn_if_exposed};
 use crate::daemon::telemetry::Telemetry;
 
 /// `[service]`: running as a service.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawService {
-    /// Serve `/metrics` (Prometheus) and `/healthz` here, e.g. "127.0.0.1:9464" (loopback
-    /// only). Unset: no endpoint.
+    /// Serve `/metrics` (Prometheus) and `/healthz` here, e.g. "127.0.0.1:9464". Keep it on
+    /// loopback; any other address is served with a WARN at start-up. Unset: no endpoint.
     pub metrics_addr: Option<String>,
     /// `/healthz` answers 503 when the source has delivered no frame for this long, seconds.
     pub stall_secs: f32,
     /// Serve the live view (the latest frame with its heads outlined, and the running tally)
-    /// here, e.g. "127.0.0.1:9465" (loopback only). Unset: no view.
+    /// here, e.g. "127.0.0.1:9465". Keep it on loopback; any other address is served with a
+    /// WARN at start-up. Unset: no view.
     pub view_addr: Option<String>,
 }
 
@@ -55,13 +56,13 @@ impl RawService {
             metrics_addr: self
                 .metrics_addr
                 .as_deref()
-                .map(|a| loopback("service.metrics_addr", a))
+                .map(|a| listen_addr("service.metrics_addr", a))
                 .transpose()?,
             stall_secs: self.stall_secs,
             view_addr: self
                 .view_addr
                 .as_deref()
-                .map(|a| loopback("service.view_addr", a))
+                .map(|a| listen_addr("service.view_addr", a))
                 .transpose()?,
         })
     }
@@ -170,6 +171,7 @@ impl HttpServer {
         let err = |reason: String| HttpError { what, addr, reason };
         let server = tiny_http::Server::http(addr).map_err(|e| err(e.to_string()))?;
         let bound = server.server_addr().to_ip().unwrap_or(addr);
+        warn_if_exposed(what, bound);
         let stop = Arc::new(AtomicBool::new(false));
         let handle = {
             let stop = stop.clone();

@@ -108,6 +108,11 @@ pub enum Event {
     SinkWriteFailed {
         sink: &'static str,
     },
+    /// Records a sink could not write and gave up (a full disk, for the file sink).
+    SinkRecordsLost {
+        sink: &'static str,
+        n: u64,
+    },
     /// The sample's running label-free accuracy estimate fell more than the margin below the
     /// model card's accuracy.
     DriftSuspected,
@@ -195,6 +200,7 @@ pub struct Counts {
     pub source_up: bool,
     pub subscribers_dropped_total: BTreeMap<SubscriberDropReason, u64>,
     pub sink_write_errors_total: BTreeMap<&'static str, u64>,
+    pub sink_records_lost_total: BTreeMap<&'static str, u64>,
     /// Times drift was suspected (the running estimate fell below the reference).
     pub drift_warnings_total: u64,
     /// Whether drift is suspected now.
@@ -363,6 +369,9 @@ impl Telemetry {
             }
             Event::SinkWriteFailed { sink } => {
                 *c.sink_write_errors_total.entry(sink).or_default() += 1
+            }
+            Event::SinkRecordsLost { sink, n } => {
+                *c.sink_records_lost_total.entry(sink).or_default() += n
             }
             Event::DriftSuspected => {
                 c.drift_warnings_total += 1;
@@ -561,7 +570,7 @@ fn by<K: serde::Serialize>(m: &BTreeMap<K, u64>) -> Vec<(String, u64)> {
         .collect()
 }
 
-const LABELLED: [LabelledCounter; 6] = [
+const LABELLED: [LabelledCounter; 7] = [
     (
         "frames_dropped",
         "Frames dropped, by reason.",
@@ -591,6 +600,12 @@ const LABELLED: [LabelledCounter; 6] = [
         "Failed record writes, by sink.",
         "sink",
         |c| by(&c.sink_write_errors_total),
+    ),
+    (
+        "sink_records_lost",
+        "Records a sink could not write and gave up, by sink.",
+        "sink",
+        |c| by(&c.sink_records_lost_total),
     ),
     (
         "mqtt_messages_dropped",
