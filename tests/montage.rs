@@ -10,7 +10,6 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
-use spermscope::core::imageio;
 use spermscope::core::model::{Model, RuntimeOptions};
 use spermscope::daemon::source::montage::{Layout, Montage, Placed};
 
@@ -67,29 +66,10 @@ fn montage_cells_agree_with_crop_level_classification() {
         for p in placed {
             placed_n += 1;
             // The record whose centroid lies in this crop's disc.
-            let hits: Vec<&Value> = records
-                .iter()
-                .filter(|r| r["kind"] == "detection" && r["frame"]["name"] == name.as_str())
-                .filter(|r| !r["class"].is_null())
-                .filter(|r| {
-                    let (x, y) = (
-                        r["centroid"][0].as_f64().unwrap() as f32,
-                        r["centroid"][1].as_f64().unwrap() as f32,
-                    );
-                    (x - p.centre.0).hypot(y - p.centre.1) < p.radius * 0.8
-                })
-                .collect();
+            let hits = common::classified_in_disc(&records, name, p.centre, p.radius);
             let [r] = hits.as_slice() else { continue };
             matched += 1;
-            let crop = imageio::load_rgb(&p.crop).unwrap();
-            let logits = model.logits(&[model.preprocessor().crop(&crop)]).unwrap();
-            let best = logits[0]
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .unwrap()
-                .0;
-            let crop_class = &model.spec.classes[best];
+            let crop_class = common::crop_class(&mut model, &p.crop);
             if r["class"] == crop_class.as_str() {
                 agree += 1;
             }

@@ -15,7 +15,6 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
-use spermscope::core::imageio;
 use spermscope::core::model::{Model, RuntimeOptions};
 use spermscope::daemon::source::montage::{Layout, Montage, Placed};
 
@@ -23,19 +22,6 @@ fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_spermscope"));
     c.env("RUST_LOG", "warn");
     c
-}
-
-/// The top class of a crop classified on its own.
-fn crop_class(model: &mut Model, crop: &Path) -> String {
-    let img = imageio::load_rgb(crop).unwrap();
-    let logits = model.logits(&[model.preprocessor().crop(&img)]).unwrap();
-    let best = logits[0]
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .unwrap()
-        .0;
-    model.spec.classes[best].clone()
 }
 
 #[test]
@@ -110,17 +96,7 @@ fn montage_run(dataset: &str, model: &str, seed: u64, min_found_pct: f64) {
     let (mut debris, mut debris_kept) = (0, 0);
     for (name, placed) in &truth {
         for p in placed {
-            let hits: Vec<&Value> = records
-                .iter()
-                .filter(|r| r["frame"]["name"] == name.as_str() && !r["class"].is_null())
-                .filter(|r| {
-                    let (x, y) = (
-                        r["centroid"][0].as_f64().unwrap() as f32,
-                        r["centroid"][1].as_f64().unwrap() as f32,
-                    );
-                    (x - p.centre.0).hypot(y - p.centre.1) < p.radius * 0.8
-                })
-                .collect();
+            let hits = common::classified_in_disc(&records, name, p.centre, p.radius);
             if p.class == "non-sperm" {
                 debris += 1;
                 debris_kept += usize::from(!hits.is_empty());
@@ -129,7 +105,7 @@ fn montage_run(dataset: &str, model: &str, seed: u64, min_found_pct: f64) {
             sperm += 1;
             let [r] = hits.as_slice() else { continue };
             found += 1;
-            let by_crop = crop_class(&mut model, &p.crop);
+            let by_crop = common::crop_class(&mut model, &p.crop);
             crop_right += usize::from(by_crop == p.class);
             field_right += usize::from(r["class"] == p.class.as_str());
             agree += usize::from(r["class"] == by_crop.as_str());

@@ -1,10 +1,11 @@
 //! Helpers shared by the integration tests: where the shared datasets are, running a binary
-//! that must succeed, and a fixture loader for the sperm-parsing full fields.
+//! that must succeed, a fixture loader for the sperm-parsing full fields, and the scoring of
+//! montage fields against the crops pasted into them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// `../shared/datasets` beside the project; a test that needs it fails with one message
@@ -130,4 +131,39 @@ pub fn parsing_val_heads(max_frames: usize) -> Vec<TruthHead> {
         }
     }
     out
+}
+
+/// The classified detection records of frame `name` whose centroid lies well inside the disc
+/// (its inner 80%) of a crop pasted at `centre` with `radius`.
+pub fn classified_in_disc<'a>(
+    records: &'a [serde_json::Value],
+    name: &str,
+    centre: (f32, f32),
+    radius: f32,
+) -> Vec<&'a serde_json::Value> {
+    records
+        .iter()
+        .filter(|r| r["kind"] == "detection" && r["frame"]["name"] == name)
+        .filter(|r| !r["class"].is_null())
+        .filter(|r| {
+            let (x, y) = (
+                r["centroid"][0].as_f64().unwrap() as f32,
+                r["centroid"][1].as_f64().unwrap() as f32,
+            );
+            (x - centre.0).hypot(y - centre.1) < radius * 0.8
+        })
+        .collect()
+}
+
+/// The top class a model gives a crop on its own (crop-level classification).
+pub fn crop_class(model: &mut spermscope::core::model::Model, crop: &Path) -> String {
+    let img = spermscope::core::imageio::load_rgb(crop).unwrap();
+    let logits = model.logits(&[model.preprocessor().crop(&img)]).unwrap();
+    let best = logits[0]
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0;
+    model.spec.classes[best].clone()
 }
