@@ -7,9 +7,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use serde_json::Value;
 use spermscope::core::model::{Model, RuntimeOptions};
 use spermscope::daemon::source::montage::{Layout, Montage, Placed};
 
@@ -44,21 +42,7 @@ fn montage_cells_agree_with_crop_level_classification() {
         ),
     )
     .unwrap();
-    let rec = dir.path().join("r.jsonl");
-    common::run_ok(
-        Command::new(env!("CARGO_BIN_EXE_spermscope"))
-            .arg("replay")
-            .arg(&frames)
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--records")
-            .arg(&rec),
-    );
-    let records: Vec<Value> = std::fs::read_to_string(&rec)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = common::replay_records(&frames, &cfg, &dir.path().join("r.jsonl"));
 
     let mut model = Model::load(&model_path, &RuntimeOptions::default()).unwrap();
     let (mut placed_n, mut matched, mut agree, mut label_agree) = (0, 0, 0, 0);

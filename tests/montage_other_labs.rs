@@ -74,21 +74,9 @@ fn montage_run(dataset: &str, model: &str, seed: u64, min_found_pct: f64) {
         ),
     )
     .unwrap();
-    let rec = dir.path().join("r.jsonl");
-    common::run_ok(
-        bin()
-            .arg("replay")
-            .arg(&frames)
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--records")
-            .arg(&rec),
-    );
-    let records: Vec<Value> = std::fs::read_to_string(&rec)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|r: &Value| r["kind"] == "detection")
+    let records: Vec<Value> = common::replay_records(&frames, &cfg, &dir.path().join("r.jsonl"))
+        .into_iter()
+        .filter(|r| r["kind"] == "detection")
         .collect();
 
     let mut model = Model::load(&model_path, &RuntimeOptions::default()).unwrap();

@@ -167,3 +167,22 @@ pub fn crop_class(model: &mut spermscope::core::model::Model, crop: &Path) -> St
         .0;
     model.spec.classes[best].clone()
 }
+
+/// Replay `frames` through the daemon with `config`, records to `records`, and read them back.
+pub fn replay_records(frames: &Path, config: &Path, records: &Path) -> Vec<serde_json::Value> {
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_spermscope"))
+            .env("RUST_LOG", "warn")
+            .arg("replay")
+            .arg(frames)
+            .arg("--config")
+            .arg(config)
+            .arg("--records")
+            .arg(records),
+    );
+    std::fs::read_to_string(records)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
