@@ -10,10 +10,6 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use spermscope::core::imageio;
-use spermscope::core::model::{Model, RuntimeOptions};
-use spermscope::core::spec::ModelSpec;
-
 fn experiment(dir: &Path, features: bool) -> PathBuf {
     let hushem = common::dataset("hushem");
     let text = format!(
@@ -114,47 +110,11 @@ fn train(dir: &Path, features: bool) -> serde_json::Value {
     report
 }
 
-fn parity(dir: &Path, report: &serde_json::Value) {
-    let fin = &report["final_model"];
-    let mut model =
-        Model::load(&dir.join("out/smoke.onnx"), &RuntimeOptions::default()).expect("load");
-    // Metadata round trip: the spec read back through ONNX Runtime is the one trained with.
-    let trained: ModelSpec = serde_json::from_value(fin["spec"].clone()).expect("spec");
-    assert_eq!(*model.spec, trained);
-    let items: Vec<PathBuf> = serde_json::from_value(fin["parity_items"].clone()).expect("items");
-    let want: Vec<Vec<f32>> = serde_json::from_value(fin["parity_logits"].clone()).expect("logits");
-    assert!(
-        items.len() >= 10,
-        "parity needs real images, got {}",
-        items.len()
-    );
-    let batch: Vec<_> = items
-        .iter()
-        .map(|p| {
-            model
-                .preprocessor()
-                .crop(&imageio::load_rgb(p).expect("image"))
-        })
-        .collect();
-    let got = model.logits(&batch).expect("run");
-    let mut worst = 0f32;
-    for (g, w) in got.iter().zip(&want) {
-        for (a, b) in g.iter().zip(w) {
-            worst = worst.max((a - b).abs());
-        }
-    }
-    println!(
-        "parity: {} crops, largest |ort - burn| logit difference {worst:.2e}",
-        items.len()
-    );
-    assert!(worst <= 1e-4, "ort and burn logits differ by {worst}");
-}
-
 #[test]
 fn trainer_smoke_export_and_parity_with_features() {
     let dir = tempfile::tempdir().expect("tempdir");
     let report = train(dir.path(), true);
-    parity(dir.path(), &report);
+    common::onnx_parity(&dir.path().join("out/smoke.onnx"), &report);
 
     // The evaluator goes through the same preprocessing and ONNX Runtime path: on the same
     // images it must reproduce the accuracy burn measured for the final model.
@@ -184,7 +144,7 @@ fn trainer_smoke_export_and_parity_with_features() {
 fn trainer_smoke_export_and_parity_pixels_only() {
     let dir = tempfile::tempdir().expect("tempdir");
     let report = train(dir.path(), false);
-    parity(dir.path(), &report);
+    common::onnx_parity(&dir.path().join("out/smoke.onnx"), &report);
 
     // A fixed seed makes a run repeatable: the same folds, the same weights, the same logits.
     let again = tempfile::tempdir().expect("tempdir");

@@ -13,9 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::prelude::*;
-use spermscope::core::imageio;
-use spermscope::core::model::{Model, RuntimeOptions};
-use spermscope::core::spec::ModelSpec;
 use spermscope::offline::train::efficientnet::{
     EfficientNetLite, EfficientNetLiteConfig, Variant, find_weights,
 };
@@ -246,34 +243,5 @@ fn finetuned_lite0_resumes_to_the_same_weights_and_exports_with_parity() {
     let mean = a["spec"]["input"]["mean"][0].as_f64().expect("mean");
     assert!((mean - 127.0 / 255.0).abs() < 1e-6, "{mean}");
 
-    parity(&dir.path().join("whole"), &whole);
-}
-
-/// The exported model passes the readers' checks (spec present and agreeing with the graph,
-/// metadata round trip) and gives burn's logits through ONNX Runtime.
-fn parity(out: &Path, report: &serde_json::Value) {
-    let fin = &report["final_model"];
-    let mut model = Model::load(&out.join("lite.onnx"), &RuntimeOptions::default()).expect("load");
-    let trained: ModelSpec = serde_json::from_value(fin["spec"].clone()).expect("spec");
-    assert_eq!(*model.spec, trained);
-    let items: Vec<PathBuf> = serde_json::from_value(fin["parity_items"].clone()).expect("items");
-    let want: Vec<Vec<f32>> = serde_json::from_value(fin["parity_logits"].clone()).expect("logits");
-    assert!(items.len() >= 10, "{}", items.len());
-    let batch: Vec<_> = items
-        .iter()
-        .map(|p| {
-            model
-                .preprocessor()
-                .crop(&imageio::load_rgb(p).expect("image"))
-        })
-        .collect();
-    let got = model.logits(&batch).expect("run");
-    let worst = got
-        .iter()
-        .flatten()
-        .zip(want.iter().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
-    println!("parity: largest |ort - burn| logit difference {worst:.2e}");
-    assert!(worst <= 1e-4, "ort and burn logits differ by {worst}");
+    common::onnx_parity(&dir.path().join("whole").join("lite.onnx"), &whole);
 }

@@ -129,6 +129,19 @@ fn site(cfa: Cfa, x: usize, y: usize) -> usize {
     }
 }
 
+/// Index `i` of a row or column of `n` mirrored into `0..n` about its first and last
+/// element (`-1` → `1`, `n` → `n - 2`).
+fn mirror(i: isize, n: usize) -> usize {
+    let m = if i < 0 {
+        i.unsigned_abs()
+    } else if i as usize >= n {
+        (2 * n).saturating_sub(2 + i as usize)
+    } else {
+        i as usize
+    };
+    m.min(n - 1)
+}
+
 /// An 8-bit Bayer mosaic to RGB by bilinear interpolation: each missing colour is the mean of
 /// the nearest sites of that colour in the 3x3 neighbourhood (edges mirrored).
 pub fn bayer8(data: &[u8], width: u32, height: u32, cfa: Cfa) -> Result<RgbImage, SizeError> {
@@ -136,21 +149,7 @@ pub fn bayer8(data: &[u8], width: u32, height: u32, cfa: Cfa) -> Result<RgbImage
     let (w, h) = (width as usize, height as usize);
     let at = |x: isize, y: isize| -> (usize, u32) {
         // Mirror at the borders so every pixel has full neighbours of each colour.
-        let mx = if x < 0 {
-            (-x) as usize
-        } else if x as usize >= w {
-            (2 * w).saturating_sub(2 + x as usize)
-        } else {
-            x as usize
-        };
-        let my = if y < 0 {
-            (-y) as usize
-        } else if y as usize >= h {
-            (2 * h).saturating_sub(2 + y as usize)
-        } else {
-            y as usize
-        };
-        let (mx, my) = (mx.min(w - 1), my.min(h - 1));
+        let (mx, my) = (mirror(x, w), mirror(y, h));
         (site(cfa, mx, my), u32::from(data[my * w + mx]))
     };
     let mut rgb = Vec::with_capacity(w * h * 3);

@@ -467,6 +467,12 @@ fn pass(tx: &Sender<Work>, w: Work, tel: &Telemetry) {
     }
 }
 
+/// A frame the source delivered without an image: seen, and dropped for `reason`.
+fn skipped(tel: &Telemetry, reason: FrameDropReason) {
+    tel.event(Event::FrameSeen);
+    tel.event(Event::FramesDropped { reason, n: 1 });
+}
+
 fn source_stage(
     mut src: Box<dyn FrameSource>,
     tx: Sender<Work>,
@@ -490,21 +496,13 @@ fn source_stage(
             }
             Pull::Incomplete { name, reason } => {
                 seq += 1;
-                tel.event(Event::FrameSeen);
-                tel.event(Event::FramesDropped {
-                    reason: FrameDropReason::Incomplete,
-                    n: 1,
-                });
+                skipped(tel, FrameDropReason::Incomplete);
                 tracing::debug!(frame = %name, %reason, "frame skipped: incomplete");
                 continue;
             }
             Pull::Unreadable { name, reason } => {
                 seq += 1;
-                tel.event(Event::FrameSeen);
-                tel.event(Event::FramesDropped {
-                    reason: FrameDropReason::Undecodable,
-                    n: 1,
-                });
+                skipped(tel, FrameDropReason::Undecodable);
                 tracing::warn!(frame = %name, %reason, "frame skipped: it cannot be decoded");
                 continue;
             }

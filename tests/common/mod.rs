@@ -186,3 +186,42 @@ pub fn replay_records(frames: &Path, config: &Path, records: &Path) -> Vec<serde
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// The exported model passes the readers' checks (spec present and agreeing with the graph,
+/// the spec read back through ONNX Runtime equal to the one trained with) and gives burn's
+/// logits through ONNX Runtime on the trainer's parity images, within 1e-4.
+pub fn onnx_parity(model_path: &Path, report: &serde_json::Value) {
+    use spermscope::core::model::{Model, RuntimeOptions};
+    use spermscope::core::spec::ModelSpec;
+    let fin = &report["final_model"];
+    let mut model = Model::load(model_path, &RuntimeOptions::default()).expect("load");
+    let trained: ModelSpec = serde_json::from_value(fin["spec"].clone()).expect("spec");
+    assert_eq!(*model.spec, trained);
+    let items: Vec<PathBuf> = serde_json::from_value(fin["parity_items"].clone()).expect("items");
+    let want: Vec<Vec<f32>> = serde_json::from_value(fin["parity_logits"].clone()).expect("logits");
+    assert!(
+        items.len() >= 10,
+        "parity needs real images, got {}",
+        items.len()
+    );
+    let batch: Vec<_> = items
+        .iter()
+        .map(|p| {
+            model
+                .preprocessor()
+                .crop(&spermscope::core::imageio::load_rgb(p).expect("image"))
+        })
+        .collect();
+    let got = model.logits(&batch).expect("run");
+    let worst = got
+        .iter()
+        .flatten()
+        .zip(want.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    println!(
+        "parity: {} crops, largest |ort - burn| logit difference {worst:.2e}",
+        items.len()
+    );
+    assert!(worst <= 1e-4, "ort and burn logits differ by {worst}");
+}
