@@ -180,12 +180,21 @@ impl Model {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
+        Model::from_bytes(&bytes, path, opts)
+    }
+
+    /// A model from ONNX bytes already read; `path` names it in errors and in the log.
+    pub fn from_bytes(
+        bytes: &[u8],
+        path: &Path,
+        opts: &RuntimeOptions,
+    ) -> Result<Model, ModelError> {
         let env = environment(opts)?;
         let sess_err = |reason: String| ModelError::Session {
             path: path.to_path_buf(),
             reason,
         };
-        let (session, provider) = build_session(&env, &bytes, opts).map_err(|e| match e {
+        let (session, provider) = build_session(&env, bytes, opts).map_err(|e| match e {
             BuildError::Provider(p, reason) => ModelError::Provider {
                 provider: p,
                 reason,
@@ -194,7 +203,7 @@ impl Model {
         })?;
         let spec = read_spec(&session, path)?;
         check_graph(&session, &spec, path)?;
-        let sha256 = format!("{:x}", Sha256::digest(&bytes));
+        let sha256 = format!("{:x}", Sha256::digest(bytes));
         Ok(Model {
             session,
             spec: Arc::new(spec),

@@ -217,12 +217,14 @@ pub fn set_metadata(onnx: &[u8], key: &str, value: &str) -> Result<Vec<u8>, Spec
             }
             1 => i += 8,
             2 => {
-                let len = read_varint(onnx, &mut i)? as usize;
-                let body = onnx
-                    .get(i..i + len)
+                let len = read_varint(onnx, &mut i)?;
+                let end = usize::try_from(len)
+                    .ok()
+                    .and_then(|len| i.checked_add(len))
+                    .filter(|&end| end <= onnx.len())
                     .ok_or(SpecError::Protobuf("field runs past the end"))?;
-                drop = field == 14 && entry_key(body) == Some(key.as_bytes());
-                i += len;
+                drop = field == 14 && entry_key(&onnx[i..end]) == Some(key.as_bytes());
+                i = end;
             }
             5 => i += 4,
             _ => return Err(SpecError::Protobuf("unsupported wire type")),
@@ -246,12 +248,13 @@ fn entry_key(body: &[u8]) -> Option<&[u8]> {
         if tag & 7 != 2 {
             return None;
         }
-        let len = read_varint(body, &mut i).ok()? as usize;
-        let v = body.get(i..i + len)?;
+        let len = usize::try_from(read_varint(body, &mut i).ok()?).ok()?;
+        let end = i.checked_add(len)?;
+        let v = body.get(i..end)?;
         if tag >> 3 == 1 {
             return Some(v);
         }
-        i += len;
+        i = end;
     }
     None
 }

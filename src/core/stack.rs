@@ -3,7 +3,7 @@
 //! page's ImageDescription read for the physical pixel size and the significant bits.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
@@ -122,10 +122,24 @@ pub fn parse_ome(xml: &str) -> Option<OmePixels> {
     })
 }
 
-/// A stack being read page by page.
-pub struct TiffStack {
+/// The most one page may take decoded, bytes: what the image crate allows a PNG or JPEG frame
+/// (512 MiB; a 16-bit RGB page of 8192 x 8192 is 384 MiB). A page whose header claims more is
+/// an error for that page, not an allocation of whatever size a damaged header says.
+pub const PAGE_LIMIT_BYTES: usize = 512 << 20;
+
+fn limits() -> Limits {
+    let mut l = Limits::default();
+    l.decoding_buffer_size = PAGE_LIMIT_BYTES;
+    l.intermediate_buffer_size = PAGE_LIMIT_BYTES;
+    // OME-XML for a long multi-channel acquisition runs to megabytes.
+    l.ifd_value_size = 64 << 20;
+    l
+}
+
+/// A stack being read page by page (from a file, or any seekable reader).
+pub struct TiffStack<R: Read + Seek = BufReader<File>> {
     path: PathBuf,
-    decoder: Decoder<BufReader<File>>,
+    decoder: Decoder<R>,
     /// Pages read so far.
     page: usize,
     done: bool,
@@ -138,13 +152,20 @@ impl TiffStack {
             path: path.to_path_buf(),
             source,
         })?;
+        TiffStack::from_reader(BufReader::new(file), path)
+    }
+}
+
+impl<R: Read + Seek> TiffStack<R> {
+    /// A stack read from `reader`; `path` names it in errors.
+    pub fn from_reader(reader: R, path: &Path) -> Result<Self, StackError> {
         let tiff_err = |e: tiff::TiffError| StackError::Tiff {
             path: path.to_path_buf(),
             reason: e.to_string(),
         };
-        let mut decoder = Decoder::new(BufReader::new(file))
+        let mut decoder = Decoder::new(reader)
             .map_err(tiff_err)?
-            .with_limits(Limits::unlimited());
+            .with_limits(limits());
         let ome = decoder
             .find_tag(Tag::ImageDescription)
             .ok()
@@ -279,5 +300,58 @@ pub(crate) mod tests {
         // 12 significant bits: 1000 → 62, 2000 → 125, 3000 → 187.
         assert_eq!(seen, vec![(1, 0), (2, 62), (3, 125), (4, 187)]);
         assert!(!is_tiff(b"\xFF\xD8\xFF\xE0"));
+    }
+
+    /// A one-page 16-bit grey TIFF whose header claims `w` x `h` pixels, with 64 bytes of strip.
+    fn claimed_size_tiff(w: u32, h: u32) -> Vec<u8> {
+        let mut out = b"II*\0\0\0\0\0".to_vec();
+        out.extend_from_slice(&[0; 64]);
+        let ifd = out.len() as u32;
+        out[4..8].copy_from_slice(&ifd.to_le_bytes());
+        // (tag, type 3 SHORT or 4 LONG, value)
+        let tags: [(u16, u16, u32); 9] = [
+            (256, 4, w),
+            (257, 4, h),
+            (258, 3, 16),
+            (259, 3, 1),
+            (262, 3, 1),
+            (273, 4, 8),
+            (277, 3, 1),
+            (278, 4, h),
+            (279, 4, 64),
+        ];
+        out.extend_from_slice(&(tags.len() as u16).to_le_bytes());
+        for (tag, ty, v) in tags {
+            out.extend_from_slice(&tag.to_le_bytes());
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(&1u32.to_le_bytes());
+            if ty == 3 {
+                out.extend_from_slice(&(v as u16).to_le_bytes());
+                out.extend_from_slice(&[0, 0]);
+            } else {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn a_page_claiming_more_than_the_limit_is_refused_before_it_is_allocated() {
+        let small = claimed_size_tiff(8, 4);
+        let mut s =
+            TiffStack::from_reader(std::io::Cursor::new(&small), Path::new("s.tif")).unwrap();
+        assert_eq!(s.next_page().unwrap().1.unwrap().dimensions(), (8, 4));
+        // 60000 x 60000 x 2 bytes = 7.2 GB: a damaged or hostile header, refused by size.
+        let big = claimed_size_tiff(60_000, 60_000);
+        let mut s = TiffStack::from_reader(std::io::Cursor::new(&big), Path::new("b.tif")).unwrap();
+        let (page, err) = s.next_page().unwrap();
+        let err = err.unwrap_err().to_string();
+        assert_eq!(page, 1);
+        assert!(
+            err.contains("b.tif page 1") && err.contains("limits"),
+            "{err}"
+        );
+        assert!(s.next_page().is_none());
     }
 }

@@ -149,14 +149,21 @@ pub enum RecordsError {
 /// Every record of a records file (JSON Lines), in order; a line that is not a record is an
 /// error naming it.
 pub fn read_record_lines(path: &Path) -> Result<Vec<Record>, RecordsError> {
-    let io = |source| RecordsError::Io {
+    let file = std::fs::File::open(path).map_err(|source| RecordsError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let file = std::fs::File::open(path).map_err(io)?;
+    })?;
+    parse_record_lines(std::io::BufReader::new(file), path)
+}
+
+/// Every record read from `reader` (JSON Lines), in order; `path` names the source in errors.
+pub fn parse_record_lines(reader: impl BufRead, path: &Path) -> Result<Vec<Record>, RecordsError> {
     let mut records = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(io)?;
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.map_err(|source| RecordsError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if line.trim().is_empty() {
             continue;
         }
@@ -177,14 +184,19 @@ pub fn read_record_lines(path: &Path) -> Result<Vec<Record>, RecordsError> {
 /// Read a records file back into one tally per sample, in sample order; the same tallies the
 /// daemon kept while publishing them.
 pub fn read_records(path: &Path) -> Result<Vec<Tally>, RecordsError> {
+    Ok(tally_records(&read_record_lines(path)?))
+}
+
+/// One tally per sample, in sample order, of records already read.
+pub fn tally_records(records: &[Record]) -> Vec<Tally> {
     let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
-    for r in read_record_lines(path)? {
+    for r in records {
         tallies
             .entry(r.sample.clone())
             .or_insert_with(|| Tally::new(&r.sample))
-            .add_record(&r);
+            .add_record(r);
     }
-    Ok(tallies.into_values().collect())
+    tallies.into_values().collect()
 }
 
 /// WHO laboratory manual, 6th edition (2021): lower reference limit of normal forms, %.

@@ -8,3 +8,4 @@ pub mod plots;
 
 #[cfg(feature = "train")]
 pub mod train;
+pub mod tune_log;

@@ -18,6 +18,7 @@ use super::plot::ScatterPanel;
 use super::{TrainError, base_spec, fit, load_data};
 use crate::core::dataset;
 use crate::offline::metrics::Scores;
+pub use crate::offline::tune_log::{self, Trial};
 
 /// One searched parameter: a dotted key of the experiment TOML and how to draw it.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -94,20 +95,6 @@ fn three() -> usize {
 }
 fn quarter() -> f64 {
     0.25
-}
-
-/// One finished trial (a line of the log).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Trial {
-    pub outer: usize,
-    pub trial: usize,
-    /// 0: the first rung (a third of the epochs when halving), 1: promoted to all epochs.
-    pub rung: usize,
-    pub epochs: usize,
-    pub params: BTreeMap<String, toml::Value>,
-    /// Accuracy on the inner validation split.
-    pub score: f64,
-    pub seconds: f64,
 }
 
 /// The outcome of one outer fold.
@@ -380,31 +367,15 @@ pub struct TrialLog {
     file: std::fs::File,
 }
 
-/// Read a log's text. A malformed last line is what a killed run leaves (its trial runs
-/// again); a malformed line before it means the file is not a search log, and is refused.
+/// Read a log's text (see `tune_log::parse_log`).
 pub fn parse_log(text: &str, path: &Path) -> Result<Vec<Trial>, TrainError> {
-    let lines: Vec<(usize, &str)> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .collect();
-    let mut trials = Vec::with_capacity(lines.len());
-    for (k, (i, line)) in lines.iter().enumerate() {
-        match serde_json::from_str::<Trial>(line) {
-            Ok(t) => trials.push(t),
-            Err(e) if k + 1 == lines.len() => {
-                tracing::warn!(path = %path.display(), line = i + 1, error = %e, "last log line is cut off; its trial runs again");
-            }
-            Err(e) => {
-                return Err(invalid(
-                    path,
-                    "log",
-                    format!("line {} is not a trial: {e}", i + 1),
-                ));
-            }
-        }
-    }
-    Ok(trials)
+    tune_log::parse_log(text, path).map_err(|e| {
+        invalid(
+            path,
+            "log",
+            format!("line {} is not a trial: {}", e.line, e.reason),
+        )
+    })
 }
 
 impl TrialLog {
