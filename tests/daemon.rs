@@ -378,12 +378,7 @@ fn sigterm_mid_run_drains_flushes_and_reports() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(2500));
-    let kill = Command::new("sh")
-        .arg("-c")
-        .arg(format!("kill -TERM {}", child.id()))
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    common::sigterm(&child);
     let t = Instant::now();
     let status = child.wait().unwrap();
     assert!(status.success(), "exit {:?}", status.code());

@@ -53,12 +53,7 @@ fn spawn(cfg: &Path, stderr: Stdio) -> Child {
 }
 
 fn term(child: &mut Child) {
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!("kill -TERM {}", child.id()))
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    common::sigterm(child);
     let status = child.wait().unwrap();
     assert!(status.success(), "exit {status:?}");
 }
@@ -336,18 +331,7 @@ fn a_stalled_source_turns_healthz_503_and_the_watchdog_is_still_fed() {
         "fps = 0.4\nrepeat = true",
         &format!("[service]\nmetrics_addr = \"127.0.0.1:{port}\"\nstall_secs = 0.8\n"),
     );
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "WATCHDOG_PID=$$ exec '{BIN}' run --config '{}'",
-            cfg.display()
-        ))
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "500000")
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_watched(BIN, &cfg, &sock_path, "500000", "warn", Stdio::null());
     let mut codes = Vec::new();
     let mut pings = Vec::new();
     let mut buf = [0u8; 4096];

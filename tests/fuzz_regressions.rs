@@ -1,18 +1,14 @@
 //! Every input that once crashed a fuzz target (`fuzz/regressions/<target>/`) goes through the
-//! same library calls as its target and must come back as a clean result or error. The fuzz
+//! target's own entry point (`spermscope::fuzz`) and must come back as a clean result or error. The fuzz
 //! smoke run in CI replays them too, with debug assertions and AddressSanitizer.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use spermscope::core::model::{Model, RuntimeOptions};
 use spermscope::core::spec::{self, SpecError};
-use spermscope::core::{imageio, stack};
-use spermscope::daemon::config::RawConfig;
-use spermscope::daemon::report;
-use spermscope::offline::tune_log;
+use spermscope::fuzz;
 
 fn regressions(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -70,32 +66,10 @@ fn a_protobuf_length_near_the_top_of_u64_is_refused() {
 }
 
 #[test]
-fn frame_config_records_and_log_inputs_that_crashed_run_cleanly() {
-    for (path, bytes) in regressions("frame_file") {
-        let _ = imageio::decode_rgb(&bytes);
-        if stack::is_tiff(&bytes)
-            && let Ok(mut s) = stack::TiffStack::from_reader(Cursor::new(&bytes), &path)
-        {
-            for _ in 0..64 {
-                if s.next_page().is_none() {
-                    break;
-                }
-            }
+fn every_input_that_crashed_a_target_runs_cleanly_through_it() {
+    for (target, run) in fuzz::TARGETS {
+        for (_, bytes) in regressions(target) {
+            run(&bytes);
         }
-    }
-    for (path, bytes) in regressions("config") {
-        if let Ok(raw) = RawConfig::parse(&String::from_utf8_lossy(&bytes), &path) {
-            let _ = raw.resolve(Some(Path::new("/nonexistent/fuzz")));
-        }
-    }
-    for (path, bytes) in regressions("records") {
-        if let Ok(records) = report::parse_record_lines(Cursor::new(&bytes), &path) {
-            for t in report::tally_records(&records) {
-                let _ = t.report(&[], 200, None).text();
-            }
-        }
-    }
-    for (path, bytes) in regressions("tune_log") {
-        let _ = tune_log::parse_log(&String::from_utf8_lossy(&bytes), &path);
     }
 }

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+
 const SIMULATOR: &str = "arv-fake-gv-camera-0.8";
 
 /// A fresh network namespace, held by a sleeping process; commands enter it with nsenter.
@@ -86,15 +88,6 @@ impl Drop for NetNs {
 fn stop(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
-}
-
-fn term(child: &Child) {
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!("kill -TERM {}", child.id()))
-        .status()
-        .unwrap();
-    assert!(ok.success());
 }
 
 fn config(dir: &Path, serial: &str, genicam: &str) -> PathBuf {
@@ -179,7 +172,7 @@ impl Daemon {
 
     /// SIGTERM, then the exit status and the run summary.
     fn finish(mut self, dir: &Path) -> Value {
-        term(&self.child);
+        common::sigterm(&self.child);
         let status = self.child.wait().unwrap();
         if let Some(r) = self.reader.take() {
             r.join().unwrap();

@@ -98,19 +98,14 @@ fn notify_protocol_and_reload_without_losing_frames() {
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let cfg = daemon_config(dir.path(), "");
-    // systemd names the watched process in WATCHDOG_PID; `exec` keeps the shell's pid.
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "WATCHDOG_PID=$$ exec '{BIN}' run --config '{}'",
-            cfg.display()
-        ))
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "400000")
-        .env("RUST_LOG", "info,ort=warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_watched(
+        BIN,
+        &cfg,
+        &sock_path,
+        "400000",
+        "info,ort=warn",
+        Stdio::piped(),
+    );
     let mut messages: Vec<String> = Vec::new();
     let mut buf = [0u8; 4096];
     let mut pump = |until: Duration, messages: &mut Vec<String>| {

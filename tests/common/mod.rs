@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// `../shared/datasets` beside the project; a test that needs it fails with one message
 /// naming it when it is not there.
@@ -51,6 +51,41 @@ pub fn run_ok(c: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Send SIGTERM to a child (the daemon drains, flushes and reports on it); the `kill` must
+/// succeed.
+pub fn sigterm(child: &Child) {
+    let sent = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -TERM {}", child.id()))
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// `spermscope run --config cfg` as systemd starts it under a watchdog: `NOTIFY_SOCKET` and
+/// `WATCHDOG_USEC` set, and `WATCHDOG_PID` naming the daemon (`exec` keeps the shell's pid).
+pub fn spawn_watched(
+    bin: &str,
+    cfg: &Path,
+    notify_socket: &Path,
+    watchdog_usec: &str,
+    rust_log: &str,
+    stderr: Stdio,
+) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "WATCHDOG_PID=$$ exec '{bin}' run --config '{}'",
+            cfg.display()
+        ))
+        .env("NOTIFY_SOCKET", notify_socket)
+        .env("WATCHDOG_USEC", watchdog_usec)
+        .env("RUST_LOG", rust_log)
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
 }
 
 /// One head of a sperm-parsing frame with its ground-truth head→tail direction.
