@@ -1,7 +1,7 @@
 //! Head morphometrics: sizes in µm for records, and the scale-free shape and stain descriptors
 //! that the classifiers take beside the pixels.
 
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use imageproc::contours::{BorderType, find_contours};
 use imageproc::geometry::{approximate_polygon_dp, arc_length, convex_hull};
 use imageproc::point::Point;
@@ -122,6 +122,12 @@ pub fn shape_features(
     contrast: Contrast,
     window_px: f32,
 ) -> Vec<f32> {
+    shape_features_in(&stain_map(img, contrast), head, window_px)
+}
+
+/// `shape_features` from the image's stain map (`stain_map`), for callers that made it
+/// already (the crop path finds the head on the same map).
+pub fn shape_features_in(stain: &GrayImage, head: &HeadRegion, window_px: f32) -> Vec<f32> {
     let mut f = Vec::with_capacity(FEATURE_COUNT);
     let n = head.area_px().max(1) as f32;
     let (cx, cy) = head.centroid;
@@ -172,7 +178,6 @@ pub fn shape_features(
     }
 
     // Width and stain profiles along the axis, front (t = -major/2) to back.
-    let stain = stain_map(img, contrast);
     let mut lo = [f32::MAX; PROFILE_BINS];
     let mut hi = [f32::MIN; PROFILE_BINS];
     let mut ssum = [0f32; PROFILE_BINS];
@@ -208,26 +213,36 @@ pub fn shape_features(
     }
 
     // Acrosome share: head pixels lighter than the midpoint of the head's stain range.
-    values.sort_by(f32::total_cmp);
-    let q = |p: f32| {
-        values
-            .get(((values.len() as f32 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
-    let (q05, q95) = (q(0.05), q(0.95));
+    let (q05, q95) = quantiles_05_95(&mut values);
     let mid = (q05 + q95) / 2.0;
     let light = values.iter().filter(|&&v| v < mid).count() as f32;
     f.push(light / n);
     // Stain contrast of the head against the background, and its spread inside the head.
-    let bg = background_level(&stain);
+    let bg = background_level(stain);
     f.push((mean_stain - bg) / 255.0);
     f.push((q95 - q05) / mean_stain.max(1.0));
     debug_assert_eq!(f.len(), FEATURE_COUNT);
     f
 }
 
-fn background_level(stain: &image::GrayImage) -> f32 {
+/// The values at the 5% and 95% places of `values` in order (0 for none), found by selection
+/// rather than a full sort: the same values a sort would put there.
+fn quantiles_05_95(values: &mut [f32]) -> (f32, f32) {
+    if values.is_empty() {
+        return (0.0, 0.0);
+    }
+    let last = values.len() as f32 - 1.0;
+    let (i05, i95) = ((last * 0.05) as usize, (last * 0.95) as usize);
+    let (below, &mut q95, _) = values.select_nth_unstable_by(i95, f32::total_cmp);
+    let q05 = if i05 < i95 {
+        *below.select_nth_unstable_by(i05, f32::total_cmp).1
+    } else {
+        q95
+    };
+    (q05, q95)
+}
+
+fn background_level(stain: &GrayImage) -> f32 {
     let mut hist = [0usize; 256];
     for p in stain.pixels() {
         hist[p[0] as usize] += 1;

@@ -82,8 +82,7 @@ pub fn stain_map(img: &RgbImage, contrast: Contrast) -> GrayImage {
     match contrast {
         Contrast::Dark => {
             for (o, p) in out.iter_mut().zip(img.as_raw().chunks_exact(3)) {
-                let l = 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32;
-                *o = (255.0 - l).clamp(0.0, 255.0) as u8;
+                *o = dark_stain(p[0], p[1], p[2]);
             }
         }
         Contrast::Any => {
@@ -115,6 +114,28 @@ pub fn stain_map(img: &RgbImage, contrast: Contrast) -> GrayImage {
     out
 }
 
+/// The stain of one pixel of a stained preparation: 255 less its luma (BT.601), truncated.
+/// The luma is 0.299 r + 0.587 g + 0.114 b; in thousandths that is an integer, so the
+/// truncation is an integer division, except where the luma is a whole number: there the
+/// `f32` sum, which the stain was first defined with, can land a hair above it, and is kept.
+/// Every colour gives the same level as that sum (a test checks all 2^24).
+#[inline]
+fn dark_stain(r: u8, g: u8, b: u8) -> u8 {
+    let thousandths = 255_000 - (299 * u32::from(r) + 587 * u32::from(g) + 114 * u32::from(b));
+    let level = thousandths / 1000;
+    if thousandths - level * 1000 != 0 {
+        level as u8
+    } else {
+        dark_stain_f32(r, g, b)
+    }
+}
+
+/// The stain level as first defined, in `f32`.
+fn dark_stain_f32(r: u8, g: u8, b: u8) -> u8 {
+    let l = 0.299 * r as f32 + 0.587 * g as f32 + 0.114 * b as f32;
+    (255.0 - l).clamp(0.0, 255.0) as u8
+}
+
 /// Box-blur a grey image with a 3x3 kernel (the mean of the neighbours inside the image), to
 /// steady the threshold on noisy crops.
 fn blur3(img: &GrayImage) -> GrayImage {
@@ -124,29 +145,37 @@ fn blur3(img: &GrayImage) -> GrayImage {
     if w == 0 || h == 0 {
         return out;
     }
-    // Column sums over three rows, then sums across three columns.
-    let mut col = vec![0u32; w];
+    let row_of = |y: usize| &src[y * w..(y + 1) * w];
+    // Column sums over the rows y-1..=y+1 inside the image, slid down one row at a time.
+    let mut col: Vec<u32> = row_of(0).iter().map(|&v| u32::from(v)).collect();
+    if h > 1 {
+        for (c, &v) in col.iter_mut().zip(row_of(1)) {
+            *c += u32::from(v);
+        }
+    }
     let dst: &mut [u8] = &mut out;
-    for y in 0..h {
-        let (y0, y1) = (y.saturating_sub(1), (y + 1).min(h - 1));
-        let rows = (y1 - y0 + 1) as u32;
-        col.fill(0);
-        for yy in y0..=y1 {
-            for (c, &v) in col.iter_mut().zip(&src[yy * w..(yy + 1) * w]) {
-                *c += v as u32;
+    for (y, row) in dst.chunks_exact_mut(w).enumerate() {
+        if y >= 2 {
+            for (c, &v) in col.iter_mut().zip(row_of(y - 2)) {
+                *c -= u32::from(v);
             }
         }
-        let row = &mut dst[y * w..(y + 1) * w];
+        if y >= 1 && y + 1 < h {
+            for (c, &v) in col.iter_mut().zip(row_of(y + 1)) {
+                *c += u32::from(v);
+            }
+        }
+        let rows = (y.min(1) + 1 + usize::from(y + 1 < h)) as u32;
         if w >= 3 {
             if rows == 3 {
                 // s / 9 for s <= 2295, exactly: 7282 / 2^16 is 1/9 less 2.7e-6, and the
                 // largest fraction of s / 9 is 8/9.
-                for x in 1..w - 1 {
-                    row[x] = (((col[x - 1] + col[x] + col[x + 1]) * 7282) >> 16) as u8;
+                for (o, c) in row[1..w - 1].iter_mut().zip(col.windows(3)) {
+                    *o = (((c[0] + c[1] + c[2]) * 7282) >> 16) as u8;
                 }
             } else {
-                for x in 1..w - 1 {
-                    row[x] = ((col[x - 1] + col[x] + col[x + 1]) / (rows * 3)) as u8;
+                for (o, c) in row[1..w - 1].iter_mut().zip(col.windows(3)) {
+                    *o = ((c[0] + c[1] + c[2]) / (rows * 3)) as u8;
                 }
             }
         }
@@ -164,11 +193,17 @@ fn blur3(img: &GrayImage) -> GrayImage {
 /// Threshold the stain map (Otsu), open it to cut the thin midpiece and tail off, keep the
 /// region that is large and near the centre, fill its holes (vacuoles), then measure it.
 pub fn find_head_in_crop(img: &RgbImage, contrast: Contrast) -> Result<HeadRegion, PoseError> {
-    let (w, h) = img.dimensions();
+    find_head_in_stain(&stain_map(img, contrast))
+}
+
+/// `find_head_in_crop` on the crop's stain map (`stain_map`), for callers that use the map
+/// again (the shape features), so it is made once.
+pub fn find_head_in_stain(raw_stain: &GrayImage) -> Result<HeadRegion, PoseError> {
+    let (w, h) = raw_stain.dimensions();
     if w < 8 || h < 8 {
         return Err(PoseError::Empty);
     }
-    let t = Thresholded::new(img, contrast);
+    let t = Thresholded::from_stain(raw_stain);
     let (lo, hi) = t.range;
     if hi.saturating_sub(lo) < 12 {
         return Err(PoseError::NoContrast);
@@ -236,7 +271,12 @@ impl Thresholded {
     /// less stain, so the head is cut at a level between background and Otsu's, and the tail is
     /// looked for at a lower level still.
     pub(crate) fn new(img: &RgbImage, contrast: Contrast) -> Self {
-        let stain = blur3(&stain_map(img, contrast));
+        Self::from_stain(&stain_map(img, contrast))
+    }
+
+    /// The same from an image's stain map (`stain_map`), unsmoothed.
+    pub(crate) fn from_stain(raw_stain: &GrayImage) -> Self {
+        let stain = blur3(raw_stain);
         let mut hist = [0u32; 256];
         for &v in stain.as_raw() {
             hist[v as usize] += 1;
@@ -569,7 +609,8 @@ pub fn cut_window(img: &RgbImage, cut: &Cut, out_px: u32, jitter: &Jitter) -> Rg
 fn bilinear(img: &RgbImage, x: f32, y: f32, w: u32, h: u32) -> Rgb<u8> {
     let x = x.clamp(0.0, (w - 1) as f32);
     let y = y.clamp(0.0, (h - 1) as f32);
-    let (x0, y0) = (x.floor() as u32, y.floor() as u32);
+    // Not negative, so truncation is the floor (without a call into libm).
+    let (x0, y0) = (x as u32, y as u32);
     let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
     let (fx, fy) = (x - x0 as f32, y - y0 as f32);
     let p00 = img.get_pixel(x0, y0);
@@ -580,15 +621,90 @@ fn bilinear(img: &RgbImage, x: f32, y: f32, w: u32, h: u32) -> Rgb<u8> {
     for c in 0..3 {
         let top = p00[c] as f32 * (1.0 - fx) + p10[c] as f32 * fx;
         let bot = p01[c] as f32 * (1.0 - fx) + p11[c] as f32 * fx;
-        o[c] = (top * (1.0 - fy) + bot * fy).round().clamp(0.0, 255.0) as u8;
+        o[c] = round_level(top * (1.0 - fy) + bot * fy);
     }
     Rgb(o)
+}
+
+/// `v.round().clamp(0.0, 255.0) as u8` for a blend of levels (`v` in 0..=255, or NaN), without
+/// a call into libm: the truncation, plus one from a fraction of a half up.
+#[inline]
+fn round_level(v: f32) -> u8 {
+    let t = v as u8;
+    t + u8::from(v - f32::from(t) >= 0.5 && t < 255)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::core::testing::synthetic_sperm;
+
+    #[test]
+    fn the_sliding_blur_is_the_mean_of_each_neighbourhood() {
+        let mut state = 7u32;
+        for (w, h) in [(1, 1), (1, 5), (5, 1), (2, 2), (3, 3), (17, 9), (64, 48)] {
+            let img = GrayImage::from_fn(w, h, |_, _| {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                Luma([(state >> 16) as u8])
+            });
+            let want = GrayImage::from_fn(w, h, |x, y| {
+                let (mut sum, mut n) = (0u32, 0u32);
+                for yy in y.saturating_sub(1)..=(y + 1).min(h - 1) {
+                    for xx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
+                        sum += u32::from(img.get_pixel(xx, yy)[0]);
+                        n += 1;
+                    }
+                }
+                Luma([(sum / n) as u8])
+            });
+            assert_eq!(blur3(&img), want, "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn round_level_rounds_like_f32_round() {
+        let reference = |v: f32| v.round().clamp(0.0, 255.0) as u8;
+        let mut checked = 0;
+        // Every whole and half level, and the floats just around them.
+        for k in -2..=512 {
+            let mut v = k as f32 / 2.0;
+            for _ in 0..8 {
+                v = v.next_down();
+            }
+            for _ in 0..17 {
+                assert_eq!(round_level(v), reference(v), "{v}");
+                v = v.next_up();
+                checked += 1;
+            }
+        }
+        for v in [f32::NAN, -0.0, 0.0, 1e-30, 255.0, 256.0, 1e9] {
+            assert_eq!(round_level(v), reference(v), "{v}");
+        }
+        // A fine sweep of the range.
+        for i in 0..=2_600_000 {
+            let v = i as f32 * 1e-4;
+            assert_eq!(round_level(v), reference(v), "{v}");
+            checked += 1;
+        }
+        assert!(checked > 2_600_000);
+    }
+
+    #[test]
+    fn the_integer_stain_is_the_f32_stain_for_every_colour() {
+        let mut exact_lumas = 0;
+        for r in 0..=255u8 {
+            for g in 0..=255u8 {
+                for b in 0..=255u8 {
+                    assert_eq!(dark_stain(r, g, b), dark_stain_f32(r, g, b), "{r} {g} {b}");
+                    if (299 * u32::from(r) + 587 * u32::from(g) + 114 * u32::from(b)) % 1000 == 0 {
+                        exact_lumas += 1;
+                    }
+                }
+            }
+        }
+        // The colours whose luma is a whole number, where the two could differ.
+        assert_eq!(exact_lumas, 16_774);
+    }
 
     #[test]
     fn finds_head_and_tail_direction_at_every_angle() {

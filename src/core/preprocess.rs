@@ -70,8 +70,9 @@ impl Preprocessor {
         centre: (f32, f32),
         window: f32,
     ) -> Located {
-        let contrast = self.spec.crop.contrast;
-        let found = pose::find_head_in_crop(img, contrast).ok();
+        // One stain map serves the head search and the features.
+        let stain = pose::stain_map(img, self.spec.crop.contrast);
+        let found = pose::find_head_in_stain(&stain).ok();
         let head = match hint {
             Some(h) => Some(found.filter(|f| same_head(f, &h)).unwrap_or(h)),
             None => found,
@@ -85,7 +86,7 @@ impl Preprocessor {
             (None, _) => Vec::new(),
             (Some(_), Some(h)) => {
                 let mut f = vec![1.0];
-                f.extend(morphometry::shape_features(img, h, contrast, window));
+                f.extend(morphometry::shape_features_in(&stain, h, window));
                 f
             }
             (Some(_), None) => vec![0.0; FEATURES_WITH_FLAG],
@@ -235,7 +236,7 @@ pub fn head_patch(
     let y0 = ((cy - half).max(0.0) as u32).min(by0);
     let x1 = ((cx + half) as u32).max(bx1).min(w.saturating_sub(1));
     let y1 = ((cy + half) as u32).max(by1).min(h.saturating_sub(1));
-    let patch = image::imageops::crop_imm(frame, x0, y0, x1 + 1 - x0, y1 + 1 - y0).to_image();
+    let patch = copy_rect(frame, x0, y0, x1 + 1 - x0, y1 + 1 - y0);
     let local = HeadRegion {
         pixels: head.pixels.iter().map(|&(x, y)| (x - x0, y - y0)).collect(),
         centroid: (cx - x0 as f32, cy - y0 as f32),
@@ -245,6 +246,24 @@ pub fn head_patch(
         polarity: head.polarity,
     };
     (patch, local, (x0, y0))
+}
+
+/// The `w` x `h` rectangle of `img` at (`x0`, `y0`), which lies inside it, copied row by row.
+fn copy_rect(img: &RgbImage, x0: u32, y0: u32, w: u32, h: u32) -> RgbImage {
+    let (iw, ih) = img.dimensions();
+    let (x0, y0) = (x0.min(iw), y0.min(ih));
+    let (w, h) = (w.min(iw - x0), h.min(ih - y0));
+    let (stride, x0, w) = (iw as usize * 3, x0 as usize * 3, w as usize * 3);
+    let mut buf = Vec::with_capacity(w * h as usize);
+    for row in img
+        .as_raw()
+        .chunks_exact(stride)
+        .skip(y0 as usize)
+        .take(h as usize)
+    {
+        buf.extend_from_slice(&row[x0..x0 + w]);
+    }
+    RgbImage::from_raw((w / 3) as u32, h, buf).unwrap_or_default()
 }
 
 /// Standardise raw features with the spec's mean/std (empty when the model takes none).

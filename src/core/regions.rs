@@ -128,68 +128,91 @@ fn disc(k: u8) -> Vec<(i64, i64)> {
         .collect()
 }
 
-/// Per row, how many set pixels lie left of each column (`w + 1` counts a row).
-fn row_prefix(mask: &[bool], w: usize) -> Vec<u32> {
-    let mut out = Vec::with_capacity(mask.len() + mask.len() / w.max(1) + 1);
-    for row in mask.chunks(w.max(1)) {
-        let mut acc = 0u32;
-        out.push(0);
-        for &v in row {
-            acc += u32::from(v);
-            out.push(acc);
-        }
+/// Per pixel of a row, how far the run of set pixels through it reaches to both sides: 0 for
+/// an unset pixel, else 1 + the smaller of its set neighbours to the left and to the right
+/// (the image's outside counts as set, 255 as far as a disc can reach).
+fn run_reach(row: &[u8], out: &mut [u8]) {
+    let mut acc = u8::MAX;
+    for (o, &v) in out.iter_mut().zip(row) {
+        acc = if v != 0 { acc.saturating_add(1) } else { 0 };
+        *o = acc;
     }
-    out
+    acc = u8::MAX;
+    for (o, &v) in out.iter_mut().zip(row).rev() {
+        acc = if v != 0 { acc.saturating_add(1) } else { 0 };
+        *o = (*o).min(acc);
+    }
+}
+
+/// Per pixel of a row, how far the nearest set pixel is along the row (0 on a set pixel; the
+/// image's outside counts as unset, 255 as farther than a disc can reach).
+fn nearest_set(row: &[u8], out: &mut [u8]) {
+    let mut acc = u8::MAX;
+    for (o, &v) in out.iter_mut().zip(row) {
+        acc = if v != 0 { 0 } else { acc.saturating_add(1) };
+        *o = acc;
+    }
+    acc = u8::MAX;
+    for (o, &v) in out.iter_mut().zip(row).rev() {
+        acc = if v != 0 { 0 } else { acc.saturating_add(1) };
+        *o = (*o).min(acc);
+    }
 }
 
 /// Morphological opening by the L2 disc of radius `k` (the pixels within distance `k`), with
 /// imageproc's meaning of `open(_, Norm::L2, k)` at the border: erosion treats the outside as
-/// foreground, dilation as background. Each disc row is checked at once with per-row prefix
-/// counts, so the cost is the image times the disc's height, with no distance transform.
+/// foreground, dilation as background. Each row first gets, per pixel, how far its run of set
+/// pixels reaches (erosion) or how far the nearest set pixel is (dilation); a disc row of
+/// half-width `r` is then one comparison per pixel, done a whole row at a time, so the cost is
+/// the image times the disc's height and the loops vectorise.
 pub(crate) fn open_disc(mask: &GrayImage, k: u8) -> GrayImage {
     let (w, h) = (mask.width() as usize, mask.height() as usize);
     if w == 0 || h == 0 || k == 0 {
         return mask.clone();
     }
-    let d = disc(k);
-    let count = |pre: &[u32], y: usize, x0: i64, x1: i64| {
-        let (a, b) = (x0.max(0) as usize, (x1.min(w as i64 - 1)) as usize);
-        pre[y * (w + 1) + b + 1] - pre[y * (w + 1) + a]
+    // Disc rows as (dy, half-width); half-widths are at most `k`, so they fit the counts.
+    let d: Vec<(i64, u8)> = disc(k)
+        .into_iter()
+        .map(|(dy, r)| (dy, u8::try_from(r).unwrap_or(u8::MAX)))
+        .collect();
+    let inside = |y: usize, dy: i64| {
+        let yy = y as i64 + dy;
+        (0..h as i64).contains(&yy).then_some(yy as usize)
     };
-    // Erosion: every pixel of the disc that lies in the image is set.
-    let set: Vec<bool> = mask.as_raw().iter().map(|&v| v != 0).collect();
-    let pre = row_prefix(&set, w);
-    let mut eroded = vec![false; w * h];
-    for y in 0..h {
-        for x in 0..w {
-            if !set[y * w + x] {
-                continue;
+    // Erosion: a pixel stays when, on every disc row inside the image, the run of set pixels
+    // through it reaches `r` pixels to both sides (the run on its own row implies it is set).
+    let mut reach = vec![0u8; w * h];
+    for (row, out) in mask.as_raw().chunks_exact(w).zip(reach.chunks_exact_mut(w)) {
+        run_reach(row, out);
+    }
+    let mut eroded = vec![1u8; w * h];
+    for (y, acc) in eroded.chunks_exact_mut(w).enumerate() {
+        for &(dy, r) in &d {
+            let Some(yy) = inside(y, dy) else { continue };
+            for (a, &v) in acc.iter_mut().zip(&reach[yy * w..(yy + 1) * w]) {
+                *a &= u8::from(v > r);
             }
-            eroded[y * w + x] = d.iter().all(|&(dy, r)| {
-                let yy = y as i64 + dy;
-                if yy < 0 || yy >= h as i64 {
-                    return true;
-                }
-                let (x0, x1) = (x as i64 - r, x as i64 + r);
-                let inside = (x1.min(w as i64 - 1) - x0.max(0) + 1) as u32;
-                count(&pre, yy as usize, x0, x1) == inside
-            });
         }
     }
-    // Dilation: some pixel of the disc (in the image) is set after the erosion.
-    let pre = row_prefix(&eroded, w);
-    let mut out = GrayImage::new(w as u32, h as u32);
-    for (i, o) in out.iter_mut().enumerate() {
-        let (x, y) = (i % w, i / w);
-        let hit = d.iter().any(|&(dy, r)| {
-            let yy = y as i64 + dy;
-            (0..h as i64).contains(&yy) && count(&pre, yy as usize, x as i64 - r, x as i64 + r) > 0
-        });
-        if hit {
-            *o = 255;
+    // Dilation: a pixel is set when a disc row inside the image has an eroded pixel within
+    // `r` of it along the row.
+    let mut near = reach;
+    for (row, out) in eroded.chunks_exact(w).zip(near.chunks_exact_mut(w)) {
+        nearest_set(row, out);
+    }
+    let mut out = vec![0u8; w * h];
+    for (y, acc) in out.chunks_exact_mut(w).enumerate() {
+        for &(dy, r) in &d {
+            let Some(yy) = inside(y, dy) else { continue };
+            for (a, &v) in acc.iter_mut().zip(&near[yy * w..(yy + 1) * w]) {
+                *a |= u8::from(v <= r);
+            }
+        }
+        for a in acc.iter_mut() {
+            *a = a.wrapping_neg();
         }
     }
-    out
+    GrayImage::from_raw(w as u32, h as u32, out).unwrap_or_else(|| mask.clone())
 }
 
 /// The 8-connected regions left by opening the mask of `img`'s pixels above `above` (a

@@ -65,24 +65,39 @@ impl Registrar {
     pub fn spectrum(&self, frame: &RgbImage) -> Spectrum {
         let (w, h) = frame.dimensions();
         let (sx, sy) = (w as f32 / SIDE as f32, h as f32 / SIDE as f32);
-        let mut grey = vec![0f32; SIDE * SIDE];
-        let mut count = vec![0u32; SIDE * SIDE];
+        // Exact integer sums: per row into the column bins, then into the bin's row.
         let bin_of_x: Vec<usize> = (0..w)
             .map(|x| ((x as f32 / sx) as usize).min(SIDE - 1))
             .collect();
+        let mut cols = [0u32; SIDE];
+        for &i in &bin_of_x {
+            cols[i] += 1;
+        }
+        let mut sums = vec![0u64; SIDE * SIDE];
+        let mut rows = [0u32; SIDE];
+        let mut row_sums = [0u32; SIDE];
         let row_len = w as usize * 3;
         for (y, row) in frame.as_raw().chunks_exact(row_len.max(1)).enumerate() {
-            let j = ((y as f32 / sy) as usize).min(SIDE - 1) * SIDE;
+            let j = ((y as f32 / sy) as usize).min(SIDE - 1);
+            rows[j] += 1;
+            row_sums.fill(0);
             for (p, &i) in row.chunks_exact(3).zip(&bin_of_x) {
                 // Integer luma (BT.601 weights scaled by 1024).
-                let l = 306 * u32::from(p[0]) + 601 * u32::from(p[1]) + 117 * u32::from(p[2]);
-                grey[j + i] += l as f32;
-                count[j + i] += 1;
+                row_sums[i] +=
+                    306 * u32::from(p[0]) + 601 * u32::from(p[1]) + 117 * u32::from(p[2]);
+            }
+            for (s, &r) in sums[j * SIDE..(j + 1) * SIDE].iter_mut().zip(&row_sums) {
+                *s += u64::from(r);
             }
         }
-        for (g, n) in grey.iter_mut().zip(&count) {
-            *g /= (*n).max(1) as f32;
-        }
+        let grey: Vec<f32> = sums
+            .iter()
+            .enumerate()
+            .map(|(k, &s)| {
+                let n = rows[k / SIDE] * cols[k % SIDE];
+                (s as f64 / f64::from(n.max(1))) as f32
+            })
+            .collect();
         let mean = grey.iter().sum::<f32>() / grey.len() as f32;
         // A Hann window keeps the image borders from dominating the correlation.
         let hann: Vec<f32> = (0..SIDE)
