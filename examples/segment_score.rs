@@ -48,7 +48,7 @@ fn main() {
             .to_luma8();
         let mut found = find_heads(&img, &s);
         if let Some(v) = &mut verifier {
-            v.retain(&img, &mut found, 0.053).unwrap();
+            v.retain(&img, None, &mut found, 0.053).unwrap();
         }
         edge += found.iter().filter(|d| d.at_edge).count();
         total.add(MaskMatch::score(&found, &truth));

@@ -12,6 +12,7 @@ use indicatif::ProgressBar;
 use spermscope::core::dataset;
 use spermscope::core::imageio;
 use spermscope::core::model::{Model, RuntimeOptions};
+use spermscope::core::pose::{Contrast, StainMap};
 use spermscope::core::preprocess::{CROP_CONTEXT, head_patch};
 use spermscope::daemon::classify::{Classifier, Classify};
 use spermscope::daemon::config::RawConfig;
@@ -93,9 +94,10 @@ fn a_field_head_gives_the_tensors_of_the_crop_cut_around_it() {
     let pre = model.preprocessor();
     let window = pre.spec().crop.window_px;
     let frames = imageio::list_files(&common::dataset("sperm-parsing/val/frames")).unwrap();
-    let (mut same, mut heads) = (0, 0);
+    let (mut same, mut heads, mut cut_from_frame) = (0, 0, 0);
     for f in frames.iter().take(12) {
         let frame = imageio::load_rgb(f).unwrap();
+        let stain = StainMap::new(&frame, Contrast::Dark);
         for found in find_heads(&frame, &SegmentSettings::default()) {
             if found.at_edge {
                 continue;
@@ -103,6 +105,16 @@ fn a_field_head_gives_the_tensors_of_the_crop_cut_around_it() {
             heads += 1;
             // The field path at the training scale (no resizing) ...
             let field = pre.head(&frame, &found.head, None);
+            // ... the same, with each patch's stain map cut out of the frame's (the daemon's
+            // way): identical in every value ...
+            let shared = pre.head_in(&frame, Some(&stain), &found.head, None);
+            assert_eq!(shared.pixels, field.pixels);
+            assert_eq!(shared.features, field.features);
+            assert_eq!(
+                shared.head.as_ref().map(|h| &h.pixels),
+                field.head.as_ref().map(|h| &h.pixels)
+            );
+            cut_from_frame += 1;
             // ... against the crop path on the patch the daemon cuts around the head.
             let (patch, _, _) = head_patch(&frame, &found.head, window * CROP_CONTEXT);
             let crop = pre.crop(&patch);
@@ -112,6 +124,12 @@ fn a_field_head_gives_the_tensors_of_the_crop_cut_around_it() {
     // They differ only where the crop path picks another region of the patch than the
     // segmenter's head (a neighbour); then the field path keeps the segmenter's head.
     assert!(heads > 40, "{heads} heads");
+    assert_eq!(cut_from_frame, heads);
+    assert_eq!(
+        pre.spec().crop.contrast,
+        Contrast::Dark,
+        "the stain map is cut, not remade"
+    );
     assert!(same * 10 >= heads * 9, "{same} of {heads} identical");
     eprintln!("{same} of {heads} field heads: tensors identical to the crop path's");
 }

@@ -1,7 +1,7 @@
 //! Pose correction: find the head in a crop, measure its axis, resolve head from tail and cut
 //! an upright window around it. The trainer and the daemon both call this one implementation.
 
-use image::{GrayImage, Luma, Rgb, RgbImage};
+use image::{GrayImage, ImageBuffer, Luma, Pixel, Rgb, RgbImage};
 
 /// How heads differ from the background in an image.
 #[derive(
@@ -80,11 +80,7 @@ pub fn stain_map(img: &RgbImage, contrast: Contrast) -> GrayImage {
     let (w, h) = img.dimensions();
     let mut out = GrayImage::new(w, h);
     match contrast {
-        Contrast::Dark => {
-            for (o, p) in out.iter_mut().zip(img.as_raw().chunks_exact(3)) {
-                *o = dark_stain(p[0], p[1], p[2]);
-            }
-        }
+        Contrast::Dark => dark_stains(img.as_raw(), &mut out),
         Contrast::Any => {
             // Distance from the median grey level: heads stand out either brighter or darker.
             let mut hist = [0usize; 256];
@@ -114,6 +110,27 @@ pub fn stain_map(img: &RgbImage, contrast: Contrast) -> GrayImage {
     out
 }
 
+/// `dark_stain` of every pixel of packed RGB `src` into `out`.
+fn dark_stains(src: &[u8], out: &mut [u8]) {
+    for (o, p) in out.iter_mut().zip(src.chunks_exact(3)) {
+        *o = dark_stain(p[0], p[1], p[2]);
+    }
+}
+
+/// Per channel level, its part of 255 000 less the luma in thousandths (red carries the
+/// 255 000), so a pixel's is three table reads and two subtractions.
+const LUMA_THOUSANDTHS: [[u32; 256]; 3] = {
+    let mut t = [[0u32; 256]; 3];
+    let mut v = 0;
+    while v < 256 {
+        t[0][v] = 255_000 - 299 * v as u32;
+        t[1][v] = 587 * v as u32;
+        t[2][v] = 114 * v as u32;
+        v += 1;
+    }
+    t
+};
+
 /// The stain of one pixel of a stained preparation: 255 less its luma (BT.601), truncated.
 /// The luma is 0.299 r + 0.587 g + 0.114 b; in thousandths that is an integer, so the
 /// truncation is an integer division, except where the luma is a whole number: there the
@@ -121,7 +138,8 @@ pub fn stain_map(img: &RgbImage, contrast: Contrast) -> GrayImage {
 /// Every colour gives the same level as that sum (a test checks all 2^24).
 #[inline]
 fn dark_stain(r: u8, g: u8, b: u8) -> u8 {
-    let thousandths = 255_000 - (299 * u32::from(r) + 587 * u32::from(g) + 114 * u32::from(b));
+    let [tr, tg, tb] = &LUMA_THOUSANDTHS;
+    let thousandths = tr[usize::from(r)] - tg[usize::from(g)] - tb[usize::from(b)];
     let level = thousandths / 1000;
     if thousandths - level * 1000 != 0 {
         level as u8
@@ -134,6 +152,60 @@ fn dark_stain(r: u8, g: u8, b: u8) -> u8 {
 fn dark_stain_f32(r: u8, g: u8, b: u8) -> u8 {
     let l = 0.299 * r as f32 + 0.587 * g as f32 + 0.114 * b as f32;
     (255.0 - l).clamp(0.0, 255.0) as u8
+}
+
+/// A frame's stain map (`stain_map`), made once by head finding and read again by the stages
+/// after it: the crop path cuts each head's patch map out of it, and the registration shrinks
+/// it, instead of going over the frame's pixels again.
+#[derive(Debug, Clone)]
+pub struct StainMap {
+    pub contrast: Contrast,
+    pub map: GrayImage,
+}
+
+impl StainMap {
+    pub fn new(img: &RgbImage, contrast: Contrast) -> Self {
+        Self {
+            contrast,
+            map: stain_map(img, contrast),
+        }
+    }
+
+    /// The map `stain_map` makes of the `w` x `h` patch of the image at (`x0`, `y0`) with
+    /// `contrast`, cut out of this one, where the two are the same thing: a stained (`Dark`)
+    /// map is made pixel by pixel, while an `Any` map depends on the whole image's median.
+    pub fn cut(&self, contrast: Contrast, x0: u32, y0: u32, w: u32, h: u32) -> Option<GrayImage> {
+        (self.contrast == Contrast::Dark && contrast == Contrast::Dark)
+            .then(|| copy_rect(&self.map, x0, y0, w, h))
+    }
+}
+
+/// The `w` x `h` rectangle of an 8-bit image at (`x0`, `y0`), clipped to the image, copied
+/// row by row.
+pub fn copy_rect<P: Pixel<Subpixel = u8>>(
+    img: &ImageBuffer<P, Vec<u8>>,
+    x0: u32,
+    y0: u32,
+    w: u32,
+    h: u32,
+) -> ImageBuffer<P, Vec<u8>> {
+    let c = usize::from(P::CHANNEL_COUNT);
+    let (iw, ih) = img.dimensions();
+    let (x0, y0) = (x0.min(iw), y0.min(ih));
+    let (w, h) = (w.min(iw - x0), h.min(ih - y0));
+    let (stride, from, len) = (iw as usize * c, x0 as usize * c, w as usize * c);
+    let mut buf = Vec::with_capacity(len * h as usize);
+    if stride > 0 {
+        for row in img
+            .as_raw()
+            .chunks_exact(stride)
+            .skip(y0 as usize)
+            .take(h as usize)
+        {
+            buf.extend_from_slice(&row[from..from + len]);
+        }
+    }
+    ImageBuffer::from_raw(w, h, buf).unwrap_or_else(|| ImageBuffer::new(0, 0))
 }
 
 /// Box-blur a grey image with a 3x3 kernel (the mean of the neighbours inside the image), to
@@ -269,18 +341,10 @@ pub(crate) struct Thresholded {
 impl Thresholded {
     /// Otsu splits the darkest stain (nucleus) from the rest; the acrosome and the tail take up
     /// less stain, so the head is cut at a level between background and Otsu's, and the tail is
-    /// looked for at a lower level still.
-    pub(crate) fn new(img: &RgbImage, contrast: Contrast) -> Self {
-        Self::from_stain(&stain_map(img, contrast))
-    }
-
-    /// The same from an image's stain map (`stain_map`), unsmoothed.
+    /// looked for at a lower level still. `raw_stain` is the image's `stain_map`, unsmoothed.
     pub(crate) fn from_stain(raw_stain: &GrayImage) -> Self {
         let stain = blur3(raw_stain);
-        let mut hist = [0u32; 256];
-        for &v in stain.as_raw() {
-            hist[v as usize] += 1;
-        }
+        let hist = histogram(stain.as_raw());
         let otsu = otsu_of(&hist);
         let bg = percentile(&hist, 0.3) as f32;
         let span = (otsu as f32 - bg).max(1.0);
@@ -295,6 +359,28 @@ impl Thresholded {
             range: (lo, hi),
         }
     }
+}
+
+/// How many of `values` have each level. Four partial counts, so that runs of one level (the
+/// background) do not wait on the same counter.
+fn histogram(values: &[u8]) -> [u32; 256] {
+    let mut part = [[0u32; 256]; 4];
+    let mut quads = values.chunks_exact(4);
+    for q in &mut quads {
+        for (p, &v) in part.iter_mut().zip(q) {
+            p[usize::from(v)] += 1;
+        }
+    }
+    for &v in quads.remainder() {
+        part[0][usize::from(v)] += 1;
+    }
+    let mut hist = [0u32; 256];
+    for p in &part {
+        for (h, c) in hist.iter_mut().zip(p) {
+            *h += c;
+        }
+    }
+    hist
 }
 
 /// Otsu's level from a histogram, as `imageproc::contrast::otsu_level` computes it (the same
@@ -354,20 +440,12 @@ pub fn threshold_above(img: &GrayImage, level: u8) -> GrayImage {
 /// Fill background regions that do not touch the image border.
 pub fn fill_holes(mask: &mut GrayImage) {
     let (w, h) = (mask.width() as usize, mask.height() as usize);
-    let px: &mut [u8] = mask;
     // Holes lie within the mask's bounding box: flood the background inward from the box
     // grown by one pixel (all background, and reached from the image border), not the image.
-    let Some((x0, y0, x1, y1)) = px.iter().enumerate().filter(|(_, v)| **v != 0).fold(
-        None,
-        |b: Option<(usize, usize, usize, usize)>, (i, _)| {
-            let (x, y) = (i % w, i / w);
-            Some(b.map_or((x, y, x, y), |(a, c, d, e)| {
-                (a.min(x), c.min(y), d.max(x), e.max(y))
-            }))
-        },
-    ) else {
+    let Some((x0, y0, x1, y1)) = mask_box(mask) else {
         return;
     };
+    let px: &mut [u8] = mask;
     let (bx0, by0) = (x0.saturating_sub(1), y0.saturating_sub(1));
     let (bx1, by1) = ((x1 + 1).min(w - 1), (y1 + 1).min(h - 1));
     let bw = bx1 - bx0 + 1;
@@ -411,6 +489,25 @@ pub fn fill_holes(mask: &mut GrayImage) {
     }
 }
 
+/// The smallest box `(x0, y0, x1, y1)` (inclusive) holding every set pixel of a mask, found a
+/// row at a time; `None` for an empty mask.
+fn mask_box(mask: &GrayImage) -> Option<(usize, usize, usize, usize)> {
+    let w = mask.width() as usize;
+    let mut found: Option<(usize, usize, usize, usize)> = None;
+    for (y, row) in mask.as_raw().chunks_exact(w.max(1)).enumerate() {
+        if row.iter().fold(0, |m, &v| m | v) == 0 {
+            continue;
+        }
+        let a = row.iter().position(|&v| v != 0).unwrap_or(0);
+        let b = row.iter().rposition(|&v| v != 0).unwrap_or(0);
+        found = Some(match found {
+            None => (a, y, b, y),
+            Some((x0, y0, x1, _)) => (x0.min(a), y0, x1.max(b), y),
+        });
+    }
+    found
+}
+
 /// Second moments of a head mask, and its polarity from the tail (stain above `tail_level`
 /// outside the head: the midpiece) or else from the stain asymmetry. `stain` may be a larger
 /// map the mask was cut from at `offset` (no copy of it is made).
@@ -420,11 +517,24 @@ pub fn measure(
     tail_level: u8,
     offset: (u32, u32),
 ) -> HeadRegion {
-    let pixels: Vec<(u32, u32)> = head
-        .enumerate_pixels()
-        .filter(|(_, _, p)| p[0] != 0)
-        .map(|(x, y, _)| (x, y))
-        .collect();
+    // The set pixels in raster order, looked for within the mask's box only.
+    let mut pixels: Vec<(u32, u32)> = Vec::new();
+    if let Some((x0, y0, x1, y1)) = mask_box(head) {
+        let w = head.width() as usize;
+        for (y, row) in head
+            .as_raw()
+            .chunks_exact(w)
+            .enumerate()
+            .take(y1 + 1)
+            .skip(y0)
+        {
+            for (x, &v) in row.iter().enumerate().take(x1 + 1).skip(x0) {
+                if v != 0 {
+                    pixels.push((x as u32, y as u32));
+                }
+            }
+        }
+    }
     let n = pixels.len().max(1) as f64;
     let (sx, sy) = pixels
         .iter()
@@ -687,6 +797,23 @@ mod tests {
             checked += 1;
         }
         assert!(checked > 2_600_000);
+    }
+
+    #[test]
+    fn the_stain_of_a_whole_image_is_the_f32_stain_for_every_colour() {
+        // Every colour once, in an order that puts each in every lane position over the run,
+        // and an odd length so the tail goes through the one-at-a-time path too.
+        for r in 0..=255u8 {
+            let src: Vec<u8> = (0..=255u8)
+                .flat_map(|g| (0..=255u8).flat_map(move |b| [r, g, b]))
+                .chain([r, 7, 9])
+                .collect();
+            let mut out = vec![0u8; src.len() / 3];
+            dark_stains(&src, &mut out);
+            for (o, p) in out.iter().zip(src.chunks_exact(3)) {
+                assert_eq!(*o, dark_stain_f32(p[0], p[1], p[2]), "{p:?}");
+            }
+        }
     }
 
     #[test]

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 
 use crate::core::morphometry;
-use crate::core::pose::{self, Cut, HeadRegion, Jitter};
+use crate::core::pose::{self, Cut, HeadRegion, Jitter, StainMap};
 use crate::core::spec::{FEATURES_WITH_FLAG, ModelSpec, PoseMode};
 
 /// A crop made ready for a model.
@@ -56,23 +56,23 @@ impl Preprocessor {
     /// same way in training and in serving.
     pub fn locate(&self, crop: &RgbImage) -> Located {
         let centre = (crop.width() as f32 / 2.0, crop.height() as f32 / 2.0);
-        self.locate_in(crop, None, centre, self.spec.crop.window_px)
+        let stain = pose::stain_map(crop, self.spec.crop.contrast);
+        self.locate_in(&stain, None, centre, self.spec.crop.window_px)
     }
 
-    /// The one locating step. `hint` is the segmenter's head when the crop was cut around a
-    /// field head: the crop path's own head is used only when it is that head. `centre` is the
-    /// crop's nominal centre (where `PoseMode::Centre` cuts), `window` the side of the window
-    /// in this image's pixels.
+    /// The one locating step, on the stain map of the image (`pose::stain_map` with the spec's
+    /// contrast), which serves the head search and the features. `hint` is the segmenter's
+    /// head when the crop was cut around a field head: the crop path's own head is used only
+    /// when it is that head. `centre` is the crop's nominal centre (where `PoseMode::Centre`
+    /// cuts), `window` the side of the window in this image's pixels.
     fn locate_in(
         &self,
-        img: &RgbImage,
+        stain: &GrayImage,
         hint: Option<HeadRegion>,
         centre: (f32, f32),
         window: f32,
     ) -> Located {
-        // One stain map serves the head search and the features.
-        let stain = pose::stain_map(img, self.spec.crop.contrast);
-        let found = pose::find_head_in_stain(&stain).ok();
+        let found = pose::find_head_in_stain(stain).ok();
         let head = match hint {
             Some(h) => Some(found.filter(|f| same_head(f, &h)).unwrap_or(h)),
             None => found,
@@ -86,7 +86,7 @@ impl Preprocessor {
             (None, _) => Vec::new(),
             (Some(_), Some(h)) => {
                 let mut f = vec![1.0];
-                f.extend(morphometry::shape_features_in(&stain, h, window));
+                f.extend(morphometry::shape_features_in(stain, h, window));
                 f
             }
             (Some(_), None) => vec![0.0; FEATURES_WITH_FLAG],
@@ -133,7 +133,19 @@ impl Preprocessor {
     /// same head in a crop give the model the same inputs. The returned head is in frame
     /// coordinates.
     pub fn head(&self, frame: &RgbImage, head: &HeadRegion, um_per_px: Option<f32>) -> Prepared {
-        let (patch, loc, (ox, oy)) = self.locate_head(frame, head, um_per_px);
+        self.head_in(frame, None, head, um_per_px)
+    }
+
+    /// `head`, cutting the patch's stain map out of the frame's `stain` where that gives the
+    /// same map (see `StainMap::cut`) rather than making it again.
+    pub fn head_in(
+        &self,
+        frame: &RgbImage,
+        stain: Option<&StainMap>,
+        head: &HeadRegion,
+        um_per_px: Option<f32>,
+    ) -> Prepared {
+        let (patch, loc, (ox, oy)) = self.locate_head(frame, stain, head, um_per_px);
         let mut prepared = self.finish(&self.window(&patch, &loc, &Jitter::default()), &loc);
         if let Some(h) = prepared.head.as_mut() {
             h.shift(ox, oy);
@@ -150,7 +162,7 @@ impl Preprocessor {
         um_per_px: Option<f32>,
         out_px: u32,
     ) -> RgbImage {
-        let (patch, loc, _) = self.locate_head(frame, head, um_per_px);
+        let (patch, loc, _) = self.locate_head(frame, None, head, um_per_px);
         pose::cut_window(&patch, &loc.cut, out_px, &Jitter::default())
     }
 
@@ -159,13 +171,19 @@ impl Preprocessor {
     fn locate_head(
         &self,
         frame: &RgbImage,
+        stain: Option<&StainMap>,
         head: &HeadRegion,
         um_per_px: Option<f32>,
     ) -> (RgbImage, Located, (u32, u32)) {
         let window = self.spec.crop.window_px * self.scale(um_per_px);
         let (patch, local, offset) = head_patch(frame, head, window * CROP_CONTEXT);
+        let contrast = self.spec.crop.contrast;
+        let (w, h) = patch.dimensions();
+        let patch_stain = stain
+            .and_then(|s| s.cut(contrast, offset.0, offset.1, w, h))
+            .unwrap_or_else(|| pose::stain_map(&patch, contrast));
         let centre = local.centroid;
-        let loc = self.locate_in(&patch, Some(local), centre, window);
+        let loc = self.locate_in(&patch_stain, Some(local), centre, window);
         (patch, loc, offset)
     }
 
@@ -236,7 +254,7 @@ pub fn head_patch(
     let y0 = ((cy - half).max(0.0) as u32).min(by0);
     let x1 = ((cx + half) as u32).max(bx1).min(w.saturating_sub(1));
     let y1 = ((cy + half) as u32).max(by1).min(h.saturating_sub(1));
-    let patch = copy_rect(frame, x0, y0, x1 + 1 - x0, y1 + 1 - y0);
+    let patch = pose::copy_rect(frame, x0, y0, x1 + 1 - x0, y1 + 1 - y0);
     let local = HeadRegion {
         pixels: head.pixels.iter().map(|&(x, y)| (x - x0, y - y0)).collect(),
         centroid: (cx - x0 as f32, cy - y0 as f32),
@@ -246,24 +264,6 @@ pub fn head_patch(
         polarity: head.polarity,
     };
     (patch, local, (x0, y0))
-}
-
-/// The `w` x `h` rectangle of `img` at (`x0`, `y0`), which lies inside it, copied row by row.
-fn copy_rect(img: &RgbImage, x0: u32, y0: u32, w: u32, h: u32) -> RgbImage {
-    let (iw, ih) = img.dimensions();
-    let (x0, y0) = (x0.min(iw), y0.min(ih));
-    let (w, h) = (w.min(iw - x0), h.min(ih - y0));
-    let (stride, x0, w) = (iw as usize * 3, x0 as usize * 3, w as usize * 3);
-    let mut buf = Vec::with_capacity(w * h as usize);
-    for row in img
-        .as_raw()
-        .chunks_exact(stride)
-        .skip(y0 as usize)
-        .take(h as usize)
-    {
-        buf.extend_from_slice(&row[x0..x0 + w]);
-    }
-    RgbImage::from_raw((w / 3) as u32, h, buf).unwrap_or_default()
 }
 
 /// Standardise raw features with the spec's mean/std (empty when the model takes none).

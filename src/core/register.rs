@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use rustfft::num_complex::Complex32;
 use rustfft::{Fft, FftPlanner};
 
@@ -60,44 +60,81 @@ impl std::fmt::Debug for Registrar {
     }
 }
 
+/// An image (`channels` bytes a pixel, `w` x `h`) shrunk to `SIDE` x `SIDE` box means of
+/// `value`, which sums the pixels of a run of one row; and frame pixels per bin, per axis. The
+/// sums are exact integers.
+fn shrink(
+    raw: &[u8],
+    channels: usize,
+    w: u32,
+    h: u32,
+    value: impl Fn(&[u8]) -> u32,
+) -> (Vec<f32>, (f32, f32)) {
+    let (sx, sy) = (w as f32 / SIDE as f32, h as f32 / SIDE as f32);
+    // The bins' first columns: the bin of column x is (x / sx), the last bin takes the rest.
+    let bin_of = |x: u32| ((x as f32 / sx) as usize).min(SIDE - 1);
+    let mut edges = [w as usize; SIDE + 1];
+    for x in (0..w).rev() {
+        edges[bin_of(x)] = x as usize;
+    }
+    for i in (0..SIDE).rev() {
+        edges[i] = edges[i].min(edges[i + 1]);
+    }
+    let mut sums = vec![0u64; SIDE * SIDE];
+    let mut rows = [0u32; SIDE];
+    let row_len = w as usize * channels;
+    for (y, row) in raw
+        .chunks_exact(row_len.max(1))
+        .take(h as usize)
+        .enumerate()
+    {
+        let j = ((y as f32 / sy) as usize).min(SIDE - 1);
+        rows[j] += 1;
+        for (i, s) in sums[j * SIDE..(j + 1) * SIDE].iter_mut().enumerate() {
+            let run = &row[edges[i] * channels..edges[i + 1] * channels];
+            *s += u64::from(value(run));
+        }
+    }
+    let grey = sums
+        .iter()
+        .enumerate()
+        .map(|(k, &s)| {
+            let (j, i) = (k / SIDE, k % SIDE);
+            let n = rows[j] * (edges[i + 1] - edges[i]) as u32;
+            (s as f64 / f64::from(n.max(1))) as f32
+        })
+        .collect();
+    (grey, (sx, sy))
+}
+
 impl Registrar {
-    /// The frame shrunk to `SIDE` x `SIDE` grey (box means), windowed, transformed.
+    /// The frame shrunk to `SIDE` x `SIDE` grey (box means of the luma), windowed,
+    /// transformed.
     pub fn spectrum(&self, frame: &RgbImage) -> Spectrum {
         let (w, h) = frame.dimensions();
-        let (sx, sy) = (w as f32 / SIDE as f32, h as f32 / SIDE as f32);
-        // Exact integer sums: per row into the column bins, then into the bin's row.
-        let bin_of_x: Vec<usize> = (0..w)
-            .map(|x| ((x as f32 / sx) as usize).min(SIDE - 1))
-            .collect();
-        let mut cols = [0u32; SIDE];
-        for &i in &bin_of_x {
-            cols[i] += 1;
-        }
-        let mut sums = vec![0u64; SIDE * SIDE];
-        let mut rows = [0u32; SIDE];
-        let mut row_sums = [0u32; SIDE];
-        let row_len = w as usize * 3;
-        for (y, row) in frame.as_raw().chunks_exact(row_len.max(1)).enumerate() {
-            let j = ((y as f32 / sy) as usize).min(SIDE - 1);
-            rows[j] += 1;
-            row_sums.fill(0);
-            for (p, &i) in row.chunks_exact(3).zip(&bin_of_x) {
-                // Integer luma (BT.601 weights scaled by 1024).
-                row_sums[i] +=
-                    306 * u32::from(p[0]) + 601 * u32::from(p[1]) + 117 * u32::from(p[2]);
-            }
-            for (s, &r) in sums[j * SIDE..(j + 1) * SIDE].iter_mut().zip(&row_sums) {
-                *s += u64::from(r);
-            }
-        }
-        let grey: Vec<f32> = sums
-            .iter()
-            .enumerate()
-            .map(|(k, &s)| {
-                let n = rows[k / SIDE] * cols[k % SIDE];
-                (s as f64 / f64::from(n.max(1))) as f32
-            })
-            .collect();
+        let (grey, scale) = shrink(frame.as_raw(), 3, w, h, |p| {
+            // Integer luma (BT.601 weights scaled by 1024).
+            p.chunks_exact(3)
+                .map(|p| 306 * u32::from(p[0]) + 601 * u32::from(p[1]) + 117 * u32::from(p[2]))
+                .sum()
+        });
+        self.finish(grey, scale)
+    }
+
+    /// The same from a stained frame's stain map (`pose::stain_map` with `Contrast::Dark`,
+    /// 255 less the luma, truncated): one byte a pixel to read instead of three, and the map
+    /// is made anyway for head finding. Grey is 255 less the stain, on the luma's scale.
+    pub fn spectrum_of_stain(&self, stain: &GrayImage) -> Spectrum {
+        let (w, h) = stain.dimensions();
+        let (grey, scale) = shrink(stain.as_raw(), 1, w, h, |p| {
+            let sum: u32 = p.iter().map(|&v| u32::from(v)).sum();
+            (255 * p.len() as u32 - sum) * 1024
+        });
+        self.finish(grey, scale)
+    }
+
+    /// Window, transform and normalise a shrunk frame.
+    fn finish(&self, grey: Vec<f32>, scale: (f32, f32)) -> Spectrum {
         let mean = grey.iter().sum::<f32>() / grey.len() as f32;
         // A Hann window keeps the image borders from dominating the correlation.
         let hann: Vec<f32> = (0..SIDE)
@@ -117,10 +154,7 @@ impl Registrar {
                 Complex32::new(0.0, 0.0)
             };
         }
-        Spectrum {
-            values,
-            scale: (sx, sy),
-        }
+        Spectrum { values, scale }
     }
 
     /// Where `current` lies on `previous`: the shift and the height of the correlation peak.
@@ -178,6 +212,7 @@ impl Registrar {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::pose::{Contrast, stain_map};
     use crate::core::testing::synthetic_field;
 
     fn shifted(img: &RgbImage, dx: i64, dy: i64) -> RgbImage {
@@ -213,5 +248,58 @@ mod tests {
         );
         let m = r.motion(&r.spectrum(&a), &r.spectrum(&other));
         assert!(m.peak < 0.2, "{m:?}");
+
+        // From the stain maps, the same: shift, field change, and the two kinds of spectrum
+        // agree with each other (same sign), so a run may switch from one to the other.
+        let stain = |img: &RgbImage| stain_map(img, Contrast::Dark);
+        let m = r.motion(
+            &r.spectrum_of_stain(&stain(&a)),
+            &r.spectrum_of_stain(&stain(&b)),
+        );
+        assert!(
+            (m.shift.0 - 25.0).abs() <= 5.0 && (m.shift.1 + 10.0).abs() <= 4.0,
+            "{m:?}"
+        );
+        assert!(m.peak > 0.3, "{m:?}");
+        let m = r.motion(
+            &r.spectrum_of_stain(&stain(&a)),
+            &r.spectrum_of_stain(&stain(&other)),
+        );
+        assert!(m.peak < 0.2, "{m:?}");
+        let m = r.motion(&r.spectrum(&a), &r.spectrum_of_stain(&stain(&a)));
+        assert!(
+            m.peak > 0.9 && m.shift.0.abs() < 1.0 && m.shift.1.abs() < 1.0,
+            "{m:?}"
+        );
+    }
+
+    #[test]
+    fn shrinking_averages_every_pixel_once() {
+        // Frames smaller and larger than the shrunk side, and not multiples of it.
+        for (w, h) in [(50u32, 40u32), (128, 128), (301, 197)] {
+            let raw: Vec<u8> = (0..w * h).map(|i| (i * 7 % 251) as u8).collect();
+            let (grey, _) = shrink(&raw, 1, w, h, |p| p.iter().map(|&v| u32::from(v)).sum());
+            // Each bin's mean times its pixel count sums back to the image's total.
+            let (sx, sy) = (w as f32 / SIDE as f32, h as f32 / SIDE as f32);
+            let mut count = vec![0u32; SIDE * SIDE];
+            for y in 0..h {
+                for x in 0..w {
+                    let j = ((y as f32 / sy) as usize).min(SIDE - 1);
+                    let i = ((x as f32 / sx) as usize).min(SIDE - 1);
+                    count[j * SIDE + i] += 1;
+                }
+            }
+            let total: f64 = grey
+                .iter()
+                .zip(&count)
+                .map(|(g, &n)| f64::from(*g) * f64::from(n))
+                .sum();
+            let want: f64 = raw.iter().map(|&v| f64::from(v)).sum();
+            assert!(
+                (total - want).abs() < 1e-3 * want,
+                "{w}x{h}: {total} vs {want}"
+            );
+            assert!(grey.iter().zip(&count).all(|(g, &n)| n > 0 || *g == 0.0));
+        }
     }
 }

@@ -268,6 +268,7 @@ impl Classify for Classifier {
 /// get their sizes. Angle and sizes are those of the head as the classifier saw it.
 pub fn prepare_cells(work: &mut Work, pre: &Preprocessor, um_per_px: f32) {
     let image = work.frame.image.clone();
+    let stain = work.stain.take();
     for c in &mut work.cells {
         let Some(head) = c.head.take() else {
             continue;
@@ -276,7 +277,7 @@ pub fn prepare_cells(work: &mut Work, pre: &Preprocessor, um_per_px: f32) {
             c.size = head_size(&head, um_per_px);
             continue;
         }
-        let mut p = pre.head(&image, &head, Some(um_per_px));
+        let mut p = pre.head_in(&image, stain.as_deref(), &head, Some(um_per_px));
         let seen = p.head.take().unwrap_or(head);
         c.angle_deg = seen.angle_deg();
         c.size = head_size(&seen, um_per_px);

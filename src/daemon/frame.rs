@@ -8,7 +8,7 @@ use image::RgbImage;
 
 use crate::core::model::ModelId;
 use crate::core::morphometry::HeadSize;
-use crate::core::pose::HeadRegion;
+use crate::core::pose::{HeadRegion, StainMap};
 use crate::core::preprocess::Prepared;
 use crate::daemon::telemetry::CellDropReason;
 
@@ -94,6 +94,9 @@ pub struct Work {
     /// Tracks that ended at this frame (not seen for too long, or the field changed): their
     /// cell records are published after this frame's detections.
     pub ended_tracks: Vec<u64>,
+    /// The frame's stain map, from head finding; the registration and the pose stage read it,
+    /// and the pose stage lets it go.
+    pub stain: Option<Arc<StainMap>>,
 }
 
 /// The model a frame went through: its identity, its classes in output order, and the rule

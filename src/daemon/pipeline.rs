@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 
+use crate::core::pose::Contrast;
 use crate::core::preprocess::Preprocessor;
 use crate::core::register::{Registrar, Spectrum};
 use crate::daemon::calibrate::{ScaleAlarm, ScaleWatch};
@@ -533,6 +534,7 @@ fn source_stage(
             },
             model: None,
             ended_tracks: Vec::new(),
+            stain: None,
         };
         let sent = match &oldest {
             None => tx.send(work).map_err(|e| Box::new(e.into_inner())),
@@ -590,6 +592,7 @@ fn segmenter(
             }
         }
         w.cells = seg.cells;
+        w.stain = Some(seg.stain);
         w.times.segment_ms = t.elapsed().as_secs_f32() * 1e3;
         tel.latency(Stage::Segment, w.times.segment_ms);
         tel.event(Event::CellsFound {
@@ -651,7 +654,10 @@ fn track_stage(
         let t = Instant::now();
         // Registration only when tracks are followed (it is most of this stage's cost).
         let motion = if tracker.enabled() {
-            let spectrum = registrar.spectrum(&w.frame.image);
+            let spectrum = match w.stain.as_deref() {
+                Some(s) if s.contrast == Contrast::Dark => registrar.spectrum_of_stain(&s.map),
+                _ => registrar.spectrum(&w.frame.image),
+            };
             let m = previous.as_ref().map(|p| registrar.motion(p, &spectrum));
             previous = Some(spectrum);
             m
@@ -1030,6 +1036,7 @@ mod tests {
                     times: Default::default(),
                     model: None,
                     ended_tracks: Vec::new(),
+                    stain: None,
                 };
                 tx_in.send(w).unwrap();
             }

@@ -703,6 +703,7 @@ mod tests {
                 uncertain_below: 0.5,
             })),
             ended_tracks: Vec::new(),
+            stain: None,
         }
     }
 

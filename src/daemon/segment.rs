@@ -4,13 +4,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use image::{GrayImage, Luma, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::core::model::{Model, ModelError, RuntimeOptions, softmax};
 use crate::core::morphometry::{self, HeadSize};
-use crate::core::pose::{self, Contrast, HeadRegion, Thresholded};
+use crate::core::pose::{self, Contrast, HeadRegion, StainMap, Thresholded};
 use crate::core::regions;
 use crate::daemon::check::{Base, ConfigError, bundled, invalid, positive, within};
 use crate::daemon::frame::{Cell, Unclassified};
@@ -184,11 +185,16 @@ pub struct FoundHead {
 
 /// Find every head in a frame, in raster order of their first pixel.
 pub fn find_heads(frame: &RgbImage, s: &SegmentSettings) -> Vec<FoundHead> {
-    let (w, h) = frame.dimensions();
+    find_heads_on(&StainMap::new(frame, s.contrast), s)
+}
+
+/// `find_heads` on the frame's stain map, made with `s.contrast`.
+pub fn find_heads_on(stain: &StainMap, s: &SegmentSettings) -> Vec<FoundHead> {
+    let (w, h) = stain.map.dimensions();
     if w < 16 || h < 16 {
         return Vec::new();
     }
-    let t = Thresholded::new(frame, s.contrast);
+    let t = Thresholded::from_stain(&stain.map);
     let mut regions =
         regions::opened_regions(&t.stain, t.head_level, s.open_radius_px, s.min_area_px);
     regions.retain(|px| px.len() >= s.min_area_px && px.len() <= s.max_area_px);
@@ -305,6 +311,7 @@ impl Verifier {
     pub fn retain(
         &mut self,
         frame: &RgbImage,
+        stain: Option<&StainMap>,
         found: &mut Vec<FoundHead>,
         um_per_px: f32,
     ) -> Result<usize, ModelError> {
@@ -315,7 +322,7 @@ impl Verifier {
         let inputs: Vec<_> = found
             .iter()
             .map(|f| {
-                let mut p = pre.head(frame, &f.head, Some(um_per_px));
+                let mut p = pre.head_in(frame, stain, &f.head, Some(um_per_px));
                 p.head = None;
                 p
             })
@@ -333,10 +340,11 @@ impl Verifier {
     }
 }
 
-/// What head finding gave for one frame: the cells, and how many candidates the verifier
-/// rejected (or why it could not look at them).
+/// What head finding gave for one frame: the cells, how many candidates the verifier
+/// rejected (or why it could not look at them), and the frame's stain map for the stages after.
 pub struct Segmented {
     pub cells: Vec<Cell>,
+    pub stain: Arc<StainMap>,
     pub rejected: usize,
     pub verifier_error: Option<ModelError>,
 }
@@ -349,10 +357,11 @@ pub fn segment_frame(
     verifier: Option<&mut Verifier>,
     um_per_px: f32,
 ) -> Segmented {
-    let mut found = find_heads(frame, settings);
+    let stain = StainMap::new(frame, settings.contrast);
+    let mut found = find_heads_on(&stain, settings);
     let (mut rejected, mut verifier_error) = (0, None);
     if let Some(v) = verifier {
-        match v.retain(frame, &mut found, um_per_px) {
+        match v.retain(frame, Some(&stain), &mut found, um_per_px) {
             Ok(n) => rejected = n,
             Err(e) => verifier_error = Some(e),
         }
@@ -382,6 +391,7 @@ pub fn segment_frame(
         .collect();
     Segmented {
         cells,
+        stain: Arc::new(stain),
         rejected,
         verifier_error,
     }
