@@ -64,10 +64,15 @@ fn perimeter_px(head: &HeadRegion) -> f32 {
 /// Area over convex-hull area (hull through pixel centres, grown by half its perimeter so a
 /// filled convex region scores about 1), at most 1.
 pub fn solidity(head: &HeadRegion) -> f32 {
+    solidity_of(head, &boundary(head))
+}
+
+/// `solidity` from the head's `boundary`, for callers that have it.
+fn solidity_of(head: &HeadRegion, border: &[(u32, u32)]) -> f32 {
     let hull: Vec<Point<i32>> = convex_hull(
-        boundary(head)
-            .into_iter()
-            .map(|(x, y)| Point::new(x as i32, y as i32))
+        border
+            .iter()
+            .map(|&(x, y)| Point::new(x as i32, y as i32))
             .collect::<Vec<_>>(),
     );
     let hull_area = polygon_area(&hull).max(1.0) + perimeter_hull(&hull) / 2.0;
@@ -77,8 +82,8 @@ pub fn solidity(head: &HeadRegion) -> f32 {
 /// The outline descriptor of feature set `head_shape_v1`: boundary pixels (those with a
 /// 4-neighbour outside the head) times 0.95, plus one. Kept as it is so models trained on it
 /// keep their meaning; `perimeter_px` is the accurate length for reports.
-fn outline_descriptor_px(head: &HeadRegion) -> f32 {
-    boundary(head).len() as f32 * 0.95 + 1.0
+fn outline_descriptor_px(border: &[(u32, u32)]) -> f32 {
+    border.len() as f32 * 0.95 + 1.0
 }
 
 fn bbox(head: &HeadRegion) -> (u32, u32, u32, u32) {
@@ -136,12 +141,13 @@ pub fn shape_features_in(stain: &GrayImage, head: &HeadRegion, window_px: f32) -
     let minor = head.minor_px.max(1.0);
 
     // Size and shape.
+    let border = boundary(head);
     f.push(n / (window_px * window_px) * 10.0);
-    f.push(outline_descriptor_px(head) / window_px);
+    f.push(outline_descriptor_px(&border) / window_px);
     f.push(major / window_px);
     f.push(minor / window_px);
     f.push(minor / major);
-    f.push(solidity(head));
+    f.push(solidity_of(head, &border));
 
     // Hu moments of the filled head.
     for h in hu_moments(head) {
@@ -153,7 +159,6 @@ pub fn shape_features_in(stain: &GrayImage, head: &HeadRegion, window_px: f32) -
     }
 
     // Fourier magnitudes of the centroid-distance signature of the outline.
-    let border = boundary(head);
     let mut sig = [0f32; 64];
     let mut cnt = [0u32; 64];
     for &(x, y) in &border {

@@ -1,7 +1,7 @@
 //! Pose correction: find the head in a crop, measure its axis, resolve head from tail and cut
 //! an upright window around it. The trainer and the daemon both call this one implementation.
 
-use image::{GrayImage, ImageBuffer, Luma, Pixel, Rgb, RgbImage};
+use image::{GrayImage, ImageBuffer, Luma, Pixel, RgbImage};
 
 /// How heads differ from the background in an image.
 #[derive(
@@ -570,9 +570,21 @@ pub fn measure(
     };
     let (ox, oy) = offset;
     let (mut plus, mut minus) = (0usize, 0usize);
-    for y in span(cy, h) {
-        for x in span(cx, w) {
-            if stain.get_pixel(x + ox, y + oy)[0] <= tail_level || head.get_pixel(x, y)[0] != 0 {
+    let xs = span(cx, w);
+    // The box's pixels a row at a time, in the stain map (at the offset) and in the mask.
+    let rows = span(cy, h).filter_map(|y| {
+        let s = stain.as_raw().get(
+            ((y + oy) * stain.width() + xs.start + ox) as usize
+                ..((y + oy) * stain.width() + xs.end + ox) as usize,
+        )?;
+        let m = head
+            .as_raw()
+            .get((y * w + xs.start) as usize..(y * w + xs.end) as usize)?;
+        Some((y, s, m))
+    });
+    for (y, srow, mrow) in rows {
+        for ((x, &s), &m) in xs.clone().zip(srow).zip(mrow) {
+            if s <= tail_level || m != 0 {
                 continue;
             }
             let (dx, dy) = (x as f64 - cx, y as f64 - cy);
@@ -704,36 +716,45 @@ pub fn cut_window(img: &RgbImage, cut: &Cut, out_px: u32, jitter: &Jitter) -> Rg
     );
     let half = out_px as f32 / 2.0;
     let mut out = RgbImage::new(out_px, out_px);
+    if sw == 0 || sh == 0 {
+        return out;
+    }
+    let mut pixels = out.chunks_exact_mut(3);
     for oy in 0..out_px {
         for ox in 0..out_px {
             let u = (ox as f32 + 0.5 - half) * step;
             let v = (oy as f32 + 0.5 - half) * step;
             let sx = centre.0 + u * right.0 + v * down.0 - 0.5;
             let sy = centre.1 + u * right.1 + v * down.1 - 0.5;
-            out.put_pixel(ox, oy, bilinear(img, sx, sy, sw, sh));
+            if let Some(o) = pixels.next() {
+                o.copy_from_slice(&bilinear(img, sx, sy, sw, sh));
+            }
         }
     }
     out
 }
 
-fn bilinear(img: &RgbImage, x: f32, y: f32, w: u32, h: u32) -> Rgb<u8> {
+/// The colour at (`x`, `y`) of a non-empty `w` x `h` image, bilinear, edges repeated.
+fn bilinear(img: &RgbImage, x: f32, y: f32, w: u32, h: u32) -> [u8; 3] {
     let x = x.clamp(0.0, (w - 1) as f32);
     let y = y.clamp(0.0, (h - 1) as f32);
     // Not negative, so truncation is the floor (without a call into libm).
     let (x0, y0) = (x as u32, y as u32);
     let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
     let (fx, fy) = (x - x0 as f32, y - y0 as f32);
-    let p00 = img.get_pixel(x0, y0);
-    let p10 = img.get_pixel(x1, y0);
-    let p01 = img.get_pixel(x0, y1);
-    let p11 = img.get_pixel(x1, y1);
+    let raw = img.as_raw();
+    let at = |x: u32, y: u32| {
+        let i = (y as usize * w as usize + x as usize) * 3;
+        raw.get(i..i + 3).unwrap_or(&[0, 0, 0])
+    };
+    let (p00, p10, p01, p11) = (at(x0, y0), at(x1, y0), at(x0, y1), at(x1, y1));
     let mut o = [0u8; 3];
     for c in 0..3 {
         let top = p00[c] as f32 * (1.0 - fx) + p10[c] as f32 * fx;
         let bot = p01[c] as f32 * (1.0 - fx) + p11[c] as f32 * fx;
         o[c] = round_level(top * (1.0 - fy) + bot * fy);
     }
-    Rgb(o)
+    o
 }
 
 /// `v.round().clamp(0.0, 255.0) as u8` for a blend of levels (`v` in 0..=255, or NaN), without
