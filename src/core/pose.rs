@@ -948,7 +948,7 @@ mod tests {
 
     #[test]
     fn blank_image_is_an_error_not_a_panic() {
-        let img = RgbImage::from_pixel(64, 64, Rgb([200, 200, 200]));
+        let img = RgbImage::from_pixel(64, 64, image::Rgb([200, 200, 200]));
         assert_eq!(
             find_head_in_crop(&img, Contrast::Dark).unwrap_err(),
             PoseError::NoContrast
