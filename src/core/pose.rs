@@ -508,20 +508,12 @@ fn mask_box(mask: &GrayImage) -> Option<(usize, usize, usize, usize)> {
     found
 }
 
-/// Second moments of a head mask, and its polarity from the tail (stain above `tail_level`
-/// outside the head: the midpiece) or else from the stain asymmetry. `stain` may be a larger
-/// map the mask was cut from at `offset` (no copy of it is made).
-pub fn measure(
-    head: &GrayImage,
-    stain: &GrayImage,
-    tail_level: u8,
-    offset: (u32, u32),
-) -> HeadRegion {
-    // The set pixels in raster order, looked for within the mask's box only.
+/// The set pixels of a mask in raster order, looked for within the mask's box only.
+fn mask_pixels(mask: &GrayImage) -> Vec<(u32, u32)> {
     let mut pixels: Vec<(u32, u32)> = Vec::new();
-    if let Some((x0, y0, x1, y1)) = mask_box(head) {
-        let w = head.width() as usize;
-        for (y, row) in head
+    if let Some((x0, y0, x1, y1)) = mask_box(mask) {
+        let w = mask.width() as usize;
+        for (y, row) in mask
             .as_raw()
             .chunks_exact(w)
             .enumerate()
@@ -535,6 +527,39 @@ pub fn measure(
             }
         }
     }
+    pixels
+}
+
+/// The rows `ys` of a mask, cut to the columns `xs`, with the same pixels of a stain map the
+/// mask was cut from at `offset`: (y, stain row, mask row).
+fn box_rows<'a>(
+    mask: &'a GrayImage,
+    stain: &'a GrayImage,
+    (ox, oy): (u32, u32),
+    xs: std::ops::Range<u32>,
+    ys: std::ops::Range<u32>,
+) -> impl Iterator<Item = (u32, &'a [u8], &'a [u8])> {
+    let (w, sw) = (mask.width(), stain.width());
+    ys.filter_map(move |y| {
+        let at = |row: u32, width: u32, dx: u32| {
+            (row * width + xs.start + dx) as usize..(row * width + xs.end + dx) as usize
+        };
+        let s = stain.as_raw().get(at(y + oy, sw, ox))?;
+        let m = mask.as_raw().get(at(y, w, 0))?;
+        Some((y, s, m))
+    })
+}
+
+/// Second moments of a head mask, and its polarity from the tail (stain above `tail_level`
+/// outside the head: the midpiece) or else from the stain asymmetry. `stain` may be a larger
+/// map the mask was cut from at `offset` (no copy of it is made).
+pub fn measure(
+    head: &GrayImage,
+    stain: &GrayImage,
+    tail_level: u8,
+    offset: (u32, u32),
+) -> HeadRegion {
+    let pixels = mask_pixels(head);
     let n = pixels.len().max(1) as f64;
     let (sx, sy) = pixels
         .iter()
@@ -568,20 +593,9 @@ pub fn measure(
         let hi = ((c + reach).ceil().max(0.0) as u32).min(n);
         lo..hi
     };
-    let (ox, oy) = offset;
     let (mut plus, mut minus) = (0usize, 0usize);
     let xs = span(cx, w);
-    // The box's pixels a row at a time, in the stain map (at the offset) and in the mask.
-    let rows = span(cy, h).filter_map(|y| {
-        let s = stain.as_raw().get(
-            ((y + oy) * stain.width() + xs.start + ox) as usize
-                ..((y + oy) * stain.width() + xs.end + ox) as usize,
-        )?;
-        let m = head
-            .as_raw()
-            .get((y * w + xs.start) as usize..(y * w + xs.end) as usize)?;
-        Some((y, s, m))
-    });
+    let rows = box_rows(head, stain, offset, xs.clone(), span(cy, h));
     for (y, srow, mrow) in rows {
         for ((x, &s), &m) in xs.clone().zip(srow).zip(mrow) {
             if s <= tail_level || m != 0 {
@@ -620,7 +634,7 @@ pub fn measure(
             let (mut sp, mut np, mut sm, mut nm) = (0.0, 0.0, 0.0, 0.0);
             for &(x, y) in &pixels {
                 let t = (x as f64 - cx) * u.0 + (y as f64 - cy) * u.1;
-                let s = stain.get_pixel(x + ox, y + oy)[0] as f64;
+                let s = stain.get_pixel(x + offset.0, y + offset.1)[0] as f64;
                 if t > 0.0 {
                     sp += s;
                     np += 1.0;
