@@ -10,7 +10,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -25,16 +25,6 @@ fn frames() -> String {
     common::dataset("sperm-parsing/val/frames")
         .display()
         .to_string()
-}
-
-fn signal(child: &Child, sig: &str) {
-    // The shell's own `kill`: no procps needed.
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!("kill {sig} {}", child.id()))
-        .status()
-        .unwrap();
-    assert!(ok.success());
 }
 
 /// The records of one kind (`detection` or `cell`) in a records file.
@@ -125,13 +115,13 @@ fn notify_protocol_and_reload_without_losing_frames() {
             + &format!("[classify]\nmodel = \"{}\"\n", hushem.display()),
     )
     .unwrap();
-    signal(&child, "-HUP");
+    common::signal(&child, "-HUP");
     pump(Duration::from_millis(2500), &mut messages);
     // A broken config is refused; the daemon runs on.
     std::fs::write(&cfg, "[classify]\nmodel = 3\n").unwrap();
-    signal(&child, "-HUP");
+    common::signal(&child, "-HUP");
     pump(Duration::from_millis(1200), &mut messages);
-    signal(&child, "-TERM");
+    common::signal(&child, "-TERM");
     pump(Duration::from_millis(600), &mut messages);
     let status = child.wait().unwrap();
     let mut stderr = String::new();
@@ -257,7 +247,7 @@ fn metrics_and_health_endpoints() {
     }
     let (code, _) = http_get(port, "/nothing");
     assert_eq!(code, 404);
-    signal(&child, "-TERM");
+    common::signal(&child, "-TERM");
     assert!(child.wait().unwrap().success());
 }
 

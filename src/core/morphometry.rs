@@ -1,12 +1,12 @@
 //! Head morphometrics: sizes in µm for records, and the scale-free shape and stain descriptors
 //! that the classifiers take beside the pixels.
 
-use image::{GrayImage, RgbImage};
+use image::GrayImage;
 use imageproc::contours::{BorderType, find_contours};
 use imageproc::geometry::{approximate_polygon_dp, arc_length, convex_hull};
 use imageproc::point::Point;
 
-use crate::core::pose::{Contrast, HeadRegion, stain_map};
+use crate::core::pose::{self, HeadRegion};
 
 /// Number of values `shape_features` returns; stored in model metadata and checked there.
 pub const FEATURE_COUNT: usize = 44;
@@ -120,19 +120,9 @@ fn boundary(head: &HeadRegion) -> Vec<(u32, u32)> {
 ///
 /// Layout: 6 size/shape values, 7 Hu moments (signed log), 8 contour Fourier magnitudes,
 /// 10 widths along the head axis (front to back), 10 stain levels along the axis, acrosome
-/// share, stain contrast and stain spread.
-pub fn shape_features(
-    img: &RgbImage,
-    head: &HeadRegion,
-    contrast: Contrast,
-    window_px: f32,
-) -> Vec<f32> {
-    shape_features_in(&stain_map(img, contrast), head, window_px)
-}
-
-/// `shape_features` from the image's stain map (`stain_map`), for callers that made it
-/// already (the crop path finds the head on the same map).
-pub fn shape_features_in(stain: &GrayImage, head: &HeadRegion, window_px: f32) -> Vec<f32> {
+/// share, stain contrast and stain spread. `stain` is the image's `pose::stain_map`, the one
+/// the head was found on.
+pub fn shape_features(stain: &GrayImage, head: &HeadRegion, window_px: f32) -> Vec<f32> {
     let mut f = Vec::with_capacity(FEATURE_COUNT);
     let n = head.area_px().max(1) as f32;
     let (cx, cy) = head.centroid;
@@ -248,20 +238,11 @@ fn quantiles_05_95(values: &mut [f32]) -> (f32, f32) {
 }
 
 fn background_level(stain: &GrayImage) -> f32 {
-    let mut hist = [0usize; 256];
-    for p in stain.pixels() {
-        hist[p[0] as usize] += 1;
+    if stain.as_raw().is_empty() {
+        return 0.0;
     }
     // The 25th percentile: most of a crop is background.
-    let target = stain.pixels().len() / 4;
-    let mut acc = 0;
-    for (v, &c) in hist.iter().enumerate() {
-        acc += c;
-        if acc > target {
-            return v as f32;
-        }
-    }
-    0.0
+    f32::from(pose::percentile(&pose::histogram(stain.as_raw()), 0.25))
 }
 
 fn fill_gaps(sig: &mut [f32; 64], cnt: &[u32; 64]) {
@@ -343,8 +324,8 @@ fn hu_moments(head: &HeadRegion) -> [f64; 7] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::pose::find_head_in_crop;
-    use image::Rgb;
+    use crate::core::pose::{Contrast, find_head_in_crop, stain_map};
+    use image::{Rgb, RgbImage};
 
     fn ellipse(size: u32, a: f32, b: f32, deg: f32) -> RgbImage {
         let mut img = RgbImage::from_pixel(size, size, Rgb([230, 220, 225]));
@@ -388,7 +369,7 @@ mod tests {
     fn shape_features_ignore_rotation_and_see_shape() {
         let feats = |img: &RgbImage| {
             let head = find_head_in_crop(img, Contrast::Dark).expect("head");
-            shape_features(img, &head, Contrast::Dark, 80.0)
+            shape_features(&stain_map(img, Contrast::Dark), &head, 80.0)
         };
         let a = feats(&ellipse(121, 20.0, 12.0, 0.0));
         let b = feats(&ellipse(121, 20.0, 12.0, 63.0));

@@ -363,7 +363,7 @@ impl Thresholded {
 
 /// How many of `values` have each level. Four partial counts, so that runs of one level (the
 /// background) do not wait on the same counter.
-fn histogram(values: &[u8]) -> [u32; 256] {
+pub(crate) fn histogram(values: &[u8]) -> [u32; 256] {
     let mut part = [[0u32; 256]; 4];
     let mut quads = values.chunks_exact(4);
     for q in &mut quads {
@@ -415,7 +415,7 @@ fn otsu_of(hist: &[u32; 256]) -> u8 {
 }
 
 /// The grey level below which `q` of the histogram's pixels lie.
-fn percentile(hist: &[u32; 256], q: f32) -> u8 {
+pub(crate) fn percentile(hist: &[u32; 256], q: f32) -> u8 {
     let total: u32 = hist.iter().sum();
     let target = (total as f32 * q) as usize;
     let mut acc = 0usize;

@@ -86,7 +86,7 @@ impl Preprocessor {
             (None, _) => Vec::new(),
             (Some(_), Some(h)) => {
                 let mut f = vec![1.0];
-                f.extend(morphometry::shape_features_in(stain, h, window));
+                f.extend(morphometry::shape_features(stain, h, window));
                 f
             }
             (Some(_), None) => vec![0.0; FEATURES_WITH_FLAG],

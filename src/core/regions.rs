@@ -139,30 +139,59 @@ fn disc(k: u8) -> Vec<(i64, i64)> {
 /// an unset pixel, else 1 + the smaller of its set neighbours to the left and to the right
 /// (the image's outside counts as set, 255 as far as a disc can reach).
 fn run_reach(row: &[u8], out: &mut [u8]) {
-    let mut acc = u8::MAX;
-    for (o, &v) in out.iter_mut().zip(row) {
-        acc = if v != 0 { acc.saturating_add(1) } else { 0 };
-        *o = acc;
-    }
-    acc = u8::MAX;
-    for (o, &v) in out.iter_mut().zip(row).rev() {
-        acc = if v != 0 { acc.saturating_add(1) } else { 0 };
-        *o = (*o).min(acc);
-    }
+    both_ways(
+        row,
+        out,
+        |acc, v| if v != 0 { acc.saturating_add(1) } else { 0 },
+    );
 }
 
 /// Per pixel of a row, how far the nearest set pixel is along the row (0 on a set pixel; the
 /// image's outside counts as unset, 255 as farther than a disc can reach).
 fn nearest_set(row: &[u8], out: &mut [u8]) {
+    both_ways(
+        row,
+        out,
+        |acc, v| if v != 0 { 0 } else { acc.saturating_add(1) },
+    );
+}
+
+/// A running value `step(previous, pixel)` along the row from the left and from the right
+/// (both starting at 255 outside the image); `out` gets the smaller of the two.
+fn both_ways(row: &[u8], out: &mut [u8], step: impl Fn(u8, u8) -> u8) {
     let mut acc = u8::MAX;
     for (o, &v) in out.iter_mut().zip(row) {
-        acc = if v != 0 { 0 } else { acc.saturating_add(1) };
+        acc = step(acc, v);
         *o = acc;
     }
     acc = u8::MAX;
     for (o, &v) in out.iter_mut().zip(row).rev() {
-        acc = if v != 0 { 0 } else { acc.saturating_add(1) };
+        acc = step(acc, v);
         *o = (*o).min(acc);
+    }
+}
+
+/// Fold into each row of `out` the rows of `per_row` (`w` bytes each) at the disc's offsets
+/// that lie inside the image, one disc row at a time with its half-width: `f(acc, value, r)`.
+fn fold_disc_rows(
+    out: &mut [u8],
+    per_row: &[u8],
+    w: usize,
+    disc: &[(i64, u8)],
+    f: impl Fn(u8, u8, u8) -> u8,
+) {
+    let h = out.len() / w;
+    for (y, acc) in out.chunks_exact_mut(w).enumerate() {
+        for &(dy, r) in disc {
+            let yy = y as i64 + dy;
+            if !(0..h as i64).contains(&yy) {
+                continue;
+            }
+            let src = &per_row[yy as usize * w..(yy as usize + 1) * w];
+            for (a, &v) in acc.iter_mut().zip(src) {
+                *a = f(*a, v, r);
+            }
+        }
     }
 }
 
@@ -182,10 +211,6 @@ pub(crate) fn open_disc(mask: &GrayImage, k: u8) -> GrayImage {
         .into_iter()
         .map(|(dy, r)| (dy, u8::try_from(r).unwrap_or(u8::MAX)))
         .collect();
-    let inside = |y: usize, dy: i64| {
-        let yy = y as i64 + dy;
-        (0..h as i64).contains(&yy).then_some(yy as usize)
-    };
     // Erosion: a pixel stays when, on every disc row inside the image, the run of set pixels
     // through it reaches `r` pixels to both sides (the run on its own row implies it is set).
     let mut reach = vec![0u8; w * h];
@@ -193,14 +218,7 @@ pub(crate) fn open_disc(mask: &GrayImage, k: u8) -> GrayImage {
         run_reach(row, out);
     }
     let mut eroded = vec![1u8; w * h];
-    for (y, acc) in eroded.chunks_exact_mut(w).enumerate() {
-        for &(dy, r) in &d {
-            let Some(yy) = inside(y, dy) else { continue };
-            for (a, &v) in acc.iter_mut().zip(&reach[yy * w..(yy + 1) * w]) {
-                *a &= u8::from(v > r);
-            }
-        }
-    }
+    fold_disc_rows(&mut eroded, &reach, w, &d, |a, v, r| a & u8::from(v > r));
     // Dilation: a pixel is set when a disc row inside the image has an eroded pixel within
     // `r` of it along the row.
     let mut near = reach;
@@ -208,16 +226,9 @@ pub(crate) fn open_disc(mask: &GrayImage, k: u8) -> GrayImage {
         nearest_set(row, out);
     }
     let mut out = vec![0u8; w * h];
-    for (y, acc) in out.chunks_exact_mut(w).enumerate() {
-        for &(dy, r) in &d {
-            let Some(yy) = inside(y, dy) else { continue };
-            for (a, &v) in acc.iter_mut().zip(&near[yy * w..(yy + 1) * w]) {
-                *a |= u8::from(v <= r);
-            }
-        }
-        for a in acc.iter_mut() {
-            *a = a.wrapping_neg();
-        }
+    fold_disc_rows(&mut out, &near, w, &d, |a, v, r| a | u8::from(v <= r));
+    for a in &mut out {
+        *a = a.wrapping_neg();
     }
     GrayImage::from_raw(w as u32, h as u32, out).unwrap_or_else(|| mask.clone())
 }

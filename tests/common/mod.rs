@@ -56,9 +56,15 @@ pub fn run_ok(c: &mut Command) -> Output {
 /// Send SIGTERM to a child (the daemon drains, flushes and reports on it); the `kill` must
 /// succeed.
 pub fn sigterm(child: &Child) {
+    signal(child, "-TERM");
+}
+
+/// Send a signal (`-HUP`, `-TERM`...) to a child with the shell's own `kill` (no procps
+/// needed); the `kill` must succeed.
+pub fn signal(child: &Child, sig: &str) {
     let sent = Command::new("sh")
         .arg("-c")
-        .arg(format!("kill -TERM {}", child.id()))
+        .arg(format!("kill {sig} {}", child.id()))
         .status()
         .unwrap();
     assert!(sent.success());
