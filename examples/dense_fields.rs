@@ -1,16 +1,27 @@
-//! Crowded fields for the throughput benchmark: `sperm-parsing` val frames with their own cells
-//! painted out, then whole cells (the head and the midpiece and tail near it) cut from
-//! `sperm-parsing/train` frames pasted at jittered grid places, so a field holds a chosen number
-//! of real heads at the real scale. Written as JPEG (quality 92) like the recorded fields.
-//! `cargo run --release --example dense_fields -- OUT_DIR HEADS_PER_FRAME FRAMES [SEED]`
+//! Crowded fields with their true heads, for the throughput benchmark and for scoring head
+//! finding where heads crowd and touch: each field is a `sperm-parsing` val frame with its own
+//! cells painted out and then pasted back, turned and mirrored (the eight exact quarter turns
+//! and flips, no resampling), at jittered grid places until it holds the chosen number of heads.
+//! One preparation's cells on its own background: stain, focus and scale stay those of a real
+//! field, only the crowding is new. Val frames by default, because no model was trained on
+//! them; SPLIT `train` with FRAMES `A..B` takes the train frames A to B-1 in name order (the
+//! head verifier trains on 0..384 and chooses its threshold on 384..512).
+//! Fields are written as JPEG (quality 92) like the recorded ones, with their true heads in
+//! `OUT_DIR/heads/<frame>.png` (instance ids as in `sperm-parsing`; a head partly covered by a
+//! later cell keeps only its visible pixels).
+//! With TOUCH above 0, that share of the heads is placed against the head pasted before it
+//! (centres 0.85-1.15 times the sum of the two heads' radii apart: touching, nearly touching
+//! or slightly overlapping), the crowding that merges heads in real preparations.
+//! `cargo run --release --example dense_fields -- OUT_DIR HEADS_PER_FRAME FRAMES [SEED] [TOUCH]
+//! [SPLIT] [A..B]`
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use image::codecs::jpeg::JpegEncoder;
-use image::{GrayImage, Rgb, RgbImage};
+use image::{GrayImage, Luma, Rgb, RgbImage};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -20,122 +31,175 @@ use spermscope::core::imageio;
 const MIDPIECE: u8 = 4;
 const TAIL: u8 = 5;
 /// How far around a head's box its midpiece and tail are taken, px.
-const MARGIN: u32 = 40;
+const MARGIN: i64 = 40;
+/// Distance of a pasted head's centre from the frame border, px.
+const INSET: i64 = 60;
 
-/// One head of a training frame: its frame, instance id and box.
+/// One head of a frame: its instance id, box and the radius of the circle with its area.
 struct Donor {
-    frame: String,
     instance: u8,
-    bbox: [u32; 4],
+    bbox: [i64; 4],
+    radius: f32,
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 4 {
-        eprintln!("usage: dense_fields OUT_DIR HEADS_PER_FRAME FRAMES [SEED]");
+        eprintln!(
+            "usage: dense_fields OUT_DIR HEADS_PER_FRAME FRAMES [SEED] [TOUCH] [SPLIT] [A..B]"
+        );
         std::process::exit(2);
     }
-    let out = PathBuf::from(&args[1]);
+    let out = Path::new(&args[1]);
     let per_frame: usize = args[2].parse().expect("HEADS_PER_FRAME");
     let frames: usize = args[3].parse().expect("FRAMES");
     let seed: u64 = args.get(4).map_or(1, |s| s.parse().expect("SEED"));
+    let touch: f32 = args.get(5).map_or(0.0, |s| s.parse().expect("TOUCH"));
+    let split = args.get(6).map_or("val", String::as_str);
+    let (from, to): (usize, usize) = args.get(7).map_or((0, usize::MAX), |s| {
+        let (a, b) = s.split_once("..").expect("A..B");
+        (a.parse().expect("A"), b.parse().expect("B"))
+    });
+    assert!(
+        per_frame < 255,
+        "at most 254 heads a frame (8-bit instance ids)"
+    );
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets/sperm-parsing");
-    std::fs::create_dir_all(&out).unwrap();
+    std::fs::create_dir_all(out.join("heads")).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
 
-    let mut donors: Vec<Donor> = Vec::new();
-    let csv = std::fs::read_to_string(root.join("heads.csv")).unwrap();
-    for line in csv.lines().skip(1) {
-        let f: Vec<&str> = line.split(',').collect();
-        if f[0] != "train" {
-            continue;
-        }
-        let n = |i: usize| f[i].parse::<u32>().unwrap();
-        donors.push(Donor {
-            frame: f[1].to_string(),
-            instance: f[2].parse().unwrap(),
-            bbox: [n(4), n(5), n(6), n(7)],
-        });
-    }
-    donors.shuffle(&mut rng);
-    let backgrounds = imageio::list_files(&root.join("val/frames")).unwrap();
-    let mut cache: HashMap<String, (RgbImage, GrayImage, GrayImage)> = HashMap::new();
-    let mut next = 0;
+    let heads_of = whole_heads(&root, split, from..to);
+    let mut sources: Vec<String> = heads_of.keys().cloned().collect();
+    sources.sort();
+    sources.shuffle(&mut rng);
     for index in 0..frames {
-        let bg_path = &backgrounds[index % backgrounds.len()];
-        let mut field = painted_out(&root, bg_path);
-        let (w, h) = field.dimensions();
+        let name = &sources[index % sources.len()];
+        let stem = name.trim_end_matches(".jpg");
+        let img = imageio::load_rgb(&root.join(split).join("frames").join(name)).unwrap();
+        let heads = image::open(root.join(format!("{split}/heads/{stem}.png")))
+            .unwrap()
+            .to_luma8();
+        let parts = image::open(root.join(format!("{split}/parts/{stem}.png")))
+            .unwrap()
+            .to_luma8();
+        let mut field = painted_out(&img, &parts);
+        let (w, h) = (i64::from(field.width()), i64::from(field.height()));
+        let mut truth = GrayImage::new(field.width(), field.height());
+        let donors = &heads_of[name];
         // A jittered grid with at least `per_frame` places, in random order.
-        let cols = ((per_frame as f32 * w as f32 / h as f32).sqrt().ceil() as u32).max(1);
-        let rows = (per_frame as u32).div_ceil(cols);
+        let cols = ((per_frame as f64 * w as f64 / h as f64).sqrt().ceil() as i64).max(1);
+        let rows = (per_frame as i64 + cols - 1) / cols;
         let (cw, ch) = (w / cols, h / rows);
-        let mut places: Vec<(u32, u32)> = (0..rows)
+        let mut places: Vec<(i64, i64)> = (0..rows)
             .flat_map(|r| (0..cols).map(move |c| (c, r)))
             .collect();
         places.shuffle(&mut rng);
-        for &(c, r) in places.iter().take(per_frame) {
-            let d = &donors[next % donors.len()];
-            next += 1;
-            let (img, heads, parts) = cache.entry(d.frame.clone()).or_insert_with(|| {
-                let stem = d.frame.trim_end_matches(".jpg");
-                (
-                    imageio::load_rgb(&root.join("train/frames").join(&d.frame)).unwrap(),
-                    image::open(root.join(format!("train/heads/{stem}.png")))
-                        .unwrap()
-                        .to_luma8(),
-                    image::open(root.join(format!("train/parts/{stem}.png")))
-                        .unwrap()
-                        .to_luma8(),
-                )
-            });
-            let [x0, y0, x1, y1] = d.bbox;
-            let (sx0, sy0) = (x0.saturating_sub(MARGIN), y0.saturating_sub(MARGIN));
-            let (sx1, sy1) = (
-                (x1 + MARGIN).min(img.width() - 1),
-                (y1 + MARGIN).min(img.height() - 1),
-            );
+        // Centre and radius of the head pasted last.
+        let mut last: Option<(i64, i64, f32)> = None;
+        for (k, (id, &(c, r))) in (1u8..).zip(places.iter().take(per_frame)).enumerate() {
+            let d = &donors[k % donors.len()];
+            let turn: u8 = rng.random_range(0..8);
             // The head's centre lands at a random point of its grid cell, away from the edge.
+            let jx = rng.random_range(0..(cw - 2 * INSET).max(1));
+            let jy = rng.random_range(0..(ch - 2 * INSET).max(1));
+            let (mut cx, mut cy) = (c * cw + INSET + jx, r * ch + INSET + jy);
+            if touch > 0.0
+                && let Some((px, py, pr)) = last
+                && rng.random::<f32>() < touch
+            {
+                let angle = rng.random_range(0.0..std::f32::consts::TAU);
+                let apart = rng.random_range(0.85..1.15) * (pr + d.radius);
+                cx = (px + (apart * angle.cos()) as i64).clamp(INSET, w - INSET);
+                cy = (py + (apart * angle.sin()) as i64).clamp(INSET, h - INSET);
+            }
+            last = Some((cx, cy, d.radius));
+            let [x0, y0, x1, y1] = d.bbox;
             let (hx, hy) = ((x0 + x1) / 2, (y0 + y1) / 2);
-            let jx = rng.random_range(0..cw.saturating_sub(2 * 60).max(1));
-            let jy = rng.random_range(0..ch.saturating_sub(2 * 60).max(1));
-            let (tx, ty) = (
-                (c * cw + 60 + jx) as i64 - hx as i64,
-                (r * ch + 60 + jy) as i64 - hy as i64,
-            );
-            for y in sy0..=sy1 {
-                for x in sx0..=sx1 {
-                    let own_head = heads.get_pixel(x, y)[0] == d.instance;
-                    let part = parts.get_pixel(x, y)[0];
+            for y in (y0 - MARGIN).max(0)..=(y1 + MARGIN).min(h - 1) {
+                for x in (x0 - MARGIN).max(0)..=(x1 + MARGIN).min(w - 1) {
+                    let (ux, uy) = (x as u32, y as u32);
+                    let own_head = heads.get_pixel(ux, uy)[0] == d.instance;
+                    let part = parts.get_pixel(ux, uy)[0];
                     if !(own_head || part == MIDPIECE || part == TAIL) {
                         continue;
                     }
-                    let (dx, dy) = (x as i64 + tx, y as i64 + ty);
-                    if (1..w as i64 - 1).contains(&dx) && (1..h as i64 - 1).contains(&dy) {
-                        field.put_pixel(dx as u32, dy as u32, *img.get_pixel(x, y));
+                    let (ox, oy) = dihedral(turn, x - hx, y - hy);
+                    let (dx, dy) = (cx + ox, cy + oy);
+                    if (1..w - 1).contains(&dx) && (1..h - 1).contains(&dy) {
+                        let (dx, dy) = (dx as u32, dy as u32);
+                        field.put_pixel(dx, dy, *img.get_pixel(ux, uy));
+                        // What this cell covers of an earlier head is no longer that head.
+                        truth.put_pixel(dx, dy, Luma([if own_head { id } else { 0 }]));
                     }
                 }
             }
         }
-        let path = out.join(format!("dense{per_frame:02}-{index:03}.jpg"));
+        let stem = format!("dense{per_frame:02}-{index:03}");
+        truth
+            .save(out.join("heads").join(format!("{stem}.png")))
+            .unwrap();
+        let path = out.join(format!("{stem}.jpg"));
         let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
         JpegEncoder::new_with_quality(&mut file, 92)
             .encode_image(&field)
             .unwrap();
     }
     eprintln!(
-        "{frames} fields with {per_frame} pasted heads each in {}",
+        "{frames} fields with {per_frame} heads each in {}",
         out.display()
     );
 }
 
-/// A val frame with every cell (any labelled part, grown by 4 px) painted in the median colour
-/// of the rest: its texture and debris stay, its heads go.
-fn painted_out(root: &Path, frame: &Path) -> RgbImage {
-    let mut img = imageio::load_rgb(frame).unwrap();
-    let stem = frame.file_stem().unwrap().to_string_lossy();
-    let parts = image::open(root.join(format!("val/parts/{stem}.png")))
+/// The whole heads of frames `range` (in name order) of `split` (all are 1280 x 1024), by frame
+/// name.
+fn whole_heads(
+    root: &Path,
+    split: &str,
+    range: std::ops::Range<usize>,
+) -> HashMap<String, Vec<Donor>> {
+    let mut names: Vec<String> = imageio::list_files(&root.join(split).join("frames"))
         .unwrap()
-        .to_luma8();
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.truncate(range.end);
+    names.drain(..range.start.min(names.len()));
+    let mut heads_of: HashMap<String, Vec<Donor>> = HashMap::new();
+    let csv = std::fs::read_to_string(root.join("heads.csv")).unwrap();
+    for line in csv.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        if f[0] != split || !names.iter().any(|n| n == f[1]) {
+            continue;
+        }
+        let n = |i: usize| f[i].parse::<i64>().unwrap();
+        // Heads cut by the border would be pasted as half heads.
+        if n(4) == 0 || n(5) == 0 || n(6) >= 1279 || n(7) >= 1023 {
+            continue;
+        }
+        heads_of.entry(f[1].to_string()).or_default().push(Donor {
+            instance: f[2].parse().unwrap(),
+            bbox: [n(4), n(5), n(6), n(7)],
+            radius: (n(3) as f32 / std::f32::consts::PI).sqrt(),
+        });
+    }
+    heads_of
+}
+
+/// One of the eight quarter turns and mirror images of an offset.
+fn dihedral(turn: u8, x: i64, y: i64) -> (i64, i64) {
+    let (x, y) = if turn & 4 == 0 { (x, y) } else { (-x, y) };
+    match turn & 3 {
+        0 => (x, y),
+        1 => (-y, x),
+        2 => (-x, -y),
+        _ => (y, -x),
+    }
+}
+
+/// The frame with every cell (any labelled part, grown by 4 px) painted in the median colour
+/// of the rest: its texture and debris stay, its cells go.
+fn painted_out(img: &RgbImage, parts: &GrayImage) -> RgbImage {
+    let mut img = img.clone();
     let (w, h) = img.dimensions();
     let grow = 4i64;
     let mut cell = vec![false; (w * h) as usize];

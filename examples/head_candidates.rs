@@ -1,7 +1,9 @@
 //! Builds the training data of the head verifier: every head candidate the classical segmenter
 //! finds in `sperm-parsing` frames, cut as a crop-sized patch and filed under `head/` (it
 //! matches an annotated head: centroid inside, IoU ≥ 0.5) or `not_head/`.
-//! `cargo run --release --example head_candidates -- SPLIT OUT_DIR [NUCLEUS_MARGIN] [SIDE_PX]`
+//! `cargo run --release --example head_candidates -- SPLIT OUT_DIR [NUCLEUS_MARGIN] [SIDE_PX]
+//! [FIRST]` takes the first FIRST frames of SPLIT in name order (all by default); SPLIT may also
+//! be a folder of frames with their masks in `heads/` (as `dense_fields` writes).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,9 +22,23 @@ fn main() {
     );
     let margin: f32 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(0.6);
     let side: u32 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(166);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/datasets/sperm-parsing")
-        .join(split);
+    let first: usize = args
+        .get(5)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(usize::MAX);
+    let root = if std::path::Path::new(split).join("heads").is_dir() {
+        PathBuf::from(split)
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/datasets/sperm-parsing")
+            .join(split)
+    };
+    let frame_dir = if root.join("frames").is_dir() {
+        root.join("frames")
+    } else {
+        root.clone()
+    };
+    let tag = root.file_name().unwrap().to_string_lossy().into_owned();
     for class in ["head", "not_head"] {
         std::fs::create_dir_all(out.join(class)).unwrap();
     }
@@ -30,7 +46,8 @@ fn main() {
         nucleus_margin: margin,
         ..SegmentSettings::default()
     };
-    let frames = imageio::list_files(&root.join("frames")).unwrap();
+    let mut frames = imageio::list_files(&frame_dir).unwrap();
+    frames.truncate(first);
     let (mut truth_n, mut heads, mut others) = (0usize, 0usize, 0usize);
     for f in &frames {
         let img = imageio::load_rgb(f).unwrap();
@@ -57,12 +74,12 @@ fn main() {
                 others += 1;
             }
             patch
-                .save(out.join(class).join(format!("{split}_{stem}_{i:02}.png")))
+                .save(out.join(class).join(format!("{tag}_{stem}_{i:02}.png")))
                 .unwrap();
         }
     }
     println!(
-        "{split}: {} frames, {truth_n} annotated heads; candidates off the border: {heads} heads (recall {:.3}), {others} not heads (precision {:.3})",
+        "{tag}: {} frames, {truth_n} annotated heads; candidates off the border: {heads} heads (recall {:.3}), {others} not heads (precision {:.3})",
         frames.len(),
         heads as f64 / truth_n as f64,
         heads as f64 / (heads + others).max(1) as f64

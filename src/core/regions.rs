@@ -1,6 +1,7 @@
-//! Connected regions of a binary mask found from its runs, and a morphological opening done
-//! only around the regions big enough to matter. Head finding in crops and in full fields
-//! both go through it; the results equal opening and labelling the whole image.
+//! Connected regions of a binary mask found from its runs, a morphological opening done only
+//! around the regions big enough to matter, and the split of a region made of touching heads
+//! at its necks. Head finding in crops and in full fields both go through it; the regions equal
+//! opening and labelling the whole image.
 
 use image::{GrayImage, Luma};
 
@@ -287,6 +288,161 @@ pub(crate) fn opened_regions(
     regions
 }
 
+/// The 8 neighbours of pixel `p` of an image `w` wide (`p` off the border).
+fn around(p: usize, w: usize) -> [usize; 8] {
+    [
+        p - w - 1,
+        p - w,
+        p - w + 1,
+        p - 1,
+        p + 1,
+        p + w - 1,
+        p + w,
+        p + w + 1,
+    ]
+}
+
+/// Window indices `index` (in raster order) ordered widest first by their squared distance,
+/// in raster order within one distance: a counting sort.
+fn widest_first(index: &[usize], square: &[u32]) -> Vec<usize> {
+    let widest = index.iter().map(|&i| square[i]).max().unwrap_or(0);
+    let mut first = vec![0usize; widest as usize + 2];
+    for &i in index {
+        first[(widest - square[i]) as usize + 1] += 1;
+    }
+    for k in 1..first.len() {
+        first[k] += first[k - 1];
+    }
+    let mut order = vec![0usize; index.len()];
+    for &i in index {
+        let slot = &mut first[(widest - square[i]) as usize];
+        order[*slot] = i;
+        *slot += 1;
+    }
+    order
+}
+
+/// How far below both parts' widest points a neck must lie, px.
+const MIN_NECK_DEPTH_PX: f32 = 3.0;
+
+/// The pieces of a region that is several touching heads, cut where it narrows: a watershed
+/// of the distance to the region's outside, flooded from the widest point down. Where two
+/// flooded parts meet, they stay apart when the meeting point's distance is at most
+/// `neck_ratio` times the smaller part's widest and at least `MIN_NECK_DEPTH_PX` below it (a
+/// neck), else they join (a bump on one head). Parts under `min_piece` px are given to the
+/// piece they grow into first. `None` when the region has fewer than two pieces of
+/// `min_piece` px; else the pieces in raster order, each in raster order.
+pub(crate) fn split_at_necks(
+    px: &[(u32, u32)],
+    neck_ratio: f32,
+    min_piece: usize,
+) -> Option<Vec<Vec<(u32, u32)>>> {
+    if neck_ratio <= 0.0 || px.len() < 2 * min_piece.max(1) {
+        return None;
+    }
+    let (x0, y0, x1, y1) = px
+        .iter()
+        .fold((u32::MAX, u32::MAX, 0, 0), |(a, b, c, d), &(x, y)| {
+            (a.min(x), b.min(y), c.max(x), d.max(y))
+        });
+    // The region in a window with a background border, as the outside the distances are to.
+    let (w, h) = (x1 - x0 + 3, y1 - y0 + 3);
+    let at = |x: u32, y: u32| ((y - y0 + 1) * w + (x - x0 + 1)) as usize;
+    let mut outside = GrayImage::from_pixel(w, h, Luma([255]));
+    for &(x, y) in px {
+        outside.put_pixel(x - x0 + 1, y - y0 + 1, Luma([0]));
+    }
+    // Squared distances are whole numbers: they order and compare without a square root.
+    let square: Vec<u32> =
+        imageproc::distance_transform::euclidean_squared_distance_transform(&outside)
+            .into_raw()
+            .into_iter()
+            .map(|v| v as u32)
+            .collect();
+    let index: Vec<usize> = px.iter().map(|&(x, y)| at(x, y)).collect();
+    let order = widest_first(&index, &square);
+    let neck_square = neck_ratio * neck_ratio;
+    let is_neck = |meet: u32, widest: u32| {
+        (meet as f32) <= neck_square * widest as f32
+            && (widest as f32).sqrt() - (meet as f32).sqrt() >= MIN_NECK_DEPTH_PX
+    };
+    // Flooding with union-find over window indices; a root's `square` is its part's widest.
+    const NONE: usize = usize::MAX;
+    let mut parent = vec![NONE; square.len()];
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let wi = w as usize;
+    for &p in &order {
+        let (mut roots, mut n) = ([0usize; 8], 0);
+        // The flooded neighbour highest up: the pixel belongs to the part it comes down from.
+        let mut uphill: Option<usize> = None;
+        for q in around(p, wi) {
+            if parent[q] != NONE {
+                let r = root(&mut parent, q);
+                if !roots[..n].contains(&r) {
+                    roots[n] = r;
+                    n += 1;
+                }
+                if uphill.is_none_or(|u| square[q] > square[u]) {
+                    uphill = Some(q);
+                }
+            }
+        }
+        let roots = &mut roots[..n];
+        roots.sort_unstable_by_key(|&r| (std::cmp::Reverse(square[r]), r));
+        let Some(&top) = roots.first() else {
+            parent[p] = p;
+            continue;
+        };
+        for &r in &roots[1..] {
+            if !is_neck(square[p], square[r]) {
+                parent[r] = top;
+            }
+        }
+        parent[p] = uphill.map_or(top, |u| root(&mut parent, u));
+    }
+    // Pieces big enough to be heads; the rest of the pixels grow into them (8-connected).
+    let mut size = vec![0usize; square.len()];
+    for &p in &order {
+        size[root(&mut parent, p)] += 1;
+    }
+    let heads: Vec<usize> = (0..size.len()).filter(|&r| size[r] >= min_piece).collect();
+    if heads.len() < 2 {
+        return None;
+    }
+    let mut label = vec![NONE; square.len()];
+    let mut front = std::collections::VecDeque::new();
+    for &p in &order {
+        let r = root(&mut parent, p);
+        if size[r] >= min_piece {
+            label[p] = r;
+            front.push_back(p);
+        }
+    }
+    while let Some(p) = front.pop_front() {
+        for q in around(p, wi) {
+            if parent[q] != NONE && label[q] == NONE {
+                label[q] = label[p];
+                front.push_back(q);
+            }
+        }
+    }
+    // `px` is in raster order, so each piece is too.
+    let mut pieces: Vec<Vec<(u32, u32)>> = vec![Vec::new(); heads.len()];
+    for (&p, &i) in px.iter().zip(&index) {
+        if let Ok(k) = heads.binary_search(&label[i]) {
+            pieces[k].push(p);
+        }
+    }
+    pieces.sort_by_key(|v| v.first().map(|&(x, y)| (y, x)));
+    Some(pieces)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +486,49 @@ mod tests {
             }
         }
         m
+    }
+
+    /// The pixels of filled discs (x, y, radius), each pixel once, in raster order.
+    fn discs(at: &[(f32, f32, f32)]) -> Vec<(u32, u32)> {
+        let mut px = Vec::new();
+        for y in 0..200u32 {
+            for x in 0..200u32 {
+                if at
+                    .iter()
+                    .any(|&(cx, cy, r)| (x as f32 - cx).hypot(y as f32 - cy) <= r)
+                {
+                    px.push((x, y));
+                }
+            }
+        }
+        px
+    }
+
+    #[test]
+    fn touching_heads_split_at_the_neck_and_single_ones_stay_whole() {
+        // Two discs that overlap by 4 px: a neck about 20 px wide between two 25 px radii.
+        let pair = discs(&[(60.0, 80.0, 25.0), (106.0, 80.0, 25.0)]);
+        let pieces = split_at_necks(&pair, 0.8, 600).expect("two heads");
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(pieces.iter().map(Vec::len).sum::<usize>(), pair.len());
+        for (p, cx) in pieces.iter().zip([60.0, 106.0]) {
+            let mean = p.iter().map(|&(x, _)| x as f32).sum::<f32>() / p.len() as f32;
+            assert!((mean - cx).abs() < 2.0, "piece centred at {mean}, not {cx}");
+            assert!(p.len().abs_diff(pair.len() / 2) < 40, "{}", p.len());
+        }
+        // Three in a row come apart into three.
+        let row = discs(&[(40.0, 80.0, 20.0), (76.0, 80.0, 20.0), (112.0, 80.0, 20.0)]);
+        assert_eq!(split_at_necks(&row, 0.8, 600).map(|p| p.len()), Some(3));
+        // A head with a bump (a blunt midpiece stump) is one head.
+        let bump = discs(&[(80.0, 80.0, 25.0), (104.0, 80.0, 8.0)]);
+        assert_eq!(split_at_necks(&bump, 0.8, 600), None);
+        // A wide overlap is no neck at this ratio, and is one at a looser one.
+        let wide = discs(&[(60.0, 80.0, 25.0), (95.0, 80.0, 25.0)]);
+        assert_eq!(split_at_necks(&wide, 0.5, 600), None);
+        assert_eq!(split_at_necks(&wide, 0.9, 600).map(|p| p.len()), Some(2));
+        // Off, or a piece too small for a head: whole.
+        assert_eq!(split_at_necks(&pair, 0.0, 600), None);
+        assert_eq!(split_at_necks(&pair, 0.8, 2500), None);
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub struct RawSegment {
     pub min_solidity: f32,
     /// How far past Otsu's level (as a share of the stain span) a head's darker fifth must be.
     pub nucleus_margin: f32,
+    /// Touching heads are split where their region narrows to at most this share of the
+    /// smaller head's half width (a watershed of the distance to the region's edge); each
+    /// piece must then pass the filters as a head. 0 turns splitting off.
+    pub split_neck_ratio: f32,
     /// Give every candidate a second look with a learned head verifier, which rejects round
     /// cells, bacteria, debris and merged pairs.
     pub verify: bool,
@@ -61,9 +65,10 @@ impl Default for RawSegment {
             max_elongation: px.max_elongation,
             min_solidity: px.min_solidity,
             nucleus_margin: px.nucleus_margin,
+            split_neck_ratio: px.split_neck_ratio,
             verify: true,
             verifier_model: None,
-            verifier_min_prob: 0.1,
+            verifier_min_prob: 0.2,
         }
     }
 }
@@ -110,6 +115,7 @@ impl RawSegment {
         }
         within("segment.min_solidity", self.min_solidity, 0.0, 1.0)?;
         within("segment.nucleus_margin", self.nucleus_margin, -1.0, 2.0)?;
+        within("segment.split_neck_ratio", self.split_neck_ratio, 0.0, 1.0)?;
         within(
             "segment.verifier_min_prob",
             self.verifier_min_prob,
@@ -125,6 +131,7 @@ impl RawSegment {
             max_elongation: self.max_elongation,
             min_solidity: self.min_solidity,
             nucleus_margin: self.nucleus_margin,
+            split_neck_ratio: self.split_neck_ratio,
         };
         let verifier = self.verify.then(|| VerifierSettings {
             model: match &self.verifier_model {
@@ -153,6 +160,8 @@ pub struct SegmentSettings {
     /// How far above Otsu's level (as a share of Otsu's level above background) the darkest
     /// fifth of a head's pixels must reach.
     pub nucleus_margin: f32,
+    /// Split a region where it narrows to this share of the smaller part's half width; 0: never.
+    pub split_neck_ratio: f32,
 }
 
 impl Default for SegmentSettings {
@@ -165,6 +174,7 @@ impl Default for SegmentSettings {
             max_elongation: 3.5,
             min_solidity: 0.8,
             nucleus_margin: 0.6,
+            split_neck_ratio: 0.8,
         }
     }
 }
@@ -197,11 +207,28 @@ pub fn find_heads_on(stain: &StainMap, s: &SegmentSettings) -> Vec<FoundHead> {
     let t = Thresholded::from_stain(&stain.map);
     let mut regions =
         regions::opened_regions(&t.stain, t.head_level, s.open_radius_px, s.min_area_px);
-    regions.retain(|px| px.len() >= s.min_area_px && px.len() <= s.max_area_px);
-    regions
-        .into_iter()
-        .filter_map(|px| measure_region(px, &t, s, w, h))
-        .collect()
+    regions.retain(|px| px.len() >= s.min_area_px);
+    let mut found = Vec::with_capacity(regions.len());
+    for px in regions {
+        if let Some(pieces) = regions::split_at_necks(&px, s.split_neck_ratio, s.min_area_px) {
+            let heads: Vec<FoundHead> = pieces
+                .into_iter()
+                .filter(|p| p.len() <= s.max_area_px)
+                .filter_map(|p| measure_region(p, &t, s, w, h))
+                .collect();
+            // Touching heads, each passing the filters on its own.
+            if heads.len() > 1 {
+                found.extend(heads);
+                continue;
+            }
+        }
+        if px.len() <= s.max_area_px
+            && let Some(f) = measure_region(px, &t, s, w, h)
+        {
+            found.push(f);
+        }
+    }
+    found
 }
 
 /// Filter one opened region (nucleus, elongation) and measure it as a head.
@@ -511,6 +538,54 @@ mod tests {
             .iter()
             .filter(|c| c.unclassified == Some(Unclassified::AtEdge));
         assert_eq!(edge.count(), 1);
+    }
+
+    #[test]
+    fn touching_heads_are_split_into_two_heads() {
+        // Two heads side by side, their outlines overlapping by 2 px across the short axis.
+        let mut field = RgbImage::from_pixel(300, 200, image::Rgb([225, 215, 220]));
+        for cy in [88.0f32, 112.0] {
+            for (x, y, p) in field.enumerate_pixels_mut() {
+                let (a, b) = (x as f32 - 150.0, y as f32 - cy);
+                if (a / 20.0).powi(2) + (b / 13.0).powi(2) <= 1.0 {
+                    let v = if a < 0.0 { 120 } else { 70 };
+                    *p = image::Rgb([v, v / 2, v]);
+                }
+            }
+        }
+        let s = SegmentSettings::default();
+        let found = find_heads(&field, &s);
+        assert_eq!(
+            found.len(),
+            2,
+            "{:?}",
+            found.iter().map(|f| f.bbox).collect::<Vec<_>>()
+        );
+        for (f, cy) in found.iter().zip([88.0, 112.0]) {
+            assert!(
+                (f.head.centroid.1 - cy).abs() < 2.0,
+                "{:?}",
+                f.head.centroid
+            );
+            assert!(
+                (f.head.centroid.0 - 150.0).abs() < 2.0,
+                "{:?}",
+                f.head.centroid
+            );
+            assert!(!f.touching);
+        }
+        // Without splitting they are one region.
+        let off = SegmentSettings {
+            split_neck_ratio: 0.0,
+            ..s
+        };
+        assert_eq!(find_heads(&field, &off).len(), 1);
+        let raw = RawSegment {
+            split_neck_ratio: 1.5,
+            ..RawSegment::default()
+        };
+        let e = raw.resolve(0.053, Base(None)).unwrap_err().to_string();
+        assert!(e.contains("segment.split_neck_ratio"), "{e}");
     }
 
     #[test]
