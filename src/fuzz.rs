@@ -13,7 +13,7 @@ use crate::core::model::{Model, RuntimeOptions};
 use crate::core::pixels::Cfa;
 use crate::core::preprocess::Preprocessor;
 use crate::core::spec::{self, ModelSpec};
-use crate::core::{imageio, stack};
+use crate::core::{imageio, onnx_proto, stack};
 use crate::daemon::config::RawConfig;
 use crate::daemon::report;
 use crate::daemon::source::camera::{self, PixelFormat, RawFrame};
@@ -97,6 +97,13 @@ pub fn config(data: &[u8]) {
 /// from the metadata and its checks against the graph.
 pub fn model(data: &[u8]) {
     let _ = spec::set_metadata(data, "spermscope.fuzz", "1");
+    let _ = spec::read_metadata(data, spec::METADATA_KEY);
+    // The weights `spermscope-train --init` reads: each holds as many values as its shape says.
+    if let Ok(weights) = onnx_proto::float_initializers(data) {
+        for w in weights.values() {
+            assert_eq!(w.shape.iter().product::<usize>(), w.values.len());
+        }
+    }
     let opts = RuntimeOptions {
         threads: 1,
         ..RuntimeOptions::default()

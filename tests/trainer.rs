@@ -242,3 +242,159 @@ fn tuner_runs_nested_and_resumes_from_its_log() {
         "the resumed search must end where the first one did"
     );
 }
+
+/// `--init`: a bundled model's weights read back from its ONNX file give, in burn, the logits
+/// ONNX Runtime gives; a network of another shape is refused, naming the weight.
+#[test]
+fn init_reads_a_bundled_model_back_with_its_logits() {
+    use burn::prelude::*;
+    use spermscope::core::model::{Model, RuntimeOptions};
+    use spermscope::core::spec::ModelFile;
+    use spermscope::offline::train::config::NetConfig;
+    use spermscope::offline::train::init::FineTune;
+    use spermscope::offline::train::net::Net;
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smids-3class.onnx");
+    let init = ModelFile::read(&path).expect("read the model");
+    let cfg = init
+        .net_config(&NetConfig::default())
+        .expect("architecture");
+    assert_eq!(
+        (
+            cfg.widths.clone(),
+            cfg.convs_per_block,
+            cfg.residual,
+            cfg.features,
+            cfg.feature_hidden
+        ),
+        (vec![16, 32, 64, 128], 1, true, true, 32)
+    );
+    let classes = init.spec.classes.clone();
+    let same = init.head_mapping(&classes, init.spec.normal_class.as_deref());
+    assert!(same.rows.iter().all(|(c, from)| from.as_ref() == Some(c)));
+    let n_feat = init.spec.features.as_ref().expect("features").count;
+    let device = Device::flex();
+    let net = init
+        .apply(Net::new(&device, &cfg, 3, n_feat, classes.len()), &same)
+        .expect("apply");
+
+    let mut model = Model::load(&path, &RuntimeOptions::default()).expect("load");
+    let crops: Vec<_> =
+        spermscope::core::imageio::list_files(&common::dataset("smids/normal_sperm"))
+            .expect("smids")
+            .iter()
+            .step_by(40)
+            .take(12)
+            .map(|p| {
+                model
+                    .preprocessor()
+                    .crop(&spermscope::core::imageio::load_rgb(p).expect("image"))
+            })
+            .collect();
+    let ort = model.logits(&crops).expect("run");
+    let s = init.spec.input.size_px as usize;
+    let n = crops.len();
+    let pixels: Vec<f32> = crops.iter().flat_map(|c| c.pixels.clone()).collect();
+    let feats: Vec<f32> = crops.iter().flat_map(|c| c.features.clone()).collect();
+    let x = Tensor::<4>::from_data(TensorData::new(pixels, [n, 3, s, s]), &device);
+    let f = Tensor::<4>::from_data(TensorData::new(feats, [n, n_feat, 1, 1]), &device);
+    let burn: Vec<f32> = net
+        .forward(x.clone(), Some(f.clone()))
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32");
+    let worst = ort
+        .iter()
+        .flatten()
+        .zip(&burn)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    println!("init: {n} SMIDS crops, largest |ort - burn| logit difference {worst:.2e}");
+    assert!(worst <= 1e-4, "weights read back differ: {worst}");
+
+    // A lab's classes: the normal class starts from the model's normal row, the rest fresh.
+    let lab = ["normal".to_string(), "tapered".to_string()];
+    let mapping = init.head_mapping(&lab, Some("normal"));
+    assert_eq!(
+        mapping.rows,
+        [
+            ("normal".to_string(), Some("normal_sperm".to_string())),
+            ("tapered".to_string(), None)
+        ]
+    );
+    let two = init
+        .apply(Net::new(&device, &cfg, 3, n_feat, 2), &mapping)
+        .expect("apply");
+    let logits: Vec<f32> = two
+        .forward(x, Some(f))
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32");
+    let normal = classes
+        .iter()
+        .position(|c| c == "normal_sperm")
+        .expect("normal");
+    for (i, row) in ort.iter().enumerate() {
+        assert!((logits[2 * i] - row[normal]).abs() <= 1e-4, "crop {i}");
+    }
+
+    // Another network is not this model's.
+    let wider = NetConfig {
+        widths: vec![16, 32, 64, 96],
+        ..cfg
+    };
+    let err = init
+        .apply(Net::new(&device, &wider, 3, n_feat, 3), &same)
+        .expect_err("other widths")
+        .to_string();
+    assert!(err.contains("blocks.3.convs.0.weight"), "{err}");
+}
+
+/// `spermscope-train --init MODEL --dataset LAB`: the model's crop, normalisation and features
+/// are kept, the lab's classes replace its own, and the export passes the parity check; a file
+/// that is not a spermscope model is refused with its name.
+#[test]
+fn init_fine_tunes_a_model_on_a_labs_classes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let smids = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smids-3class.onnx");
+    let run = common::run_ok(
+        Command::new(env!("CARGO_BIN_EXE_spermscope-train"))
+            .arg("--init")
+            .arg(&smids)
+            .arg("--dataset")
+            .arg(common::dataset("hushem"))
+            .args([
+                "--limit", "40", "--epochs", "2", "--name", "lab", "-q", "--out",
+            ])
+            .arg(&out),
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("lab: 40 images"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("lab.metrics.json")).expect("json"))
+            .expect("metrics json");
+    let spec: spermscope::core::spec::ModelSpec =
+        serde_json::from_value(report["final_model"]["spec"].clone()).expect("spec");
+    let base = spermscope::core::spec::ModelFile::read(&smids)
+        .expect("model")
+        .spec;
+    assert_eq!(spec.crop, base.crop);
+    assert_eq!(spec.input, base.input);
+    assert_eq!(spec.features, base.features);
+    assert_eq!(spec.test_time_mirror, base.test_time_mirror);
+    assert_eq!(spec.classes, ["normal", "tapered", "pyriform", "amorphous"]);
+    assert_eq!(spec.normal_class.as_deref(), Some("normal"));
+    assert_eq!(report["init"].as_str(), smids.to_str());
+    common::onnx_parity(&out.join("lab.onnx"), &report);
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_spermscope-train"))
+        .arg("--init")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .arg("--dataset")
+        .arg(common::dataset("hushem"))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("README.md"), "{err}");
+}

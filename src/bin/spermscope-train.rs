@@ -5,15 +5,32 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use spermscope::offline::train::{self, RunOptions, config::Protocol};
+use spermscope::offline::train::{self, RunOptions, config::Protocol, init::InitOptions};
 
 /// Train a morphology classifier from an experiment file and export it to ONNX.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Experiment file (see config/train/).
+    /// Experiment file (see config/train/). Optional with --init, whose built-in recipe then
+    /// fine-tunes the model on --dataset.
+    #[arg(long, required_unless_present = "init")]
+    config: Option<PathBuf>,
+    /// Start from this trained model (an ONNX file spermscope-train exported) instead of
+    /// random weights: its network, crop, input normalisation and features are kept; the
+    /// classes are those of the dataset (rows of classes the model knows by name, and of the
+    /// normal class, keep their weights).
     #[arg(long)]
-    config: PathBuf,
+    init: Option<PathBuf>,
+    /// The labelled crops to train on, one folder per class (replaces the experiment's).
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// Name of the model written (default with --init: the model's name and "-adapted").
+    #[arg(long)]
+    name: Option<String>,
+    /// With --init: the class that counts as a normal form (default: the model's normal class
+    /// if the dataset has it, else a class named "normal...").
+    #[arg(long)]
+    normal_class: Option<String>,
     /// Run k-fold cross-validation (or the dataset's given split) before the final model.
     #[arg(long)]
     folds: bool,
@@ -82,9 +99,21 @@ fn run(args: &Args) -> anyhow::Result<()> {
         resume: args.resume,
         stop_after: args.stop_after,
         max_folds: args.max_folds,
+        init: args.init.clone(),
+        init_opts: InitOptions {
+            dataset: args.dataset.clone(),
+            name: args.name.clone(),
+            normal_class: args.normal_class.clone(),
+        },
     };
-    let report = train::run(&args.config, &opts)
-        .with_context(|| format!("experiment {}", args.config.display()))?;
+    if args.init.is_none() && (args.name.is_some() || args.normal_class.is_some()) {
+        anyhow::bail!("--name and --normal-class go with --init");
+    }
+    let what = match &args.config {
+        Some(c) => format!("experiment {}", c.display()),
+        None => "fine-tuning".into(),
+    };
+    let report = train::run(args.config.as_deref(), &opts).context(what)?;
     println!(
         "{}: {} images ({} skipped), head found in {}",
         report.name,
@@ -103,10 +132,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
 
 /// The checks run instead of training: `--overfit-batch` and `--lr-find`.
 fn diagnose(args: &Args) -> anyhow::Result<()> {
+    let Some(config) = &args.config else {
+        anyhow::bail!("--overfit-batch and --lr-find need --config");
+    };
     if let Some(n) = args.overfit_batch {
         let steps = args.epochs.unwrap_or(150);
-        let r = train::diagnose::overfit_batch(&args.config, n, steps)
-            .with_context(|| format!("experiment {}", args.config.display()))?;
+        let r = train::diagnose::overfit_batch(config, n, steps)
+            .with_context(|| format!("experiment {}", config.display()))?;
         println!(
             "overfit-batch: {} images, {} steps: loss {:.4} -> {:.4}, accuracy {:.3}: {}",
             r.images,
@@ -123,8 +155,8 @@ fn diagnose(args: &Args) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.lr_find {
-        let r = train::diagnose::lr_find(&args.config, args.limit, 120, &args.out)
-            .with_context(|| format!("experiment {}", args.config.display()))?;
+        let r = train::diagnose::lr_find(config, args.limit, 120, &args.out)
+            .with_context(|| format!("experiment {}", config.display()))?;
         match r.suggested_lr {
             Some(lr) => println!(
                 "lr-find: {} batches; suggested learning rate {lr:.2e} (plot {})",

@@ -8,6 +8,7 @@ pub mod draw;
 pub mod imageio;
 pub mod model;
 pub mod morphometry;
+pub mod onnx_proto;
 pub mod pixels;
 pub mod pose;
 pub mod preprocess;

@@ -2,9 +2,13 @@
 //! window, classes, feature set), carried inside the ONNX file as metadata so training and
 //! serving cannot drift apart.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
 
 use crate::core::morphometry;
+use crate::core::onnx_proto::{self, Field, Value, Weight, push_bytes};
 use crate::core::pose::Contrast;
 
 /// Metadata key under which the spec is stored (ONNX `metadata_props`).
@@ -196,94 +200,128 @@ pub const FEATURES_WITH_FLAG: usize = morphometry::FEATURE_COUNT + 1;
 /// file is left byte for byte as it was.
 pub fn embed_metadata(onnx: &mut Vec<u8>, key: &str, value: &str) {
     let mut entry = Vec::new();
-    push_field(&mut entry, 1, key.as_bytes());
-    push_field(&mut entry, 2, value.as_bytes());
-    push_field(onnx, 14, &entry);
+    push_bytes(&mut entry, 1, key.as_bytes());
+    push_bytes(&mut entry, 2, value.as_bytes());
+    push_bytes(onnx, 14, &entry);
 }
 
 /// An ONNX file with the metadata entry `key` set to `value`: earlier entries with that key are
 /// removed from the model's top level, the new one is appended.
 pub fn set_metadata(onnx: &[u8], key: &str, value: &str) -> Result<Vec<u8>, SpecError> {
     let mut out = Vec::with_capacity(onnx.len() + value.len() + 64);
-    let mut i = 0;
-    while i < onnx.len() {
-        let start = i;
-        let tag = read_varint(onnx, &mut i)?;
-        let (field, wire) = (tag >> 3, tag & 7);
-        let mut drop = false;
-        match wire {
-            0 => {
-                read_varint(onnx, &mut i)?;
-            }
-            1 => i += 8,
-            2 => {
-                let len = read_varint(onnx, &mut i)?;
-                let end = usize::try_from(len)
-                    .ok()
-                    .and_then(|len| i.checked_add(len))
-                    .filter(|&end| end <= onnx.len())
-                    .ok_or(SpecError::Protobuf("field runs past the end"))?;
-                drop = field == 14 && entry_key(&onnx[i..end]) == Some(key.as_bytes());
-                i = end;
-            }
-            5 => i += 4,
-            _ => return Err(SpecError::Protobuf("unsupported wire type")),
-        }
-        if i > onnx.len() {
-            return Err(SpecError::Protobuf("field runs past the end"));
-        }
+    for f in onnx_proto::fields(onnx) {
+        let f = f.map_err(|e| SpecError::Protobuf(e.as_str()))?;
+        let drop = matches!(f.value, Value::Bytes(body)
+            if f.number == 14 && entry_field(body, 1) == Some(key.as_bytes()));
         if !drop {
-            out.extend_from_slice(&onnx[start..i]);
+            out.extend_from_slice(&onnx[f.start..f.end]);
         }
     }
     embed_metadata(&mut out, key, value);
     Ok(out)
 }
 
-/// The key of a `StringStringEntryProto` (field 1).
-fn entry_key(body: &[u8]) -> Option<&[u8]> {
-    let mut i = 0;
-    while i < body.len() {
-        let tag = read_varint(body, &mut i).ok()?;
-        if tag & 7 != 2 {
-            return None;
-        }
-        let len = usize::try_from(read_varint(body, &mut i).ok()?).ok()?;
-        let end = i.checked_add(len)?;
-        let v = body.get(i..end)?;
-        if tag >> 3 == 1 {
-            return Some(v);
-        }
-        i = end;
-    }
-    None
-}
-
-fn read_varint(b: &[u8], i: &mut usize) -> Result<u64, SpecError> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*i).ok_or(SpecError::Protobuf("truncated varint"))?;
-        *i += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Ok(v);
+/// The value of the last metadata entry `key` of an ONNX file, read without ONNX Runtime.
+pub fn read_metadata(onnx: &[u8], key: &str) -> Result<Option<String>, SpecError> {
+    let mut found = None;
+    for f in onnx_proto::fields(onnx) {
+        let f = f.map_err(|e| SpecError::Protobuf(e.as_str()))?;
+        if let (14, Value::Bytes(body)) = (f.number, f.value)
+            && entry_field(body, 1) == Some(key.as_bytes())
+        {
+            found = entry_field(body, 2).map(|v| String::from_utf8_lossy(v).into_owned());
         }
     }
-    Err(SpecError::Protobuf("varint too long"))
+    Ok(found)
 }
 
-fn push_field(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
-    push_varint(out, (field << 3) | 2);
-    push_varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
+/// Field `number` (1: key, 2: value) of a `StringStringEntryProto`.
+fn entry_field(body: &[u8], number: u64) -> Option<&[u8]> {
+    onnx_proto::fields(body).find_map(|f| match f {
+        Ok(Field {
+            number: n,
+            value: Value::Bytes(v),
+            ..
+        }) if n == number => Some(v),
+        _ => None,
+    })
 }
 
-fn push_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
+#[derive(Debug, thiserror::Error)]
+pub enum ModelFileError {
+    #[error("cannot read {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: {error}")]
+    Spec { path: PathBuf, error: SpecError },
+    #[error(
+        "{path} has no spermscope spec (key '{METADATA_KEY}'): it was not exported by spermscope-train"
+    )]
+    NoSpec { path: PathBuf },
+    #[error("{path}: {error}")]
+    Weight {
+        path: PathBuf,
+        error: onnx_proto::WeightError,
+    },
+}
+
+/// A model file read without ONNX Runtime: its spec and its weights (what fine-tuning starts
+/// from).
+#[derive(Clone)]
+pub struct ModelFile {
+    pub path: PathBuf,
+    pub spec: ModelSpec,
+    /// Every float initializer of the graph, by name (the trainer's parameter paths).
+    pub weights: BTreeMap<String, Weight>,
+    /// FNV-1a of the file's bytes: a run's fingerprint names the weights by it.
+    digest: u64,
+}
+
+impl std::fmt::Debug for ModelFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ModelFile({}, {} weights, {:016x})",
+            self.path.display(),
+            self.weights.len(),
+            self.digest
+        )
     }
-    out.push(v as u8);
+}
+
+impl ModelFile {
+    pub fn read(path: &Path) -> Result<ModelFile, ModelFileError> {
+        let bytes = std::fs::read(path).map_err(|error| ModelFileError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let spec_err = |error| ModelFileError::Spec {
+            path: path.to_path_buf(),
+            error,
+        };
+        let json = read_metadata(&bytes, METADATA_KEY)
+            .map_err(spec_err)?
+            .ok_or_else(|| ModelFileError::NoSpec {
+                path: path.to_path_buf(),
+            })?;
+        let spec = ModelSpec::from_json(&json).map_err(spec_err)?;
+        let weights =
+            onnx_proto::float_initializers(&bytes).map_err(|error| ModelFileError::Weight {
+                path: path.to_path_buf(),
+                error,
+            })?;
+        let digest = bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+            (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3)
+        });
+        Ok(ModelFile {
+            path: path.to_path_buf(),
+            spec,
+            weights,
+            digest,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -348,7 +386,7 @@ pub(crate) mod tests {
     #[test]
     fn varint_encoding() {
         let mut v = Vec::new();
-        push_varint(&mut v, 300);
+        onnx_proto::push_varint(&mut v, 300);
         assert_eq!(v, [0xAC, 0x02]);
         let mut m = Vec::new();
         embed_metadata(&mut m, "k", "v");
@@ -367,5 +405,8 @@ pub(crate) mod tests {
         embed_metadata(&mut want, "k", "new");
         assert_eq!(out, want);
         assert!(set_metadata(&[0x72, 50, 1], "k", "v").is_err());
+        assert_eq!(read_metadata(&out, "k").unwrap().as_deref(), Some("new"));
+        assert_eq!(read_metadata(&out, "other").unwrap().as_deref(), Some("x"));
+        assert_eq!(read_metadata(&out, "none").unwrap(), None);
     }
 }

@@ -44,6 +44,10 @@ pub struct Experiment {
     pub cv: CvConfig,
     #[serde(default)]
     pub finetune: FinetuneConfig,
+    /// A trained model to start from instead of random weights (`spermscope-train --init`; not
+    /// read from the file).
+    #[serde(skip)]
+    pub init: Option<std::sync::Arc<crate::core::spec::ModelFile>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

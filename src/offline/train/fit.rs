@@ -306,6 +306,8 @@ pub enum FitError {
     Checkpoint(#[from] CheckpointError),
     #[error("stopped after {epochs} epochs as asked (--stop-after); continue with --resume")]
     Stopped { epochs: usize },
+    #[error(transparent)]
+    Init(#[from] super::init::InitError),
 }
 
 /// The network an experiment trains, on `device`: a fresh small CNN, or an EfficientNet-Lite
@@ -323,6 +325,12 @@ pub fn new_model(exp: &Experiment, spec: &ModelSpec, device: &Device) -> Result<
                 reason: e.to_string(),
             })?;
         tracing::debug!(path = %path.display(), tensors = summary.map_or(0, |s| s.applied), "ImageNet weights loaded");
+    }
+    if let Some(init) = &exp.init {
+        use super::init::FineTune;
+        let mapping = init.head_mapping(&spec.classes, spec.normal_class.as_deref());
+        tracing::debug!(?mapping, "classifier rows");
+        model = init.apply(model, &mapping)?;
     }
     Ok(model)
 }

@@ -10,6 +10,7 @@ pub mod export;
 pub mod finetune;
 pub mod fit;
 pub mod health;
+pub mod init;
 pub mod net;
 pub mod plot;
 pub mod tune;
@@ -56,6 +57,10 @@ pub enum TrainError {
         "--resume needs train.checkpoint = true in the experiment (a run without checkpoints cannot be continued)"
     )]
     ResumeWithoutCheckpoints,
+    #[error(transparent)]
+    Init(#[from] init::InitError),
+    #[error("give an experiment file (--config), a model to start from (--init), or both")]
+    NoExperiment,
 }
 
 /// What the command line may change in an experiment.
@@ -79,6 +84,9 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
     /// Cross-validate only the first N folds of each seed (pilot runs).
     pub max_folds: Option<usize>,
+    /// Start from this trained model (`--init`) instead of random weights.
+    pub init: Option<PathBuf>,
+    pub init_opts: init::InitOptions,
 }
 
 /// Cross-validation figures.
@@ -114,7 +122,10 @@ pub struct CvReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
     pub name: String,
-    pub config: PathBuf,
+    /// The experiment file, if one was given.
+    pub config: Option<PathBuf>,
+    /// The model the run started from (`--init`).
+    pub init: Option<PathBuf>,
     pub dataset: PathBuf,
     pub images: usize,
     pub skipped: Vec<String>,
@@ -162,6 +173,13 @@ fn load_data(
         ds.spread(l);
     }
     let spec = base_spec(exp, &ds.classes);
+    if let Some(i) = &exp.init {
+        tracing::info!(
+            model = %i.path.display(),
+            classes = ?spec.classes,
+            "starting from a trained model: its crop, input normalisation and features are kept"
+        );
+    }
     let (items, skipped) = fit::load_items(&ds, &spec, bar);
     if items.is_empty() {
         return Err(TrainError::NoImages(ds.root.clone()));
@@ -172,7 +190,7 @@ fn load_data(
 /// The spec of a model trained by `exp` on `classes` (normalisation still to be fitted).
 pub fn base_spec(exp: &Experiment, classes: &[String]) -> ModelSpec {
     let c = exp.crop.channels as usize;
-    ModelSpec {
+    let mut spec = ModelSpec {
         format: SPEC_FORMAT,
         name: exp.name.clone(),
         classes: classes.to_vec(),
@@ -201,6 +219,19 @@ pub fn base_spec(exp: &Experiment, classes: &[String]) -> ModelSpec {
         }),
         temperature: 1.0,
         test_time_mirror: exp.model.test_time_mirror,
+    };
+    if let Some(i) = &exp.init {
+        spec.input = i.spec.input.clone();
+        spec.features = i.spec.features.clone();
+    }
+    spec
+}
+
+/// Fit the input normalisation on the training items, unless the run starts from a trained
+/// model, whose normalisation its weights expect.
+fn normalise(exp: &Experiment, items: &[Item], train_idx: &[usize], spec: &mut ModelSpec) {
+    if exp.init.is_none() {
+        fit::fit_normalisation(items, train_idx, spec, exp.model.fixed_pixel_norm());
     }
 }
 
@@ -228,9 +259,33 @@ fn bar_style() -> ProgressStyle {
     .progress_chars("=> ")
 }
 
+/// The experiment of a run: the file, a model to start from, or the file applied to the model.
+fn load_experiment(config: Option<&Path>, opts: &RunOptions) -> Result<Experiment, TrainError> {
+    let Some(model) = &opts.init else {
+        let mut exp = Experiment::load(config.ok_or(TrainError::NoExperiment)?)?;
+        if let Some(d) = &opts.init_opts.dataset {
+            exp.data.dataset = d.clone();
+        }
+        return Ok(exp);
+    };
+    let init = crate::core::spec::ModelFile::read(model).map_err(init::InitError::from)?;
+    let mut exp = match config {
+        Some(c) => Experiment::load(c)?,
+        None => init::adaptation_experiment(&init, &opts.init_opts)?,
+    };
+    if let Some(d) = &opts.init_opts.dataset {
+        exp.data.dataset = d.clone();
+    }
+    let classes = dataset::open(&exp.data.dataset, &exp.data.mhsma_label, None)?.classes;
+    Ok(init::attach(exp, init, &opts.init_opts, &classes)?)
+}
+
 /// Run an experiment: cross-validation when asked, then the final model and its files.
-pub fn run(config_path: &Path, opts: &RunOptions) -> Result<RunReport, TrainError> {
-    let mut exp = Experiment::load(config_path)?;
+pub fn run(config: Option<&Path>, opts: &RunOptions) -> Result<RunReport, TrainError> {
+    let mut exp = load_experiment(config, opts)?;
+    let config_path = config
+        .or(opts.init.as_deref())
+        .unwrap_or(Path::new("--init"));
     if let Some(e) = opts.epochs {
         exp.train.epochs = e;
     }
@@ -290,7 +345,8 @@ pub fn run(config_path: &Path, opts: &RunOptions) -> Result<RunReport, TrainErro
     };
     let report = RunReport {
         name: exp.name.clone(),
-        config: config_path.to_path_buf(),
+        config: config.map(Path::to_path_buf),
+        init: opts.init.clone(),
         dataset: ds.root.clone(),
         images: items.len(),
         skipped: skipped
@@ -446,7 +502,7 @@ fn fold_outcome(
         return Ok(done);
     }
     let mut spec = spec0.clone();
-    fit::fit_normalisation(items, train_idx, &mut spec, exp.model.fixed_pixel_norm());
+    normalise(exp, items, train_idx, &mut spec);
     let ckpt = ckpts.map(|all| FitCheckpoint {
         all,
         run: run.clone(),
@@ -663,7 +719,7 @@ fn train_final(
         (tr, va, Vec::new())
     };
     let mut spec = spec0.clone();
-    fit::fit_normalisation(items, &train_idx, &mut spec, exp.model.fixed_pixel_norm());
+    normalise(exp, items, &train_idx, &mut spec);
     let bar = multi.add(
         ProgressBar::new(0)
             .with_style(bar_style())
