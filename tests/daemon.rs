@@ -317,8 +317,9 @@ fn the_running_estimate_is_on_the_status_line_and_drift_is_warned_while_running(
     assert!(summary["counts"]["drift_warnings_total"].as_u64().unwrap() >= 1);
     assert_eq!(report["drift_suspected"], true);
 
-    // A reference the estimate clears: no warning at any point.
-    let (log, report, summary) = run_with_reference(dir.path(), estimate);
+    // A reference the running estimate clears from its first judged cell on (it moves with
+    // the fields: 74% at 35 detections, 87% at the end): no warning at any point.
+    let (log, report, summary) = run_with_reference(dir.path(), estimate.min(0.75) - 0.1);
     assert!(!log.contains("drift suspected"), "{log}");
     assert!(!log.contains("DRIFT SUSPECTED"), "{log}");
     assert_eq!(summary["counts"]["drift_warnings_total"], 0);
