@@ -102,4 +102,32 @@ fn good_configs_validate() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
     let out = common::run_ok(bin().arg("validate").arg("--config").arg(&example));
     assert!(String::from_utf8_lossy(&out.stdout).contains("smids-3class"));
+    let scale_warning = "does not name the pixel scale of its training images";
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(scale_warning));
+
+    // A model whose spec does not say its training scale validates, with a warning that says
+    // so, until classify.model_um_per_px gives it.
+    let dir = tempfile::tempdir().unwrap();
+    let hushem = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/hushem-4class.onnx");
+    for (extra, warned) in [("", true), ("model_um_per_px = 0.104\n", false)] {
+        let cfg = dir.path().join("hushem.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[source.replay]\npath = \"{}\"\n[classify]\nmodel = \"{}\"\n{extra}",
+                common::dataset("sperm-parsing/val/frames").display(),
+                hushem.display()
+            ),
+        )
+        .unwrap();
+        let out = common::run_ok(bin().arg("validate").arg("--config").arg(&cfg));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.contains(scale_warning), warned, "{extra}: {err}");
+        if warned {
+            assert!(
+                err.contains("WARN") && err.contains("classify.model_um_per_px"),
+                "{err}"
+            );
+        }
+    }
 }

@@ -205,6 +205,14 @@ impl Classifier {
         if spec.crop.um_per_px.is_none() {
             spec.crop.um_per_px = s.model_um_per_px;
         }
+        if spec.crop.um_per_px.is_none() {
+            tracing::warn!(
+                model = %s.model.display(),
+                window_px = spec.crop.window_px,
+                "the model does not name the pixel scale of its training images and classify.model_um_per_px is unset: heads are cut in {} frame pixels whatever the frame's scale, so at another magnification the model sees them at the wrong size",
+                spec.crop.window_px
+            );
+        }
         Ok(Classifier::new(model, s.uncertain_below))
     }
 
