@@ -268,7 +268,10 @@ fn replay_settings(f: ReplayArgs) -> Result<Settings, Failure> {
 fn run(all: Vec<Settings>, config: Option<PathBuf>) -> Result<(), Failure> {
     let daemon = config.is_some();
     let finished = host::run_all(all, config.as_deref()).map_err(|e| match e {
-        HostError::Start { source, sample } => {
+        HostError::Start {
+            error: source,
+            sample,
+        } => {
             let status = exit::of_start(&source);
             Failure {
                 status,

@@ -14,10 +14,10 @@ use crate::core::imageio::{ImageError, load_rgb};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -90,7 +90,7 @@ pub fn class_name(folder: &str) -> String {
 fn read_dir_sorted(path: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     let io = |source| DatasetError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let mut entries = fs::read_dir(path)
         .map_err(io)?
@@ -152,7 +152,7 @@ pub fn read_mhsma(root: &Path, label: &str, split: Option<&str>) -> Result<Datas
     let path = root.join("labels.csv");
     let text = fs::read_to_string(&path).map_err(|source| DatasetError::Io {
         path: path.clone(),
-        source,
+        error: source,
     })?;
     let mut lines = text.lines().enumerate();
     let header: Vec<&str> = lines
@@ -253,7 +253,7 @@ pub fn stratified_folds(labels: &[usize], k: usize, seed: u64) -> Vec<usize> {
 pub fn folds_csv(ds: &Dataset, csv: &Path) -> Result<Vec<usize>, DatasetError> {
     let text = fs::read_to_string(csv).map_err(|source| DatasetError::Io {
         path: csv.to_path_buf(),
-        source,
+        error: source,
     })?;
     let mut map: HashMap<String, usize> = HashMap::new();
     for (i, line) in text.lines().enumerate().skip(1) {

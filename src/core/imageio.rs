@@ -21,13 +21,13 @@ pub enum DecodeError {
 /// Why an image file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot decode image {path}: {source}")]
-    Decode { path: PathBuf, source: DecodeError },
+    #[error("cannot decode image {path}: {error}")]
+    Decode { path: PathBuf, error: DecodeError },
 }
 
 /// Why a folder or glob names no usable files.
@@ -73,11 +73,11 @@ fn jpeg_complete(bytes: &[u8]) -> bool {
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     })?;
     decode_rgb(&bytes).map_err(|source| ImageError::Decode {
         path: path.to_path_buf(),
-        source,
+        error: source,
     })
 }
 

@@ -33,8 +33,8 @@ pub enum ModelError {
         "model {path} has no spermscope metadata (key '{METADATA_KEY}'); export it with spermscope-train"
     )]
     NoMetadata { path: PathBuf },
-    #[error("model {path} has invalid metadata: {source}")]
-    BadSpec { path: PathBuf, source: SpecError },
+    #[error("model {path} has invalid metadata: {error}")]
+    BadSpec { path: PathBuf, error: SpecError },
     #[error("model {path} does not match its metadata: {reason}")]
     GraphMismatch { path: PathBuf, reason: String },
     #[error("execution provider '{provider}' could not be registered: {reason}")]
@@ -357,7 +357,7 @@ fn read_spec(session: &Session, path: &Path) -> Result<ModelSpec, ModelError> {
         })?;
     ModelSpec::from_json(&json).map_err(|source| ModelError::BadSpec {
         path: path.to_path_buf(),
-        source,
+        error: source,
     })
 }
 

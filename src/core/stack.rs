@@ -15,10 +15,10 @@ use crate::core::pixels;
 /// Why a stack or one of its pages cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not a readable TIFF: {reason}")]
     Tiff { path: PathBuf, reason: String },
@@ -150,7 +150,7 @@ impl TiffStack {
     pub fn open(path: &Path) -> Result<Self, StackError> {
         let file = File::open(path).map_err(|source| StackError::Io {
             path: path.to_path_buf(),
-            source,
+            error: source,
         })?;
         TiffStack::from_reader(BufReader::new(file), path)
     }

@@ -30,16 +30,16 @@ pub enum Order {
 pub enum CropsError {
     #[error(transparent)]
     Records(#[from] RecordsError),
-    #[error("frame {name} of the records is not in {dir}: {source}")]
+    #[error("frame {name} of the records is not in {dir}: {error}")]
     Frame {
         name: String,
         dir: PathBuf,
-        source: ImageError,
+        error: ImageError,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -97,7 +97,7 @@ pub fn cut(
 ) -> Result<Cut, CropsError> {
     let write_err = |path: &Path, source| CropsError::Write {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     std::fs::create_dir_all(out).map_err(|e| write_err(out, e))?;
     let records = chosen(read_record_lines(records_path)?, order);
@@ -114,7 +114,7 @@ pub fn cut(
                 load_rgb(&frames.join(&r.frame.name)).map_err(|source| CropsError::Frame {
                     name: r.frame.name.clone(),
                     dir: frames.to_path_buf(),
-                    source,
+                    error: source,
                 })?;
             let found = find_heads(&img, segment)
                 .into_iter()

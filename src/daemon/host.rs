@@ -20,8 +20,8 @@ use crate::daemon::view::view_server;
 pub enum HostError {
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
-    #[error("cannot start sample {sample}: {source}")]
-    Start { sample: String, source: StartError },
+    #[error("cannot start sample {sample}: {error}")]
+    Start { sample: String, error: StartError },
     #[error(transparent)]
     Http(#[from] HttpError),
     #[error("cannot start a pipeline thread: {0}")]
@@ -45,7 +45,7 @@ pub fn run_all(all: Vec<Settings>, config: Option<&Path>) -> Result<Vec<Finished
         let ready = pipeline::prepare(settings.clone(), telemetry.clone()).map_err(|source| {
             HostError::Start {
                 sample: settings.sample_id().to_string(),
-                source,
+                error: source,
             }
         })?;
         tracing::info!("starting: {}", ready.describe());
@@ -141,11 +141,11 @@ fn reread(path: &Path, sample: &str) -> Reread {
 
 /// Why the report or summary could not be written.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot write the {what} to {path}: {source}")]
+#[error("cannot write the {what} to {path}: {error}")]
 pub struct OutputError {
     pub what: &'static str,
     pub path: PathBuf,
-    pub source: std::io::Error,
+    pub error: std::io::Error,
 }
 
 /// Log the run's accounting and write the report and summary files its settings name.
@@ -168,7 +168,7 @@ pub fn write_outputs(o: &Outcome, out: &ReportOutput) -> Result<(), OutputError>
         std::fs::write(path, json + "\n").map_err(|source| OutputError {
             what,
             path: path.to_path_buf(),
-            source,
+            error: source,
         })
     };
     if let Some(p) = &out.file {

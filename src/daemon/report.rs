@@ -131,10 +131,10 @@ impl RawReport {
 /// Why a records file cannot be read back into reports.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordsError {
-    #[error("cannot read records file {path}: {source}")]
+    #[error("cannot read records file {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} line {line}: not a spermscope record: {reason}")]
     Record {
@@ -151,7 +151,7 @@ pub enum RecordsError {
 pub fn read_record_lines(path: &Path) -> Result<Vec<Record>, RecordsError> {
     let file = std::fs::File::open(path).map_err(|source| RecordsError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     })?;
     parse_record_lines(std::io::BufReader::new(file), path)
 }
@@ -162,7 +162,7 @@ pub fn parse_record_lines(reader: impl BufRead, path: &Path) -> Result<Vec<Recor
     for (i, line) in reader.lines().enumerate() {
         let line = line.map_err(|source| RecordsError::Io {
             path: path.to_path_buf(),
-            source,
+            error: source,
         })?;
         if line.trim().is_empty() {
             continue;

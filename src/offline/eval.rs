@@ -30,12 +30,18 @@ pub enum EvalError {
     #[error("dataset {path} has no images (split '{split}')")]
     Empty { path: PathBuf, split: String },
     #[error("cannot rewrite the model's metadata: {0}")]
-    Spec(#[from] SpecError),
-    #[error("cannot read or write {path}: {source}")]
+    Spec(SpecError),
+    #[error("cannot read or write {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+}
+
+impl From<SpecError> for EvalError {
+    fn from(e: SpecError) -> Self {
+        EvalError::Spec(e)
+    }
 }
 
 /// Temperature scaling on held-out predictions, and what it did.
@@ -182,12 +188,12 @@ pub fn write_with_temperature(
     spec.temperature = temperature;
     let bytes = std::fs::read(&model.path).map_err(|source| EvalError::Io {
         path: model.path.clone(),
-        source,
+        error: source,
     })?;
     let updated = spec::set_metadata(&bytes, spec::METADATA_KEY, &spec.to_json())?;
     std::fs::write(out, updated).map_err(|source| EvalError::Io {
         path: out.to_path_buf(),
-        source,
+        error: source,
     })
 }
 

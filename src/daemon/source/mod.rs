@@ -381,12 +381,19 @@ pub trait FrameSource: Send {
 /// Why a source cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    // The message carries the cause; no `source`, so an error chain does not print it twice.
     #[error("replay {0}")]
-    List(#[from] ListError),
+    List(ListError),
     #[error("montage dataset {path}: {reason}")]
     Montage { path: PathBuf, reason: String },
     #[error(transparent)]
     Camera(#[from] camera::CameraError),
+}
+
+impl From<ListError> for SourceError {
+    fn from(e: ListError) -> Self {
+        SourceError::List(e)
+    }
 }
 
 /// Open the source the settings describe, and say which frame scale it runs at.

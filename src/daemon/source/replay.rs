@@ -33,7 +33,7 @@ pub struct Replay {
 /// Why a frame file cannot be used, for the log line that names it.
 fn reason(e: ImageError) -> String {
     match e {
-        ImageError::Decode { source, .. } => source.to_string(),
+        ImageError::Decode { error, .. } => error.to_string(),
         other => other.to_string(),
     }
 }

@@ -400,11 +400,17 @@ pub struct LoadSummary {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read the PyTorch checkpoint: {0}")]
-    Store(#[from] PytorchStoreError),
+    Store(PytorchStoreError),
     #[error("cannot build the key remapping: {0}")]
     Remap(String),
     #[error("the checkpoint has tensors this network does not (another variant?): {0:?}")]
     Unused(Vec<String>),
+}
+
+impl From<PytorchStoreError> for LoadError {
+    fn from(e: PytorchStoreError) -> Self {
+        LoadError::Store(e)
+    }
 }
 
 /// Checkpoint key → module path, applied in order (each rule sees the previous rules' output).

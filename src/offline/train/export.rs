@@ -13,10 +13,10 @@ use crate::core::spec::{METADATA_KEY, ModelSpec, embed_metadata};
 pub enum ExportError {
     #[error("onnx export failed: {0}")]
     Export(String),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         path: std::path::PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -81,11 +81,11 @@ pub fn save(bytes: &[u8], path: &Path) -> Result<(), ExportError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| ExportError::Write {
             path: dir.to_path_buf(),
-            source,
+            error: source,
         })?;
     }
     std::fs::write(path, bytes).map_err(|source| ExportError::Write {
         path: path.to_path_buf(),
-        source,
+        error: source,
     })
 }

@@ -133,7 +133,7 @@ impl Search {
         let text = std::fs::read_to_string(path).map_err(|source| {
             TrainError::Config(ConfigError::Read {
                 path: path.to_path_buf(),
-                source,
+                error: source,
             })
         })?;
         let mut s: Search = toml::from_str(&text).map_err(|e| {
@@ -178,7 +178,7 @@ impl Search {
         s.base = std::fs::read_to_string(&s.experiment).map_err(|source| {
             TrainError::Config(ConfigError::Read {
                 path: s.experiment.clone(),
-                source,
+                error: source,
             })
         })?;
         let mut rng = ChaCha8Rng::seed_from_u64(0);
