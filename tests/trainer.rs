@@ -279,18 +279,14 @@ fn init_reads_a_bundled_model_back_with_its_logits() {
         .expect("apply");
 
     let mut model = Model::load(&path, &RuntimeOptions::default()).expect("load");
-    let crops: Vec<_> =
+    let files: Vec<PathBuf> =
         spermscope::core::imageio::list_files(&common::dataset("smids/normal_sperm"))
             .expect("smids")
-            .iter()
+            .into_iter()
             .step_by(40)
             .take(12)
-            .map(|p| {
-                model
-                    .preprocessor()
-                    .crop(&spermscope::core::imageio::load_rgb(p).expect("image"))
-            })
             .collect();
+    let crops = common::prepared(&model, &files);
     let ort = model.logits(&crops).expect("run");
     let s = init.spec.input.size_px as usize;
     let n = crops.len();

@@ -248,7 +248,8 @@ fn tensor(t: &[u8]) -> Result<(String, Weight), WeightError> {
     Ok((name, Weight { shape, values }))
 }
 
-fn le_floats(b: &[u8]) -> Vec<f32> {
+/// Little-endian `f32`s (a trailing partial value is ignored).
+pub fn le_floats(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()

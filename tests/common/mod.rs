@@ -209,6 +209,21 @@ pub fn crop_class(model: &mut spermscope::core::model::Model, crop: &Path) -> St
     model.spec.classes[best].clone()
 }
 
+/// Crop files turned into `model`'s inputs by its own preprocessor.
+pub fn prepared(
+    model: &spermscope::core::model::Model,
+    crops: &[PathBuf],
+) -> Vec<spermscope::core::preprocess::Prepared> {
+    crops
+        .iter()
+        .map(|p| {
+            model
+                .preprocessor()
+                .crop(&spermscope::core::imageio::load_rgb(p).expect("image"))
+        })
+        .collect()
+}
+
 /// Replay `frames` through the daemon with `config`, records to `records`, and read them back.
 pub fn replay_records(frames: &Path, config: &Path, records: &Path) -> Vec<serde_json::Value> {
     run_ok(
@@ -245,15 +260,7 @@ pub fn onnx_parity(model_path: &Path, report: &serde_json::Value) {
         "parity needs real images, got {}",
         items.len()
     );
-    let batch: Vec<_> = items
-        .iter()
-        .map(|p| {
-            model
-                .preprocessor()
-                .crop(&spermscope::core::imageio::load_rgb(p).expect("image"))
-        })
-        .collect();
-    let got = model.logits(&batch).expect("run");
+    let got = model.logits(&prepared(&model, &items)).expect("run");
     let worst = got
         .iter()
         .flatten()

@@ -12,6 +12,7 @@ use super::config::{
     NetConfig, TrainConfig,
 };
 use super::net::Net;
+use crate::core::onnx_proto;
 use crate::core::spec::{ModelFile, ModelFileError};
 
 /// The classifier's parameters: rows are mapped by class name, not copied whole.
@@ -110,18 +111,24 @@ impl FineTune for ModelFile {
 
     fn apply(&self, mut net: Net, mapping: &HeadMapping) -> Result<Net, InitError> {
         let fresh = net.collect(None, None, false);
+        let extra: Vec<&String> = self
+            .weights
+            .keys()
+            .filter(|k| !fresh.iter().any(|t| &t.name == *k))
+            .collect();
+        if !extra.is_empty() {
+            return Err(arch_err(
+                self,
+                format!("the network has no place for {extra:?}"),
+            ));
+        }
         let mut tensors = Vec::with_capacity(fresh.len());
-        let mut used = 0;
         for t in &fresh {
             let shape: Vec<usize> = t.shape.iter().copied().collect();
             let values = if HEAD.contains(&t.name.as_str()) {
                 let bytes = t.to_bytes().map_err(|e| arch_err(self, e.to_string()))?;
-                let mut v: Vec<f32> = bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
+                let mut v = onnx_proto::le_floats(&bytes);
                 copy_rows(self, &t.name, &mut v, mapping)?;
-                used += usize::from(self.weights.contains_key(&t.name));
                 v
             } else {
                 let w = self.weights.get(&t.name).ok_or_else(|| {
@@ -139,7 +146,6 @@ impl FineTune for ModelFile {
                         ),
                     ));
                 }
-                used += 1;
                 w.values.clone()
             };
             let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -149,17 +155,6 @@ impl FineTune for ModelFile {
                 shape.clone(),
                 t.param_id,
                 Bytes::from_bytes_vec(bytes),
-            ));
-        }
-        if used != self.weights.len() {
-            let extra: Vec<&String> = self
-                .weights
-                .keys()
-                .filter(|k| !fresh.iter().any(|t| &t.name == *k))
-                .collect();
-            return Err(arch_err(
-                self,
-                format!("the network has no place for {extra:?}"),
             ));
         }
         let result = net.apply(tensors, None, None, false);
@@ -230,32 +225,19 @@ pub struct InitOptions {
 /// at half its learning rate, 40 epochs, batches of 16 (a lab labels a few hundred crops), no
 /// validation split (every crop trains; `--folds` gives the estimate and the temperature).
 /// Chosen by 5-fold cross-validation on 100 HuSHeM crops from the SMIDS model (README): 0.85
-/// against 0.74 for a quarter of the rate with early stopping on a fifth held out.
-pub fn adaptation_experiment(
-    init: &ModelFile,
-    opts: &InitOptions,
-) -> Result<Experiment, InitError> {
-    let dataset = opts.dataset.clone().ok_or_else(|| {
-        arch_err(
-            init,
-            "--init without --config needs --dataset (the lab's crops, one folder per class)"
-                .into(),
-        )
-    })?;
-    let model = init.net_config(&NetConfig::default())?;
-    Ok(Experiment {
-        name: opts
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("{}-adapted", init.spec.name)),
+/// against 0.74 for a quarter of the rate with early stopping on a fifth held out. The crop,
+/// network and normal class are the model's, set by [`attach`].
+pub fn adaptation_experiment(init: &ModelFile, dataset: PathBuf) -> Experiment {
+    Experiment {
+        name: format!("{}-adapted", init.spec.name),
         data: DataConfig {
             dataset,
             mhsma_label: "head".into(),
-            normal_class: opts.normal_class.clone(),
-            um_per_px: init.spec.crop.um_per_px,
+            normal_class: None,
+            um_per_px: None,
         },
         crop: CropConfig::default(),
-        model,
+        model: NetConfig::default(),
         train: TrainConfig {
             epochs: 40,
             batch_size: 16,
@@ -269,7 +251,7 @@ pub fn adaptation_experiment(
         cv: CvConfig::default(),
         finetune: FinetuneConfig::default(),
         init: None,
-    })
+    }
 }
 
 /// `exp` set up to start from `init`: its crop, input size and channels follow the model's
@@ -292,9 +274,6 @@ pub fn attach(
         exp.model = init.net_config(&exp.model)?;
     }
     exp.model.test_time_mirror = s.test_time_mirror;
-    if let Some(d) = &opts.dataset {
-        exp.data.dataset = d.clone();
-    }
     if let Some(n) = &opts.name {
         exp.name = n.clone();
     }

@@ -61,6 +61,8 @@ pub enum TrainError {
     Init(#[from] init::InitError),
     #[error("give an experiment file (--config), a model to start from (--init), or both")]
     NoExperiment,
+    #[error("--init without --config needs --dataset (the lab's crops, one folder per class)")]
+    InitWithoutDataset,
 }
 
 /// What the command line may change in an experiment.
@@ -259,23 +261,26 @@ fn bar_style() -> ProgressStyle {
     .progress_chars("=> ")
 }
 
-/// The experiment of a run: the file, a model to start from, or the file applied to the model.
+/// The experiment of a run: the file, a model to start from, or the file applied to the model;
+/// `--dataset` replaces its dataset in each case.
 fn load_experiment(config: Option<&Path>, opts: &RunOptions) -> Result<Experiment, TrainError> {
-    let Some(model) = &opts.init else {
-        let mut exp = Experiment::load(config.ok_or(TrainError::NoExperiment)?)?;
-        if let Some(d) = &opts.init_opts.dataset {
-            exp.data.dataset = d.clone();
-        }
+    let dataset = opts.init_opts.dataset.clone();
+    let init = match &opts.init {
+        Some(m) => Some(crate::core::spec::ModelFile::read(m).map_err(init::InitError::from)?),
+        None => None,
+    };
+    let mut exp = match (config, &init, dataset.clone()) {
+        (Some(c), _, _) => Experiment::load(c)?,
+        (None, Some(m), Some(d)) => init::adaptation_experiment(m, d),
+        (None, Some(_), None) => return Err(TrainError::InitWithoutDataset),
+        (None, None, _) => return Err(TrainError::NoExperiment),
+    };
+    if let Some(d) = dataset {
+        exp.data.dataset = d;
+    }
+    let Some(init) = init else {
         return Ok(exp);
     };
-    let init = crate::core::spec::ModelFile::read(model).map_err(init::InitError::from)?;
-    let mut exp = match config {
-        Some(c) => Experiment::load(c)?,
-        None => init::adaptation_experiment(&init, &opts.init_opts)?,
-    };
-    if let Some(d) = &opts.init_opts.dataset {
-        exp.data.dataset = d.clone();
-    }
     let classes = dataset::open(&exp.data.dataset, &exp.data.mhsma_label, None)?.classes;
     Ok(init::attach(exp, init, &opts.init_opts, &classes)?)
 }
