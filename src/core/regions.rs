@@ -443,6 +443,48 @@ pub(crate) fn split_at_necks(
     Some(pieces)
 }
 
+/// The parts of a region as wide as its widest part: the region opened with a disc of `share`
+/// of its largest inscribed radius, which takes off what is much narrower (a stained midpiece
+/// the field's opening, sized for thin ones, left on a head), as regions of at least
+/// `min_area` px in raster order.
+pub(crate) fn wide_parts(px: &[(u32, u32)], share: f32, min_area: usize) -> Vec<Vec<(u32, u32)>> {
+    let Some((x0, y0, x1, y1)) = px.iter().fold(None, |b, &(x, y)| {
+        let (a, b, c, d) = b.unwrap_or((x, y, x, y));
+        Some((a.min(x), b.min(y), c.max(x), d.max(y)))
+    }) else {
+        return Vec::new();
+    };
+    // Largest inscribed radius: the largest distance to the outside, in a window with a
+    // background border.
+    let (w, h) = (x1 - x0 + 3, y1 - y0 + 3);
+    let mut outside = GrayImage::from_pixel(w, h, Luma([255]));
+    for &(x, y) in px {
+        outside.put_pixel(x - x0 + 1, y - y0 + 1, Luma([0]));
+    }
+    let widest = imageproc::distance_transform::euclidean_squared_distance_transform(&outside)
+        .into_raw()
+        .into_iter()
+        .fold(0f64, f64::max)
+        .sqrt();
+    let k = (widest as f32 * share).floor().clamp(1.0, 60.0) as u8;
+    // The region alone, with room around it for the opening (which takes the outside of the
+    // image as set when eroding).
+    let m = 2 * u32::from(k) + 2;
+    let mut mask = GrayImage::new(x1 - x0 + 1 + 2 * m, y1 - y0 + 1 + 2 * m);
+    for &(x, y) in px {
+        mask.put_pixel(x - x0 + m, y - y0 + m, Luma([255]));
+    }
+    opened_regions(&mask, 0, k, min_area)
+        .into_iter()
+        .filter(|part| part.len() >= min_area)
+        .map(|part| {
+            part.into_iter()
+                .map(|(x, y)| (x + x0 - m, y + y0 - m))
+                .collect()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,6 +544,31 @@ mod tests {
             }
         }
         px
+    }
+
+    #[test]
+    fn wide_parts_keep_the_head_and_drop_a_narrower_midpiece() {
+        // A disc of radius 20 with a bar 12 px wide (inscribed radius 6 < 0.6 x 20) to its right.
+        let mut px: Vec<(u32, u32)> = discs(&[(60.0, 60.0, 20.0)]);
+        px.extend((80..160).flat_map(|x| (54..66).map(move |y| (x, y))));
+        px.sort_by_key(|&(x, y)| (y, x));
+        px.dedup();
+        let parts = wide_parts(&px, 0.6, 50);
+        assert_eq!(parts.len(), 1);
+        let part = &parts[0];
+        assert!(part.iter().all(|&(x, _)| x < 84), "the bar is gone");
+        assert!((1100..=1300).contains(&part.len()), "{}", part.len());
+        assert!(
+            part.iter().all(|p| px.contains(p)),
+            "no pixel outside the region"
+        );
+        // Two discs of the same size joined by a bar: both stay.
+        let mut two = discs(&[(40.0, 40.0, 18.0), (120.0, 40.0, 18.0)]);
+        two.extend((55..105).flat_map(|x| (36..44).map(move |y| (x, y))));
+        two.sort_by_key(|&(x, y)| (y, x));
+        two.dedup();
+        assert_eq!(wide_parts(&two, 0.6, 50).len(), 2);
+        assert!(wide_parts(&[], 0.6, 1).is_empty());
     }
 
     #[test]

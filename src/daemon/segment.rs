@@ -215,7 +215,7 @@ pub fn find_heads_on(stain: &StainMap, s: &SegmentSettings) -> Vec<FoundHead> {
             let heads: Vec<FoundHead> = pieces
                 .into_iter()
                 .filter(|p| p.len() <= s.max_area_px)
-                .filter_map(|p| measure_region(p, &t, s, w, h))
+                .filter_map(|p| measure_region(&p, &t, s, w, h))
                 .collect();
             // Touching heads, each passing the filters on its own: found and counted, but
             // flagged touching, so not classified. A neighbour in view misleads the tail search
@@ -229,18 +229,50 @@ pub fn find_heads_on(stain: &StainMap, s: &SegmentSettings) -> Vec<FoundHead> {
                 continue;
             }
         }
-        if px.len() <= s.max_area_px
-            && let Some(f) = measure_region(px, &t, s, w, h)
-        {
-            found.push(f);
+        if px.len() > s.max_area_px {
+            continue;
+        }
+        // A region that fails as a head, or looks like several (low solidity), may be one
+        // head with its midpiece.
+        match measure_region(&px, &t, s, w, h) {
+            Some(f) if !f.touching => found.push(f),
+            measured => {
+                if let Some(f) = one_wide_head(&px, &t, s, w, h).or(measured) {
+                    found.push(f);
+                }
+            }
         }
     }
     found
 }
 
+/// Share of a region's largest inscribed radius below which a part is not taken as head
+/// (`one_wide_head`): a head is 2.5-3.5 µm wide (WHO 6th edition), a midpiece about 1 µm.
+const HEAD_CORE_SHARE: f32 = 0.6;
+
+/// A region that fails as a head (too elongated) or looks like several (low solidity) may be
+/// one head with its midpiece, where the stain and the optics make the midpiece wider than the
+/// field's opening takes off (SMIDS): open it again with a disc of `HEAD_CORE_SHARE` of its
+/// largest inscribed radius, and when exactly one part is left and it passes as one head on
+/// its own, that is the head. Regions split at a neck are left as they are: on the
+/// `sperm-parsing` fields this took the narrower of two touching heads for a midpiece.
+fn one_wide_head(
+    px: &[(u32, u32)],
+    t: &Thresholded,
+    s: &SegmentSettings,
+    w: u32,
+    h: u32,
+) -> Option<FoundHead> {
+    let parts = regions::wide_parts(px, HEAD_CORE_SHARE, s.min_area_px);
+    let [part] = parts.as_slice() else {
+        return None;
+    };
+    measure_region(part, t, s, w, h).filter(|f| !f.touching)
+}
+
 /// Filter one opened region (nucleus, elongation) and measure it as a head.
 fn measure_region(
-    px: Vec<(u32, u32)>,
+    px: &[(u32, u32)],
     t: &Thresholded,
     s: &SegmentSettings,
     w: u32,
@@ -270,7 +302,7 @@ fn measure_region(
     let (lx1, ly1) = ((x1 + m).min(w - 1), (y1 + m).min(h - 1));
     let (lw, lh) = (lx1 - lx0 + 1, ly1 - ly0 + 1);
     let mut local = GrayImage::new(lw, lh);
-    for &(x, y) in &px {
+    for &(x, y) in px {
         local.put_pixel(x - lx0, y - ly0, Luma([255]));
     }
     pose::fill_holes(&mut local);
@@ -593,6 +625,46 @@ mod tests {
         };
         let e = raw.resolve(0.053, Base(None)).unwrap_err().to_string();
         assert!(e.contains("segment.split_neck_ratio"), "{e}");
+    }
+
+    #[test]
+    fn a_head_with_a_thick_stained_midpiece_is_one_head() {
+        // A head (46 x 32 px across) with a midpiece 13 px wide and 110 px long, as dark as the
+        // head: wider than the field's opening (radius 5 px) takes off, so the region is head
+        // and midpiece together, too elongated to pass as a head.
+        let mut field = RgbImage::from_pixel(320, 240, image::Rgb([225, 215, 220]));
+        for (x, y, p) in field.enumerate_pixels_mut() {
+            let (a, b) = (x as f32 - 90.0, y as f32 - 120.0);
+            let head = (a / 23.0).powi(2) + (b / 16.0).powi(2) <= 1.0;
+            let midpiece = (15.0..125.0).contains(&a) && b.abs() <= 6.0;
+            if head || midpiece {
+                *p = image::Rgb([70, 35, 70]);
+            }
+        }
+        let s = SegmentSettings::default();
+        let found = find_heads(&field, &s);
+        let [f] = found.as_slice() else {
+            panic!("{:?}", found.iter().map(|f| f.bbox).collect::<Vec<_>>());
+        };
+        assert!(!f.touching && !f.at_edge);
+        assert!(
+            (f.head.centroid.0 - 90.0).abs() < 4.0 && (f.head.centroid.1 - 120.0).abs() < 2.0,
+            "{:?}",
+            f.head.centroid
+        );
+        // The midpiece is not part of the head.
+        assert!(f.bbox[2] < 125, "{:?}", f.bbox);
+        // Two heads side by side are still two heads (the trim keeps both: as wide as each other).
+        let mut pair = RgbImage::from_pixel(320, 240, image::Rgb([225, 215, 220]));
+        for (x, y, p) in pair.enumerate_pixels_mut() {
+            for cx in [120.0f32, 160.0] {
+                let (a, b) = (x as f32 - cx, y as f32 - 120.0);
+                if (a / 22.0).powi(2) + (b / 13.0).powi(2) <= 1.0 {
+                    *p = image::Rgb([70, 35, 70]);
+                }
+            }
+        }
+        assert_eq!(find_heads(&pair, &s).len(), 2);
     }
 
     #[test]
