@@ -108,15 +108,15 @@ fn good_configs_validate() {
     // A model whose spec does not say its training scale validates, with a warning that says
     // so, until classify.model_um_per_px gives it.
     let dir = tempfile::tempdir().unwrap();
-    let hushem = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/hushem-4class.onnx");
-    for (extra, warned) in [("", true), ("model_um_per_px = 0.104\n", false)] {
-        let cfg = dir.path().join("hushem.toml");
+    let mhsma = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mhsma-head.onnx");
+    for (extra, warned) in [("", true), ("model_um_per_px = 0.1\n", false)] {
+        let cfg = dir.path().join("mhsma.toml");
         std::fs::write(
             &cfg,
             format!(
                 "[source.replay]\npath = \"{}\"\n[classify]\nmodel = \"{}\"\n{extra}",
                 common::dataset("sperm-parsing/val/frames").display(),
-                hushem.display()
+                mhsma.display()
             ),
         )
         .unwrap();
