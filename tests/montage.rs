@@ -19,7 +19,7 @@ const HUSHEM_UM_PER_PX: f32 = 0.104;
 
 #[test]
 fn montage_cells_agree_with_crop_level_classification() {
-    let (placed, matched, agreement) = montage_run(1.0, &hushem_model());
+    let [(placed, matched, agreement)] = montage_run(1.0, [hushem_model()]);
     assert!(
         matched as f64 >= 0.9 * placed as f64,
         "{matched} of {placed} found"
@@ -31,14 +31,8 @@ fn montage_cells_agree_with_crop_level_classification() {
 fn a_field_at_another_magnification_is_resampled_to_the_models_scale() {
     // The same fields seen at 1.6x the magnification (0.065 µm/px): the daemon cuts each head's
     // window at the model's scale, so the classes are those of the crops alone.
-    let (placed, matched, agreement) = montage_run(1.6, &hushem_model());
-    assert!(
-        matched as f64 >= 0.85 * placed as f64,
-        "{matched} of {placed} found"
-    );
-    assert!(agreement >= 0.9, "agreement {agreement:.3}");
-    // The same model with no scale in its spec (as it was until 2026-11-30): its window is cut
-    // in field pixels, so it sees the heads 1.6 times too large.
+    // Beside it, the same model with no scale in its spec (as it was until 2026-11-30): its
+    // window is cut in field pixels, so it sees the heads 1.6 times too large.
     let dir = tempfile::tempdir().unwrap();
     let unscaled = dir.path().join("hushem-unscaled.onnx");
     let mut spec = ModelFile::read(&hushem_model()).unwrap().spec;
@@ -49,7 +43,13 @@ fn a_field_at_another_magnification_is_resampled_to_the_models_scale() {
         spec::set_metadata(&bytes, spec::METADATA_KEY, &spec.to_json()).unwrap(),
     )
     .unwrap();
-    let (_, _, without) = montage_run(1.6, &unscaled);
+    let [(placed, matched, agreement), (_, _, without)] =
+        montage_run(1.6, [hushem_model(), unscaled]);
+    assert!(
+        matched as f64 >= 0.85 * placed as f64,
+        "{matched} of {placed} found"
+    );
+    assert!(agreement >= 0.9, "agreement {agreement:.3}");
     assert!(
         without < agreement - 0.1,
         "agreement {without:.3} without the scale, {agreement:.3} with it"
@@ -61,10 +61,10 @@ fn hushem_model() -> PathBuf {
 }
 
 /// HuSHeM crops pasted into 12 fields, the fields resized by `zoom` (the magnification) and
-/// replayed at their scale through `model_path`. Returns how many crops were pasted, how many
-/// were classified once, and the share of those whose class is the one the bundled model gives
-/// the crop alone.
-fn montage_run(zoom: f32, model_path: &Path) -> (usize, usize, f64) {
+/// replayed at their scale through each of `models`. For each: how many crops were pasted, how
+/// many were classified once, and the share of those whose class is the one the bundled model
+/// gives the crop alone.
+fn montage_run<const N: usize>(zoom: f32, models: [PathBuf; N]) -> [(usize, usize, f64); N] {
     let layout = Layout {
         width_px: 1280,
         height_px: 1024,
@@ -91,43 +91,46 @@ fn montage_run(zoom: f32, model_path: &Path) -> (usize, usize, f64) {
         img.save(frames.join(&name)).unwrap();
         truth.push((name, placed));
     }
-    let cfg = dir.path().join("montage.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            // The head verifier is left out: tests/montage_other_labs.rs scores it.
-            "[source]\num_per_px = {}\n[segment]\nverify = false\n[classify]\nmodel = \"{}\"\nuncertain_below = 0.0\n[report]\nprint = false\n",
-            HUSHEM_UM_PER_PX / zoom,
-            model_path.display()
-        ),
-    )
-    .unwrap();
-    let records = common::replay_records(&frames, &cfg, &dir.path().join("r.jsonl"));
-
     let mut model = Model::load(&hushem_model(), &RuntimeOptions::default()).unwrap();
-    let (mut placed_n, mut matched, mut agree, mut label_agree) = (0, 0, 0, 0);
-    for (name, placed) in &truth {
-        for p in placed {
-            placed_n += 1;
-            // The record whose centroid lies in this crop's disc.
-            let hits = common::classified_in_disc(&records, name, p.centre, p.radius);
-            let [r] = hits.as_slice() else { continue };
-            matched += 1;
-            let crop_class = common::crop_class(&mut model, &p.crop);
-            if r["class"] == crop_class.as_str() {
-                agree += 1;
-            }
-            if r["class"] == p.class.as_str() {
-                label_agree += 1;
+    models.map(|model_path| {
+        let cfg = dir.path().join("montage.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                // The head verifier is left out: tests/montage_other_labs.rs scores it.
+                "[source]\num_per_px = {}\n[segment]\nverify = false\n[classify]\nmodel = \"{}\"\nuncertain_below = 0.0\n[report]\nprint = false\n",
+                HUSHEM_UM_PER_PX / zoom,
+                model_path.display()
+            ),
+        )
+        .unwrap();
+        let records_path = dir.path().join("r.jsonl");
+        let _ = std::fs::remove_file(&records_path);
+        let records = common::replay_records(&frames, &cfg, &records_path);
+        let (mut placed_n, mut matched, mut agree, mut label_agree) = (0, 0, 0, 0);
+        for (name, placed) in &truth {
+            for p in placed {
+                placed_n += 1;
+                // The record whose centroid lies in this crop's disc.
+                let hits = common::classified_in_disc(&records, name, p.centre, p.radius);
+                let [r] = hits.as_slice() else { continue };
+                matched += 1;
+                let crop_class = common::crop_class(&mut model, &p.crop);
+                if r["class"] == crop_class.as_str() {
+                    agree += 1;
+                }
+                if r["class"] == p.class.as_str() {
+                    label_agree += 1;
+                }
             }
         }
-    }
-    let agreement = agree as f64 / matched.max(1) as f64;
-    println!(
-        "montage at x{zoom} ({}): {placed_n} crops pasted, {matched} classified once; field vs crop class agreement {:.1}%; field class = label {:.1}%",
-        model_path.file_name().unwrap().to_string_lossy(),
-        100.0 * agreement,
-        100.0 * label_agree as f64 / matched.max(1) as f64
-    );
-    (placed_n, matched, agreement)
+        let agreement = agree as f64 / matched.max(1) as f64;
+        println!(
+            "montage at x{zoom} ({}): {placed_n} crops pasted, {matched} classified once; field vs crop class agreement {:.1}%; field class = label {:.1}%",
+            model_path.file_name().unwrap().to_string_lossy(),
+            100.0 * agreement,
+            100.0 * label_agree as f64 / matched.max(1) as f64
+        );
+        (placed_n, matched, agreement)
+    })
 }

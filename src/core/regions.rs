@@ -322,6 +322,49 @@ fn widest_first(index: &[usize], square: &[u32]) -> Vec<usize> {
     order
 }
 
+/// A region in a window of its bounding box with a one-pixel background border, and each
+/// window pixel's squared distance to the region's outside: whole numbers, which order and
+/// compare without a square root.
+struct Distances {
+    x0: u32,
+    y0: u32,
+    w: u32,
+    h: u32,
+    square: Vec<u32>,
+}
+
+impl Distances {
+    /// `None` for an empty region.
+    fn of(px: &[(u32, u32)]) -> Option<Distances> {
+        let (x0, y0, x1, y1) = px.iter().fold(None, |b, &(x, y)| {
+            let (a, b, c, d) = b.unwrap_or((x, y, x, y));
+            Some((a.min(x), b.min(y), c.max(x), d.max(y)))
+        })?;
+        let (w, h) = (x1 - x0 + 3, y1 - y0 + 3);
+        let mut outside = GrayImage::from_pixel(w, h, Luma([255]));
+        for &(x, y) in px {
+            outside.put_pixel(x - x0 + 1, y - y0 + 1, Luma([0]));
+        }
+        let square = imageproc::distance_transform::euclidean_squared_distance_transform(&outside)
+            .into_raw()
+            .into_iter()
+            .map(|v| v as u32)
+            .collect();
+        Some(Distances {
+            x0,
+            y0,
+            w,
+            h,
+            square,
+        })
+    }
+
+    /// The window index of region pixel (`x`, `y`).
+    fn index(&self, x: u32, y: u32) -> usize {
+        ((y - self.y0 + 1) * self.w + (x - self.x0 + 1)) as usize
+    }
+}
+
 /// How far below both parts' widest points a neck must lie, px.
 const MIN_NECK_DEPTH_PX: f32 = 3.0;
 
@@ -340,27 +383,10 @@ pub(crate) fn split_at_necks(
     if neck_ratio <= 0.0 || px.len() < 2 * min_piece.max(1) {
         return None;
     }
-    let (x0, y0, x1, y1) = px
-        .iter()
-        .fold((u32::MAX, u32::MAX, 0, 0), |(a, b, c, d), &(x, y)| {
-            (a.min(x), b.min(y), c.max(x), d.max(y))
-        });
-    // The region in a window with a background border, as the outside the distances are to.
-    let (w, h) = (x1 - x0 + 3, y1 - y0 + 3);
-    let at = |x: u32, y: u32| ((y - y0 + 1) * w + (x - x0 + 1)) as usize;
-    let mut outside = GrayImage::from_pixel(w, h, Luma([255]));
-    for &(x, y) in px {
-        outside.put_pixel(x - x0 + 1, y - y0 + 1, Luma([0]));
-    }
-    // Squared distances are whole numbers: they order and compare without a square root.
-    let square: Vec<u32> =
-        imageproc::distance_transform::euclidean_squared_distance_transform(&outside)
-            .into_raw()
-            .into_iter()
-            .map(|v| v as u32)
-            .collect();
-    let index: Vec<usize> = px.iter().map(|&(x, y)| at(x, y)).collect();
-    let order = widest_first(&index, &square);
+    let d = Distances::of(px)?;
+    let (w, square) = (d.w, &d.square);
+    let index: Vec<usize> = px.iter().map(|&(x, y)| d.index(x, y)).collect();
+    let order = widest_first(&index, square);
     let neck_square = neck_ratio * neck_ratio;
     let is_neck = |meet: u32, widest: u32| {
         (meet as f32) <= neck_square * widest as f32
@@ -448,29 +474,16 @@ pub(crate) fn split_at_necks(
 /// the field's opening, sized for thin ones, left on a head), as regions of at least
 /// `min_area` px in raster order.
 pub(crate) fn wide_parts(px: &[(u32, u32)], share: f32, min_area: usize) -> Vec<Vec<(u32, u32)>> {
-    let Some((x0, y0, x1, y1)) = px.iter().fold(None, |b, &(x, y)| {
-        let (a, b, c, d) = b.unwrap_or((x, y, x, y));
-        Some((a.min(x), b.min(y), c.max(x), d.max(y)))
-    }) else {
+    let Some(d) = Distances::of(px) else {
         return Vec::new();
     };
-    // Largest inscribed radius: the largest distance to the outside, in a window with a
-    // background border.
-    let (w, h) = (x1 - x0 + 3, y1 - y0 + 3);
-    let mut outside = GrayImage::from_pixel(w, h, Luma([255]));
-    for &(x, y) in px {
-        outside.put_pixel(x - x0 + 1, y - y0 + 1, Luma([0]));
-    }
-    let widest = imageproc::distance_transform::euclidean_squared_distance_transform(&outside)
-        .into_raw()
-        .into_iter()
-        .fold(0f64, f64::max)
-        .sqrt();
+    let widest = f64::from(d.square.iter().copied().max().unwrap_or(0)).sqrt();
     let k = (widest as f32 * share).floor().clamp(1.0, 60.0) as u8;
+    let (x0, y0) = (d.x0, d.y0);
     // The region alone, with room around it for the opening (which takes the outside of the
     // image as set when eroding).
     let m = 2 * u32::from(k) + 2;
-    let mut mask = GrayImage::new(x1 - x0 + 1 + 2 * m, y1 - y0 + 1 + 2 * m);
+    let mut mask = GrayImage::new(d.w - 2 + 2 * m, d.h - 2 + 2 * m);
     for &(x, y) in px {
         mask.put_pixel(x - x0 + m, y - y0 + m, Luma([255]));
     }
