@@ -1,10 +1,15 @@
 //! Other microscopes' crops on whole fields: SMIDS and HuSHeM crops (other labs, other scales,
 //! other stains) pasted into montage fields, the scale set by `spermscope calibrate`, the head
 //! verifier on. The sperm found must be classified end to end within 5 points of the accuracy
-//! the model has on the same crops alone. How many are found once and classified is checked
-//! against what was measured (2026-11-30: SMIDS 83.9%, 76.6% before a head with a thick stained
-//! midpiece was taken as one head; HuSHeM 93.5%); before the verifier learnt its scale and
-//! these acquisitions it found 35.5% and 0% (models/head-verifier.md). The aim is 90%.
+//! the model has on the same crops alone. How many are found and classified is checked against
+//! what was measured (2026-11-30: SMIDS 93.5%, HuSHeM 98.0%); the aim is 90%. A crop is cut
+//! around its labelled sperm, and some show a second sperm beside it: the labelled sperm is the
+//! detection nearest the crop's centre, found when it is classified; other detections in the
+//! crop are counted and printed. Counted as before (exactly one classified detection in the
+//! crop), SMIDS is at 88.7%: 83.9% before a piece split off at a neck was taken as a lone head
+//! when the verifier rejected the rest, 76.6% before a head with a thick stained midpiece was
+//! taken as one head; before the verifier learnt its scale and these acquisitions it found
+//! 35.5% and 0% (models/head-verifier.md).
 //! `SPERMSCOPE_TEST_VERIFIER=MODEL.onnx` scores another verifier (leave-one-acquisition-out).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -26,12 +31,12 @@ fn bin() -> Command {
 
 #[test]
 fn smids_montage_at_its_calibrated_scale_finds_and_classifies_the_sperm() {
-    montage_run("smids", "smids-3class", 11, 80.0);
+    montage_run("smids", "smids-3class", 11, 90.0);
 }
 
 #[test]
 fn hushem_montage_at_its_calibrated_scale_finds_and_classifies_the_sperm() {
-    montage_run("hushem", "hushem-4class", 12, 90.0);
+    montage_run("hushem", "hushem-4class", 12, 95.0);
 }
 
 /// Paste `dataset`'s crops into 25 fields, calibrate, replay, and score; at least
@@ -81,7 +86,7 @@ fn montage_run(dataset: &str, model: &str, seed: u64, min_found_pct: f64) {
 
     let mut model = Model::load(&model_path, &RuntimeOptions::default()).unwrap();
     let (mut sperm, mut found, mut crop_right, mut field_right, mut agree) = (0, 0, 0, 0, 0);
-    let (mut debris, mut debris_kept) = (0, 0);
+    let (mut debris, mut debris_kept, mut once, mut others) = (0, 0, 0, 0);
     for (name, placed) in &truth {
         for p in placed {
             let hits = common::classified_in_disc(&records, name, p.centre, p.radius);
@@ -91,7 +96,12 @@ fn montage_run(dataset: &str, model: &str, seed: u64, min_found_pct: f64) {
                 continue;
             }
             sperm += 1;
-            let [r] = hits.as_slice() else { continue };
+            once += usize::from(hits.len() == 1);
+            let (nearest, rest) = labelled_detection(&records, name, p.centre, p.radius);
+            others += rest;
+            let Some(r) = nearest.filter(|r| !r["class"].is_null()) else {
+                continue;
+            };
             found += 1;
             let by_crop = common::crop_class(&mut model, &p.crop);
             crop_right += usize::from(by_crop == p.class);
@@ -101,10 +111,12 @@ fn montage_run(dataset: &str, model: &str, seed: u64, min_found_pct: f64) {
     }
     let pct = |a: usize, b: usize| 100.0 * a as f64 / b.max(1) as f64;
     println!(
-        "{dataset} montage at {um_per_px:.4} µm/px (calibrate): {found} of {sperm} sperm found once ({:.1}%); \
+        "{dataset} montage at {um_per_px:.4} µm/px (calibrate): {found} of {sperm} sperm found and classified ({:.1}%), \
+         {others} other detections in their crops, {once} crops with exactly one classified detection ({:.1}%); \
          on them crop-level accuracy {:.1}%, end-to-end {:.1}%, field vs crop class {:.1}%; \
          {debris_kept} of {debris} non-sperm crops classified",
         pct(found, sperm),
+        pct(once, sperm),
         pct(crop_right, found),
         pct(field_right, found),
         pct(agree, found),
@@ -119,4 +131,29 @@ fn montage_run(dataset: &str, model: &str, seed: u64, min_found_pct: f64) {
         pct(field_right, found),
         pct(crop_right, found)
     );
+}
+
+/// The detection (classified or not) nearest a pasted crop's centre within the crop, and how
+/// many other detections lie in the crop (a second sperm the crop shows, or a cell found in
+/// pieces).
+fn labelled_detection<'a>(
+    records: &'a [Value],
+    name: &str,
+    centre: (f32, f32),
+    radius: f32,
+) -> (Option<&'a Value>, usize) {
+    let dist = |r: &Value| {
+        let x = r["centroid"][0].as_f64().unwrap() as f32;
+        let y = r["centroid"][1].as_f64().unwrap() as f32;
+        (x - centre.0).hypot(y - centre.1)
+    };
+    let mut inside: Vec<(f32, &Value)> = records
+        .iter()
+        .filter(|r| r["frame"]["name"] == name)
+        .map(|r| (dist(r), r))
+        .filter(|(d, _)| *d < radius * 0.8)
+        .collect();
+    inside.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let rest = inside.len().saturating_sub(1);
+    (inside.first().map(|(_, r)| *r), rest)
 }

@@ -192,6 +192,17 @@ pub struct FoundHead {
     pub solidity: f32,
     /// The region looks like two or more touching heads.
     pub touching: bool,
+    /// Set when this head is a piece of a region split at a neck into several heads.
+    pub split: Option<SplitPiece>,
+}
+
+/// A head cut from a region that split at a neck into several heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitPiece {
+    /// Which region of the frame the piece came from (its sibling pieces share it).
+    pub region: usize,
+    /// The piece measured as touching on its own (low solidity).
+    pub touching_alone: bool,
 }
 
 /// Find every head in a frame, in raster order of their first pixel.
@@ -210,7 +221,7 @@ pub fn find_heads_on(stain: &StainMap, s: &SegmentSettings) -> Vec<FoundHead> {
         regions::opened_regions(&t.stain, t.head_level, s.open_radius_px, s.min_area_px);
     regions.retain(|px| px.len() >= s.min_area_px);
     let mut found = Vec::with_capacity(regions.len());
-    for px in regions {
+    for (region, px) in regions.into_iter().enumerate() {
         if let Some(pieces) = regions::split_at_necks(&px, s.split_neck_ratio, s.min_area_px) {
             let heads: Vec<FoundHead> = pieces
                 .into_iter()
@@ -220,10 +231,15 @@ pub fn find_heads_on(stain: &StainMap, s: &SegmentSettings) -> Vec<FoundHead> {
             // Touching heads, each passing the filters on its own: found and counted, but
             // flagged touching, so not classified. A neighbour in view misleads the tail search
             // (on val, the split heads' median angle error is 38°, against 3.5° for the rest), and
-            // overlapping cells are not assessed for morphology.
+            // overlapping cells are not assessed for morphology. When the verifier rejects every
+            // other piece, the one left is a lone head (`settle_split_pieces`).
             if heads.len() > 1 {
                 found.extend(heads.into_iter().map(|f| FoundHead {
                     touching: true,
+                    split: Some(SplitPiece {
+                        region,
+                        touching_alone: f.touching,
+                    }),
                     ..f
                 }));
                 continue;
@@ -318,7 +334,27 @@ fn measure_region(
         bbox: [x0, y0, x1, y1],
         at_edge,
         solidity,
+        split: None,
     })
+}
+
+/// After the verifier's look: a piece of a split region whose sibling pieces were all rejected
+/// (a stained midpiece or debris cut off at a neck, not another head) is a lone head, touching
+/// only when it measures so on its own.
+pub fn settle_split_pieces(found: &mut [FoundHead]) {
+    for i in 0..found.len() {
+        let Some(piece) = found[i].split else {
+            continue;
+        };
+        let siblings = found
+            .iter()
+            .filter(|f| f.split.is_some_and(|p| p.region == piece.region))
+            .count();
+        if siblings == 1 {
+            found[i].touching = piece.touching_alone;
+            found[i].split = None;
+        }
+    }
 }
 
 /// Class a verifier model must have: the candidate is one sperm head.
@@ -373,7 +409,8 @@ impl Verifier {
     }
 
     /// Keep the candidates the model takes for heads (probability at least `min_prob`) and
-    /// return how many were rejected. On an error the candidates are left as they were.
+    /// return how many were rejected; a split piece left without siblings is settled as a lone
+    /// head (`settle_split_pieces`). On an error the candidates are left as they were.
     pub fn retain(
         &mut self,
         frame: &RgbImage,
@@ -402,6 +439,7 @@ impl Verifier {
         });
         let before = found.len();
         found.retain(|_| keep.next().unwrap_or(false));
+        settle_split_pieces(found);
         Ok(before - found.len())
     }
 }
@@ -613,6 +651,22 @@ mod tests {
             );
             assert!(f.touching, "split heads are flagged, not classified");
         }
+        // Both kept by the verifier: still touching. One rejected: the other is a lone head.
+        let mut both = found.clone();
+        settle_split_pieces(&mut both);
+        assert!(both.iter().all(|f| f.touching && f.split.is_some()));
+        let mut one = vec![found[1].clone()];
+        settle_split_pieces(&mut one);
+        assert!(!one[0].touching && one[0].split.is_none());
+        // A piece that measures as touching on its own stays touching.
+        let mut low = found[1].clone();
+        low.split = low.split.map(|p| SplitPiece {
+            touching_alone: true,
+            ..p
+        });
+        let mut one = vec![low];
+        settle_split_pieces(&mut one);
+        assert!(one[0].touching);
         // Without splitting they are one region.
         let off = SegmentSettings {
             split_neck_ratio: 0.0,
