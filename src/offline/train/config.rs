@@ -342,6 +342,26 @@ pub struct AugmentConfig {
     /// Probability of a cutout (a patch filled with the crop's mean colour) and its side.
     pub cutout_prob: f32,
     pub cutout_frac: f32,
+    /// Probability of a stain jitter in optical density: each RGB channel's optical density
+    /// -ln((v + 1) / 256) is scaled by a factor in 1 ± `stain_scale` and shifted by up to
+    /// ± `stain_shift`, as another stain batch, staining time or lamp changes it (Tellez et al.
+    /// 2018 jitter the haematoxylin-eosin channels; this jitters the RGB ones). 0: off.
+    pub stain_prob: f32,
+    pub stain_scale: f32,
+    pub stain_shift: f32,
+    /// Probability of a saturation change, by a factor in 1 ± `saturation` (0: grey).
+    pub saturation_prob: f32,
+    pub saturation: f32,
+    /// Probability of turning the window grey (its luminance in all three channels), as an
+    /// unstained or monochrome camera gives it.
+    pub grayscale_prob: f32,
+    /// Probability of a Gaussian blur (focus, optics), and its largest sigma in window pixels.
+    pub blur_prob: f32,
+    pub blur_max_sigma: f32,
+    /// Probability of Gaussian pixel noise (sensor), and its largest standard deviation in
+    /// grey levels (0-255).
+    pub noise_prob: f32,
+    pub noise_max_std: f32,
     /// Mixup: each training batch is blended with a shuffled copy of itself (images and
     /// features) by a weight drawn from Beta(alpha, alpha), and the loss is blended the same
     /// way. 0 turns it off.
@@ -365,6 +385,16 @@ impl Default for AugmentConfig {
             hue: 0.03,
             cutout_prob: 0.25,
             cutout_frac: 0.2,
+            stain_prob: 0.0,
+            stain_scale: 0.2,
+            stain_shift: 0.05,
+            saturation_prob: 0.0,
+            saturation: 0.3,
+            grayscale_prob: 0.0,
+            blur_prob: 0.0,
+            blur_max_sigma: 1.5,
+            noise_prob: 0.0,
+            noise_max_std: 6.0,
             mixup_alpha: 0.0,
         }
     }
@@ -476,9 +506,25 @@ impl Experiment {
             ("augment.shift_prob", a.shift_prob),
             ("augment.color_prob", a.color_prob),
             ("augment.cutout_prob", a.cutout_prob),
+            ("augment.stain_prob", a.stain_prob),
+            ("augment.saturation_prob", a.saturation_prob),
+            ("augment.grayscale_prob", a.grayscale_prob),
+            ("augment.blur_prob", a.blur_prob),
+            ("augment.noise_prob", a.noise_prob),
         ] {
             if !(0.0..=1.0).contains(&p) {
                 return bad(key, "is a probability and must be in [0, 1]");
+            }
+        }
+        for (key, v, max) in [
+            ("augment.stain_scale", a.stain_scale, 1.0),
+            ("augment.stain_shift", a.stain_shift, 1.0),
+            ("augment.saturation", a.saturation, 1.0),
+            ("augment.blur_max_sigma", a.blur_max_sigma, 20.0),
+            ("augment.noise_max_std", a.noise_max_std, 128.0),
+        ] {
+            if !(0.0..=max).contains(&v) {
+                return bad(key, &format!("must be in [0, {max}]"));
             }
         }
         if !(a.mixup_alpha >= 0.0 && a.mixup_alpha.is_finite()) {
@@ -568,6 +614,8 @@ mod tests {
             root.join("ablation"),
             root.join("optimisers"),
             root.join("transfer"),
+            root.join("acquisitions"),
+            root.join("adaptation"),
         ] {
             for e in std::fs::read_dir(&dir).expect("config/train exists") {
                 let p = e.expect("entry").path();
@@ -595,5 +643,17 @@ mod tests {
         e.augment.mirror_prob = 1.5;
         let err = e.validate(p).unwrap_err().to_string();
         assert!(err.contains("augment.mirror_prob"), "{err}");
+        e.augment.mirror_prob = 0.5;
+        e.augment.blur_prob = 1.5;
+        let err = e.validate(p).unwrap_err().to_string();
+        assert!(err.contains("augment.blur_prob"), "{err}");
+        e.augment.blur_prob = 0.5;
+        e.augment.stain_scale = 2.0;
+        let err = e.validate(p).unwrap_err().to_string();
+        assert!(err.contains("augment.stain_scale") && err.contains("[0, 1]"), "{err}");
+        e.augment.stain_scale = 0.2;
+        e.augment.noise_max_std = -1.0;
+        let err = e.validate(p).unwrap_err().to_string();
+        assert!(err.contains("augment.noise_max_std"), "{err}");
     }
 }
