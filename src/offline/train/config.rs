@@ -650,7 +650,10 @@ mod tests {
         e.augment.blur_prob = 0.5;
         e.augment.stain_scale = 2.0;
         let err = e.validate(p).unwrap_err().to_string();
-        assert!(err.contains("augment.stain_scale") && err.contains("[0, 1]"), "{err}");
+        assert!(
+            err.contains("augment.stain_scale") && err.contains("[0, 1]"),
+            "{err}"
+        );
         e.augment.stain_scale = 0.2;
         e.augment.noise_max_std = -1.0;
         let err = e.validate(p).unwrap_err().to_string();
