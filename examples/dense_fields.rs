@@ -8,7 +8,8 @@
 //! head verifier trains on 0..384 and chooses its threshold on 384..512).
 //! Fields are written as JPEG (quality 92) like the recorded ones, with their true heads in
 //! `OUT_DIR/heads/<frame>.png` (instance ids as in `sperm-parsing`; a head partly covered by a
-//! later cell keeps only its visible pixels).
+//! later head keeps only its visible pixels; a midpiece or tail pasted over it darkens it, as
+//! stained material absorbs light, and leaves it in view).
 //! With TOUCH above 0, that share of the heads is placed against the head pasted before it
 //! (centres 0.85-1.15 times the sum of the two heads' radii apart: touching, nearly touching
 //! or slightly overlapping), the crowding that merges heads in real preparations.
@@ -82,7 +83,7 @@ fn main() {
         let parts = image::open(root.join(format!("{split}/parts/{stem}.png")))
             .unwrap()
             .to_luma8();
-        let mut field = painted_out(&img, &parts);
+        let (mut field, background) = painted_out(&img, &parts);
         let (w, h) = (i64::from(field.width()), i64::from(field.height()));
         let mut truth = GrayImage::new(field.width(), field.height());
         let donors = &heads_of[name];
@@ -126,23 +127,20 @@ fn main() {
                     let (ox, oy) = dihedral(turn, x - hx, y - hy);
                     let (dx, dy) = (cx + ox, cy + oy);
                     if (1..w - 1).contains(&dx) && (1..h - 1).contains(&dy) {
-                        let (dx, dy) = (dx as u32, dy as u32);
-                        field.put_pixel(dx, dy, *img.get_pixel(ux, uy));
-                        // What this cell covers of an earlier head is no longer that head.
-                        truth.put_pixel(dx, dy, Luma([if own_head { id } else { 0 }]));
+                        let at = (dx as u32, dy as u32);
+                        let src = *img.get_pixel(ux, uy);
+                        let head = own_head.then_some(id);
+                        paste(&mut field, &mut truth, at, src, head, background);
                     }
                 }
             }
         }
-        let stem = format!("dense{per_frame:02}-{index:03}");
-        truth
-            .save(out.join("heads").join(format!("{stem}.png")))
-            .unwrap();
-        let path = out.join(format!("{stem}.jpg"));
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-        JpegEncoder::new_with_quality(&mut file, 92)
-            .encode_image(&field)
-            .unwrap();
+        write_field(
+            out,
+            &format!("dense{per_frame:02}-{index:03}"),
+            &field,
+            &truth,
+        );
     }
     eprintln!(
         "{frames} fields with {per_frame} heads each in {}",
@@ -196,9 +194,55 @@ fn dihedral(turn: u8, x: i64, y: i64) -> (i64, i64) {
     }
 }
 
+/// A field as JPEG (quality 92, like the recorded ones) and its true heads in `heads/`.
+fn write_field(out: &Path, stem: &str, field: &RgbImage, truth: &GrayImage) {
+    truth
+        .save(out.join("heads").join(format!("{stem}.png")))
+        .unwrap();
+    let path = out.join(format!("{stem}.jpg"));
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    JpegEncoder::new_with_quality(&mut file, 92)
+        .encode_image(field)
+        .unwrap();
+}
+
+/// One pixel of a pasted cell at `at`. A head pixel (`head`: its instance id) covers what lies
+/// beneath: what it covers of an earlier head is no longer that head. A midpiece or tail pixel
+/// absorbs light as its stain does: over the background it looks as recorded, over an earlier
+/// head it darkens it and leaves it in view (transmittances multiply). Copied, its pale pixels
+/// cut a light bar across the head beneath.
+fn paste(
+    field: &mut RgbImage,
+    truth: &mut GrayImage,
+    (x, y): (u32, u32),
+    src: Rgb<u8>,
+    head: Option<u8>,
+    background: [u8; 3],
+) {
+    match head {
+        Some(id) => {
+            field.put_pixel(x, y, src);
+            truth.put_pixel(x, y, Luma([id]));
+        }
+        None => {
+            let under = *field.get_pixel(x, y);
+            field.put_pixel(x, y, absorbed(under, src, background));
+        }
+    }
+}
+
+/// `under` seen through a pixel recorded as `src` on a field whose background is `background`:
+/// each channel's transmittance (`src / background`, at most 1) multiplies it.
+fn absorbed(under: Rgb<u8>, src: Rgb<u8>, background: [u8; 3]) -> Rgb<u8> {
+    Rgb(std::array::from_fn(|c| {
+        let t = (f32::from(src[c]) / f32::from(background[c].max(1))).min(1.0);
+        (f32::from(under[c]) * t).round() as u8
+    }))
+}
+
 /// The frame with every cell (any labelled part, grown by 4 px) painted in the median colour
-/// of the rest: its texture and debris stay, its cells go.
-fn painted_out(img: &RgbImage, parts: &GrayImage) -> RgbImage {
+/// of the rest (returned too): its texture and debris stay, its cells go.
+fn painted_out(img: &RgbImage, parts: &GrayImage) -> (RgbImage, [u8; 3]) {
     let mut img = img.clone();
     let (w, h) = img.dimensions();
     let grow = 4i64;
@@ -230,5 +274,5 @@ fn painted_out(img: &RgbImage, parts: &GrayImage) -> RgbImage {
             *p = Rgb(median);
         }
     }
-    img
+    (img, median)
 }

@@ -4,7 +4,8 @@
 //! `cargo run --release --example segment_score -- [FRAMES] [VERIFIER.onnx|-] [MIN_PROB] [SPLIT] [SKIP]`
 //! scores FRAMES frames of SPLIT (default `val`) after skipping the first SKIP in name order.
 //! SPLIT may also be a folder of frames with their masks in `heads/` (as `dense_fields` writes).
-//! `SPLIT_NECK_RATIO` in the environment overrides `segment.split_neck_ratio` (0: no splitting).
+//! `SPLIT_NECK_RATIO` in the environment overrides `segment.split_neck_ratio` (0: no splitting),
+//! `SPLIT_OVERLAPPING=false` turns `segment.split_overlapping` off.
 //! Also prints why the heads not matched were missed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -52,6 +53,9 @@ fn main() {
     let mut s = SegmentSettings::default();
     if let Ok(v) = std::env::var("SPLIT_NECK_RATIO") {
         s.split_neck_ratio = v.parse().expect("SPLIT_NECK_RATIO");
+    }
+    if let Ok(v) = std::env::var("SPLIT_OVERLAPPING") {
+        s.split_overlapping = v.parse().expect("SPLIT_OVERLAPPING");
     }
     let mut total = MaskMatch::default();
     let mut edge = 0;

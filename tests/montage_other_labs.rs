@@ -10,7 +10,8 @@
 //! when the verifier rejected the rest, 76.6% before a head with a thick stained midpiece was
 //! taken as one head; before the verifier learnt its scale and these acquisitions it found
 //! 35.5% and 0% (models/head-verifier.md).
-//! `SPERMSCOPE_TEST_VERIFIER=MODEL.onnx` scores another verifier (leave-one-acquisition-out).
+//! `SPERMSCOPE_TEST_VERIFIER=MODEL.onnx` scores another verifier (leave-one-acquisition-out),
+//! `SPERMSCOPE_TEST_VERIFIER_MIN_PROB=P` at another threshold.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -67,9 +68,12 @@ fn montage_run(dataset: &str, model: &str, seed: u64, min_found_pct: f64) {
     let e: Value = serde_json::from_slice(&out.stdout).unwrap();
     let um_per_px = e["um_per_px"].as_f64().unwrap();
 
-    let verifier = std::env::var("SPERMSCOPE_TEST_VERIFIER")
+    let mut verifier = std::env::var("SPERMSCOPE_TEST_VERIFIER")
         .map(|v| format!("verifier_model = \"{v}\"\n"))
         .unwrap_or_default();
+    if let Ok(p) = std::env::var("SPERMSCOPE_TEST_VERIFIER_MIN_PROB") {
+        verifier.push_str(&format!("verifier_min_prob = {p}\n"));
+    }
     let cfg = dir.path().join("montage.toml");
     std::fs::write(
         &cfg,

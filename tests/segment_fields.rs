@@ -56,6 +56,7 @@ fn touching_real_heads_are_found_as_two() {
     let split = SegmentSettings::default();
     let unsplit = SegmentSettings {
         split_neck_ratio: 0.0,
+        split_overlapping: false,
         ..split.clone()
     };
     let (mut pairs, mut both_split, mut both_unsplit) = (0, 0, 0);

@@ -1,6 +1,6 @@
 //! Connected regions of a binary mask found from its runs, a morphological opening done only
 //! around the regions big enough to matter, and the split of a region made of touching heads
-//! at its necks. Head finding in crops and in full fields both go through it; the regions equal
+//! at its necks or, where they overlap, between their concavities. Head finding in crops and in full fields both go through it; the regions equal
 //! opening and labelling the whole image.
 
 use image::{GrayImage, Luma};
@@ -366,18 +366,19 @@ impl Distances {
 }
 
 /// How far below both parts' widest points a neck must lie, px.
-const MIN_NECK_DEPTH_PX: f32 = 3.0;
+pub(crate) const MIN_NECK_DEPTH_PX: f32 = 3.0;
 
 /// The pieces of a region that is several touching heads, cut where it narrows: a watershed
 /// of the distance to the region's outside, flooded from the widest point down. Where two
 /// flooded parts meet, they stay apart when the meeting point's distance is at most
-/// `neck_ratio` times the smaller part's widest and at least `MIN_NECK_DEPTH_PX` below it (a
+/// `neck_ratio` times the smaller part's widest and at least `min_depth_px` below it (a
 /// neck), else they join (a bump on one head). Parts under `min_piece` px are given to the
 /// piece they grow into first. `None` when the region has fewer than two pieces of
 /// `min_piece` px; else the pieces in raster order, each in raster order.
 pub(crate) fn split_at_necks(
     px: &[(u32, u32)],
     neck_ratio: f32,
+    min_depth_px: f32,
     min_piece: usize,
 ) -> Option<Vec<Vec<(u32, u32)>>> {
     if neck_ratio <= 0.0 || px.len() < 2 * min_piece.max(1) {
@@ -390,7 +391,7 @@ pub(crate) fn split_at_necks(
     let neck_square = neck_ratio * neck_ratio;
     let is_neck = |meet: u32, widest: u32| {
         (meet as f32) <= neck_square * widest as f32
-            && (widest as f32).sqrt() - (meet as f32).sqrt() >= MIN_NECK_DEPTH_PX
+            && (widest as f32).sqrt() - (meet as f32).sqrt() >= min_depth_px
     };
     // Flooding with union-find over window indices; a root's `square` is its part's widest.
     const NONE: usize = usize::MAX;
@@ -464,6 +465,110 @@ pub(crate) fn split_at_necks(
         if let Ok(k) = heads.binary_search(&label[i]) {
             pieces[k].push(p);
         }
+    }
+    pieces.sort_by_key(|v| v.first().map(|&(x, y)| (y, x)));
+    Some(pieces)
+}
+
+/// Longest cut between two notches, as a multiple of the square root of the smaller piece's
+/// area: a cut across two overlapping heads is about one head's width, one along a single
+/// tapered head (notched at its neck on both sides) is about its length. Chosen on held-out
+/// `sperm-parsing/train` frames and crowded fields made from them (`models/head-verifier.md`).
+const MAX_CUT_SHARE: f32 = 1.4;
+
+/// The two pieces of a region that is two overlapping heads, which leave no neck but two
+/// notches in the outline: the region is cut along the line through the deepest points of its
+/// two deepest concavities (the outline's distance inside its convex hull), when both are at
+/// least `min_depth_px` deep and the cut is short next to the pieces (`MAX_CUT_SHARE`).
+/// `None` when it has fewer than two such concavities, the cut is too long or a piece is under
+/// `min_piece` px; else the two pieces in raster order, each in raster order.
+pub(crate) fn split_at_concavities(
+    px: &[(u32, u32)],
+    min_depth_px: f32,
+    min_piece: usize,
+) -> Option<Vec<Vec<(u32, u32)>>> {
+    use imageproc::contours::{BorderType, find_contours};
+    use imageproc::point::Point;
+
+    if px.len() < 2 * min_piece.max(1) {
+        return None;
+    }
+    let (x0, y0, x1, y1) = px.iter().fold(None, |b, &(x, y)| {
+        let (a, b, c, d) = b.unwrap_or((x, y, x, y));
+        Some((a.min(x), b.min(y), c.max(x), d.max(y)))
+    })?;
+    let mut mask = GrayImage::new(x1 - x0 + 3, y1 - y0 + 3);
+    for &(x, y) in px {
+        mask.put_pixel(x - x0 + 1, y - y0 + 1, Luma([255]));
+    }
+    let outline = find_contours::<i32>(&mask)
+        .into_iter()
+        .filter(|c| c.border_type == BorderType::Outer)
+        .max_by_key(|c| c.points.len())?
+        .points;
+    let hull = imageproc::geometry::convex_hull(outline.clone());
+    if hull.len() < 3 {
+        return None;
+    }
+    // Each outline point's depth: its distance to the nearest hull edge.
+    let to_edge = |p: Point<i32>, a: Point<i32>, b: Point<i32>| -> f32 {
+        let (dx, dy) = ((b.x - a.x) as f32, (b.y - a.y) as f32);
+        let (px, py) = ((p.x - a.x) as f32, (p.y - a.y) as f32);
+        let len2 = dx * dx + dy * dy;
+        let t = if len2 > 0.0 {
+            ((px * dx + py * dy) / len2).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        ((px - t * dx).powi(2) + (py - t * dy).powi(2)).sqrt()
+    };
+    let depth: Vec<f32> = outline
+        .iter()
+        .map(|&p| {
+            (0..hull.len())
+                .map(|i| to_edge(p, hull[i], hull[(i + 1) % hull.len()]))
+                .fold(f32::INFINITY, f32::min)
+        })
+        .collect();
+    // Concavities: runs of the (closed) outline more than a pixel inside the hull, each
+    // represented by its deepest point. Start the walk on the hull.
+    let n = outline.len();
+    let start = (0..n).find(|&i| depth[i] <= 1.0)?;
+    let mut notches: Vec<(f32, usize)> = Vec::new();
+    let mut current: Option<(f32, usize)> = None;
+    for k in 1..=n {
+        let i = (start + k) % n;
+        if depth[i] > 1.0 {
+            if current.is_none_or(|(d, _)| depth[i] > d) {
+                current = Some((depth[i], i));
+            }
+        } else if let Some(c) = current.take() {
+            notches.push(c);
+        }
+    }
+    notches.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let [(_, a), (db, b), ..] = notches[..] else {
+        return None;
+    };
+    if db < min_depth_px {
+        return None;
+    }
+    let (a, b) = (outline[a], outline[b]);
+    let (dx, dy) = (i64::from(b.x - a.x), i64::from(b.y - a.y));
+    let mut pieces: Vec<Vec<(u32, u32)>> = vec![Vec::new(), Vec::new()];
+    for &(x, y) in px {
+        let (lx, ly) = (i64::from(x - x0 + 1), i64::from(y - y0 + 1));
+        let side = dx * (ly - i64::from(a.y)) - dy * (lx - i64::from(a.x));
+        pieces[usize::from(side > 0)].push((x, y));
+    }
+    // A cut across an overlap is short next to the pieces; a long one runs along one head.
+    let cut = ((dx * dx + dy * dy) as f32).sqrt();
+    let smaller = pieces.iter().map(Vec::len).min().unwrap_or(0);
+    if cut > MAX_CUT_SHARE * (smaller as f32).sqrt() {
+        return None;
+    }
+    if pieces.iter().any(|p| p.len() < min_piece) {
+        return None;
     }
     pieces.sort_by_key(|v| v.first().map(|&(x, y)| (y, x)));
     Some(pieces)
@@ -588,7 +693,7 @@ mod tests {
     fn touching_heads_split_at_the_neck_and_single_ones_stay_whole() {
         // Two discs that overlap by 4 px: a neck about 20 px wide between two 25 px radii.
         let pair = discs(&[(60.0, 80.0, 25.0), (106.0, 80.0, 25.0)]);
-        let pieces = split_at_necks(&pair, 0.8, 600).expect("two heads");
+        let pieces = split_at_necks(&pair, 0.8, MIN_NECK_DEPTH_PX, 600).expect("two heads");
         assert_eq!(pieces.len(), 2);
         assert_eq!(pieces.iter().map(Vec::len).sum::<usize>(), pair.len());
         for (p, cx) in pieces.iter().zip([60.0, 106.0]) {
@@ -598,17 +703,98 @@ mod tests {
         }
         // Three in a row come apart into three.
         let row = discs(&[(40.0, 80.0, 20.0), (76.0, 80.0, 20.0), (112.0, 80.0, 20.0)]);
-        assert_eq!(split_at_necks(&row, 0.8, 600).map(|p| p.len()), Some(3));
+        assert_eq!(
+            split_at_necks(&row, 0.8, MIN_NECK_DEPTH_PX, 600).map(|p| p.len()),
+            Some(3)
+        );
         // A head with a bump (a blunt midpiece stump) is one head.
         let bump = discs(&[(80.0, 80.0, 25.0), (104.0, 80.0, 8.0)]);
-        assert_eq!(split_at_necks(&bump, 0.8, 600), None);
+        assert_eq!(split_at_necks(&bump, 0.8, MIN_NECK_DEPTH_PX, 600), None);
         // A wide overlap is no neck at this ratio, and is one at a looser one.
         let wide = discs(&[(60.0, 80.0, 25.0), (95.0, 80.0, 25.0)]);
-        assert_eq!(split_at_necks(&wide, 0.5, 600), None);
-        assert_eq!(split_at_necks(&wide, 0.9, 600).map(|p| p.len()), Some(2));
+        assert_eq!(split_at_necks(&wide, 0.5, MIN_NECK_DEPTH_PX, 600), None);
+        assert_eq!(
+            split_at_necks(&wide, 0.9, MIN_NECK_DEPTH_PX, 600).map(|p| p.len()),
+            Some(2)
+        );
         // Off, or a piece too small for a head: whole.
-        assert_eq!(split_at_necks(&pair, 0.0, 600), None);
-        assert_eq!(split_at_necks(&pair, 0.8, 2500), None);
+        assert_eq!(split_at_necks(&pair, 0.0, MIN_NECK_DEPTH_PX, 600), None);
+        assert_eq!(split_at_necks(&pair, 0.8, MIN_NECK_DEPTH_PX, 2500), None);
+    }
+
+    /// Filled ellipses `(cx, cy, a, b, angle)` in a 240x240 window, in raster order.
+    fn ellipses(at: &[(f32, f32, f32, f32, f32)]) -> Vec<(u32, u32)> {
+        let inside = |x: f32, y: f32, &(cx, cy, a, b, t): &(f32, f32, f32, f32, f32)| {
+            let (dx, dy) = (x - cx, y - cy);
+            let (u, v) = (dx * t.cos() + dy * t.sin(), -dx * t.sin() + dy * t.cos());
+            (u / a).powi(2) + (v / b).powi(2) <= 1.0
+        };
+        (0..240u32)
+            .flat_map(|y| (0..240u32).map(move |x| (x, y)))
+            .filter(|&(x, y)| at.iter().any(|e| inside(x as f32, y as f32, e)))
+            .collect()
+    }
+
+    #[test]
+    fn overlapping_heads_are_cut_between_their_notches() {
+        // Two head-sized ellipses overlapping by a third of their width: no neck at 0.8.
+        let heads = [
+            (100.0, 120.0, 40.0, 26.0, 0.3),
+            (100.0, 155.0, 40.0, 26.0, -0.2),
+        ];
+        let pair = ellipses(&heads);
+        assert_eq!(split_at_necks(&pair, 0.8, MIN_NECK_DEPTH_PX, 600), None);
+        let pieces = split_at_concavities(&pair, 4.0, 600).expect("two heads");
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(pieces.iter().map(Vec::len).sum::<usize>(), pair.len());
+        // Each piece is mostly one of the two ellipses.
+        for (piece, e) in pieces.iter().zip(heads) {
+            let own = ellipses(&[e]);
+            let shared = piece
+                .iter()
+                .filter(|p| {
+                    own.binary_search_by_key(&(p.1, p.0), |q| (q.1, q.0))
+                        .is_ok()
+                })
+                .count();
+            assert!(
+                shared * 10 >= piece.len() * 9,
+                "{shared} of {} px in its head",
+                piece.len()
+            );
+            let mean_y = piece.iter().map(|&(_, y)| y as f32).sum::<f32>() / piece.len() as f32;
+            assert!(
+                (mean_y - e.1).abs() < 10.0,
+                "piece centred at y {mean_y}, not {}",
+                e.1
+            );
+        }
+        // One ellipse, or one with a blunt bump, has no two notches deep enough.
+        let one = ellipses(&[heads[0]]);
+        assert_eq!(split_at_concavities(&one, 4.0, 600).map(|p| p.len()), None);
+        let bump = ellipses(&[heads[0], (140.0, 120.0, 10.0, 6.0, 0.0)]);
+        assert_eq!(split_at_concavities(&bump, 4.0, 600).map(|p| p.len()), None);
+        // Notches shallower than asked, or a piece too small for a head: whole.
+        assert_eq!(
+            split_at_concavities(&pair, 30.0, 600).map(|p| p.len()),
+            None
+        );
+        assert_eq!(
+            split_at_concavities(&pair, 4.0, 4000).map(|p| p.len()),
+            None
+        );
+        // Two thin heads overlapping by a third of their width along their whole length: the
+        // cut would be longer than the pieces are wide, so the region stays whole (the price of
+        // not cutting single heads lengthwise). Overlapping less, they are cut.
+        let side = |dy: f32| {
+            ellipses(&[
+                (120.0, 100.0, 60.0, 14.0, 0.0),
+                (120.0, 100.0 + dy, 60.0, 14.0, 0.0),
+            ])
+        };
+        let cut = |px: &[(u32, u32)]| split_at_concavities(px, 3.0, 600).map(|p| p.len());
+        assert_eq!(cut(&side(24.0)), Some(2));
+        assert_eq!(cut(&side(18.0)), None);
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct RawSegment {
     /// piece must then pass the filters as a head, and is published as touching (counted, not
     /// classified). 0 turns splitting off.
     pub split_neck_ratio: f32,
+    /// Heads that overlap too much to leave a neck are cut apart between the two deepest
+    /// notches of their region's outline (a region larger than most in the frame and not
+    /// convex); each piece must then pass the filters as a head, and is published as touching.
+    pub split_overlapping: bool,
     /// Give every candidate a second look with a learned head verifier, which rejects round
     /// cells, bacteria, debris and merged pairs.
     pub verify: bool,
@@ -67,6 +71,7 @@ impl Default for RawSegment {
             min_solidity: px.min_solidity,
             nucleus_margin: px.nucleus_margin,
             split_neck_ratio: px.split_neck_ratio,
+            split_overlapping: px.split_overlapping,
             verify: true,
             verifier_model: None,
             verifier_min_prob: 0.2,
@@ -133,6 +138,7 @@ impl RawSegment {
             min_solidity: self.min_solidity,
             nucleus_margin: self.nucleus_margin,
             split_neck_ratio: self.split_neck_ratio,
+            split_overlapping: self.split_overlapping,
         };
         let verifier = self.verify.then(|| VerifierSettings {
             model: match &self.verifier_model {
@@ -163,6 +169,9 @@ pub struct SegmentSettings {
     pub nucleus_margin: f32,
     /// Split a region where it narrows to this share of the smaller part's half width; 0: never.
     pub split_neck_ratio: f32,
+    /// Cut a large region with notches in its outline between its two deepest notches
+    /// (heads that overlap too much to leave a neck).
+    pub split_overlapping: bool,
 }
 
 impl Default for SegmentSettings {
@@ -176,6 +185,7 @@ impl Default for SegmentSettings {
             min_solidity: 0.8,
             nucleus_margin: 0.6,
             split_neck_ratio: 0.8,
+            split_overlapping: true,
         }
     }
 }
@@ -221,36 +231,33 @@ pub fn find_heads_on(stain: &StainMap, s: &SegmentSettings) -> Vec<FoundHead> {
         regions::opened_regions(&t.stain, t.head_level, s.open_radius_px, s.min_area_px);
     regions.retain(|px| px.len() >= s.min_area_px);
     let mut found = Vec::with_capacity(regions.len());
+    let heads = Heads {
+        t: &t,
+        s,
+        w,
+        h,
+        overlap_min_area: overlap_min_area(&regions, s),
+    };
     for (region, px) in regions.into_iter().enumerate() {
-        if let Some(pieces) = regions::split_at_necks(&px, s.split_neck_ratio, s.min_area_px) {
-            let heads: Vec<FoundHead> = pieces
-                .into_iter()
-                .filter(|p| p.len() <= s.max_area_px)
-                .filter_map(|p| measure_region(&p, &t, s, w, h))
-                .collect();
-            // Touching heads, each passing the filters on its own: found and counted, but
-            // flagged touching, so not classified. A neighbour in view misleads the tail search
-            // (on val, the split heads' median angle error is 38°, against 3.5° for the rest), and
-            // overlapping cells are not assessed for morphology. When the verifier rejects every
-            // other piece, the one left is a lone head (`settle_split_pieces`).
-            if heads.len() > 1 {
-                found.extend(heads.into_iter().map(|f| FoundHead {
-                    touching: true,
-                    split: Some(SplitPiece {
-                        region,
-                        touching_alone: f.touching,
-                    }),
-                    ..f
-                }));
-                continue;
-            }
+        if let Some(pieces) = heads.split_at_necks(&px) {
+            found.extend(pieces_of(region, pieces));
+            continue;
         }
         if px.len() > s.max_area_px {
             continue;
         }
+        let measured = heads.measure(&px);
+        // Heads that overlap too much to leave a neck: a large region with notches in its
+        // outline.
+        if heads.may_overlap(px.len(), measured.as_ref())
+            && let Some(pieces) = heads.split_at_concavities(&px)
+        {
+            found.extend(pieces_of(region, pieces));
+            continue;
+        }
         // A region that fails as a head, or looks like several (low solidity), may be one
         // head with its midpiece.
-        match measure_region(&px, &t, s, w, h) {
+        match measured {
             Some(f) if !f.touching => found.push(f),
             measured => {
                 if let Some(f) = one_wide_head(&px, &t, s, w, h).or(measured) {
@@ -260,6 +267,102 @@ pub fn find_heads_on(stain: &StainMap, s: &SegmentSettings) -> Vec<FoundHead> {
         }
     }
     found
+}
+
+/// Share of the frame's median region area from which a region may be overlapping heads (most
+/// regions are one head). This, `OVERLAP_MAX_SOLIDITY` and `NOTCH_DEPTH_SHARE` were chosen on
+/// held-out `sperm-parsing/train` frames as recorded and crowded fields made from them, by the
+/// smaller of precision and recall over both (`models/head-verifier.md`).
+const OVERLAP_AREA_SHARE: f32 = 1.1;
+
+/// Solidity from which a region that passes as one head is taken as one (not overlapping heads).
+const OVERLAP_MAX_SOLIDITY: f32 = 0.95;
+
+/// Smallest depth of a notch between overlapping heads, as a share of the square root of the
+/// region's area (at least `regions::MIN_NECK_DEPTH_PX`).
+const NOTCH_DEPTH_SHARE: f32 = 0.05;
+
+/// The smallest region that may be overlapping heads: `OVERLAP_AREA_SHARE` of the frame's
+/// median region; `usize::MAX` when that split is off.
+fn overlap_min_area(regions: &[Vec<(u32, u32)>], s: &SegmentSettings) -> usize {
+    if !s.split_overlapping || regions.is_empty() {
+        return usize::MAX;
+    }
+    let mut areas: Vec<usize> = regions.iter().map(Vec::len).collect();
+    let mid = areas.len() / 2;
+    let (_, &mut median, _) = areas.select_nth_unstable(mid);
+    (median as f32 * OVERLAP_AREA_SHARE) as usize
+}
+
+/// Head finding's view of one frame: its thresholds, the settings and sizes.
+struct Heads<'a> {
+    t: &'a Thresholded,
+    s: &'a SegmentSettings,
+    w: u32,
+    h: u32,
+    overlap_min_area: usize,
+}
+
+impl Heads<'_> {
+    fn measure(&self, px: &[(u32, u32)]) -> Option<FoundHead> {
+        measure_region(px, self.t, self.s, self.w, self.h)
+    }
+
+    /// A region of `area` px measured as `measured` may be overlapping heads: it is large for
+    /// a head and, when it passes as one, not convex.
+    fn may_overlap(&self, area: usize, measured: Option<&FoundHead>) -> bool {
+        area >= self.overlap_min_area && measured.is_none_or(|f| f.solidity < OVERLAP_MAX_SOLIDITY)
+    }
+
+    /// The heads a region splits into at its necks, when at least two pieces pass the filters
+    /// as heads; a piece that may itself be overlapping heads is cut at its concavities.
+    fn split_at_necks(&self, px: &[(u32, u32)]) -> Option<Vec<FoundHead>> {
+        let pieces = regions::split_at_necks(
+            px,
+            self.s.split_neck_ratio,
+            regions::MIN_NECK_DEPTH_PX,
+            self.s.min_area_px,
+        )?;
+        let mut heads = Vec::with_capacity(pieces.len());
+        for p in pieces.iter().filter(|p| p.len() <= self.s.max_area_px) {
+            let Some(f) = self.measure(p) else {
+                continue;
+            };
+            match self
+                .may_overlap(p.len(), Some(&f))
+                .then(|| self.split_at_concavities(p))
+            {
+                Some(Some(cut)) => heads.extend(cut),
+                _ => heads.push(f),
+            }
+        }
+        (heads.len() > 1).then_some(heads)
+    }
+
+    /// The two heads a region of overlapping heads is cut into between its two deepest
+    /// notches (`regions::split_at_concavities`), when both pass the filters as heads.
+    fn split_at_concavities(&self, px: &[(u32, u32)]) -> Option<Vec<FoundHead>> {
+        let depth = (NOTCH_DEPTH_SHARE * (px.len() as f32).sqrt()).max(regions::MIN_NECK_DEPTH_PX);
+        let pieces = regions::split_at_concavities(px, depth, self.s.min_area_px)?;
+        let heads: Vec<FoundHead> = pieces.iter().filter_map(|p| self.measure(p)).collect();
+        (heads.len() == 2).then_some(heads)
+    }
+}
+
+/// Touching heads, each passing the filters on its own: found and counted, but flagged
+/// touching, so not classified. A neighbour in view misleads the tail search (on val, the
+/// split heads' median angle error is 38°, against 3.5° for the rest), and overlapping cells
+/// are not assessed for morphology. When the verifier rejects every other piece, the one left
+/// is a lone head (`settle_split_pieces`).
+fn pieces_of(region: usize, heads: Vec<FoundHead>) -> impl Iterator<Item = FoundHead> {
+    heads.into_iter().map(move |f| FoundHead {
+        touching: true,
+        split: Some(SplitPiece {
+            region,
+            touching_alone: f.touching,
+        }),
+        ..f
+    })
 }
 
 /// Share of a region's largest inscribed radius below which a part is not taken as head
@@ -679,6 +782,71 @@ mod tests {
         };
         let e = raw.resolve(0.053, Base(None)).unwrap_err().to_string();
         assert!(e.contains("segment.split_neck_ratio"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_heads_are_cut_apart_between_their_notches() {
+        // Three lone heads, and two overlapping by 4 px of their 26 px width: no neck deep enough.
+        let mut field = RgbImage::from_pixel(400, 300, image::Rgb([225, 215, 220]));
+        let heads = [
+            (80.0, 60.0),
+            (200.0, 60.0),
+            (320.0, 60.0),
+            (200.0, 186.0),
+            (200.0, 208.0),
+        ];
+        for (i, &(cx, cy)) in heads.iter().enumerate() {
+            for (x, y, p) in field.enumerate_pixels_mut() {
+                let (a, b) = (x as f32 - cx, y as f32 - cy);
+                if (a / 22.0).powi(2) + (b / 13.0).powi(2) <= 1.0 {
+                    let v = if i == 4 { 60 } else { 100 };
+                    *p = image::Rgb([v, v / 2, v]);
+                }
+            }
+        }
+        let centres = |found: &[FoundHead]| -> Vec<(i32, i32)> {
+            found
+                .iter()
+                .map(|f| {
+                    (
+                        f.head.centroid.0.round() as i32,
+                        f.head.centroid.1.round() as i32,
+                    )
+                })
+                .collect()
+        };
+        let s = SegmentSettings::default();
+        let found = find_heads(&field, &s);
+        assert_eq!(found.len(), 5, "{:?}", centres(&found));
+        let pair: Vec<&FoundHead> = found.iter().filter(|f| f.head.centroid.1 > 120.0).collect();
+        assert_eq!(pair.len(), 2, "{:?}", centres(&found));
+        for (f, cy) in pair.iter().zip([186.0, 208.0]) {
+            assert!(
+                (f.head.centroid.0 - 200.0).abs() < 2.0,
+                "{:?}",
+                f.head.centroid
+            );
+            assert!(
+                (f.head.centroid.1 - cy).abs() < 5.0,
+                "{:?}",
+                f.head.centroid
+            );
+            assert!(
+                f.touching && f.split.is_some(),
+                "pieces are flagged touching"
+            );
+        }
+        assert_eq!(
+            pair[0].split.map(|p| p.region),
+            pair[1].split.map(|p| p.region)
+        );
+        // The neck split alone leaves them one region; with this off too, one head.
+        let off = SegmentSettings {
+            split_overlapping: false,
+            ..s
+        };
+        let found = find_heads(&field, &off);
+        assert_eq!(found.len(), 4, "{:?}", centres(&found));
     }
 
     #[test]
