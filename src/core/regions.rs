@@ -1,7 +1,7 @@
 //! Connected regions of a binary mask found from its runs, a morphological opening done only
 //! around the regions big enough to matter, and the split of a region made of touching heads
-//! at its necks or, where they overlap, between their concavities. Head finding in crops and in full fields both go through it; the regions equal
-//! opening and labelling the whole image.
+//! at its necks or, where they overlap, between their concavities. Head finding in crops and
+//! in full fields both go through it; the regions equal opening and labelling the whole image.
 
 use image::{GrayImage, Luma};
 
@@ -322,6 +322,14 @@ fn widest_first(index: &[usize], square: &[u32]) -> Vec<usize> {
     order
 }
 
+/// A region's bounding box `(x0, y0, x1, y1)`, inclusive; `None` when it is empty.
+fn bounds(px: &[(u32, u32)]) -> Option<(u32, u32, u32, u32)> {
+    px.iter().fold(None, |b, &(x, y)| {
+        let (a, b, c, d) = b.unwrap_or((x, y, x, y));
+        Some((a.min(x), b.min(y), c.max(x), d.max(y)))
+    })
+}
+
 /// A region in a window of its bounding box with a one-pixel background border, and each
 /// window pixel's squared distance to the region's outside: whole numbers, which order and
 /// compare without a square root.
@@ -336,10 +344,7 @@ struct Distances {
 impl Distances {
     /// `None` for an empty region.
     fn of(px: &[(u32, u32)]) -> Option<Distances> {
-        let (x0, y0, x1, y1) = px.iter().fold(None, |b, &(x, y)| {
-            let (a, b, c, d) = b.unwrap_or((x, y, x, y));
-            Some((a.min(x), b.min(y), c.max(x), d.max(y)))
-        })?;
+        let (x0, y0, x1, y1) = bounds(px)?;
         let (w, h) = (x1 - x0 + 3, y1 - y0 + 3);
         let mut outside = GrayImage::from_pixel(w, h, Luma([255]));
         for &(x, y) in px {
@@ -365,20 +370,20 @@ impl Distances {
     }
 }
 
-/// How far below both parts' widest points a neck must lie, px.
+/// How far below both parts' widest points a neck must lie, px (also the least depth of a
+/// notch between overlapping heads).
 pub(crate) const MIN_NECK_DEPTH_PX: f32 = 3.0;
 
 /// The pieces of a region that is several touching heads, cut where it narrows: a watershed
 /// of the distance to the region's outside, flooded from the widest point down. Where two
 /// flooded parts meet, they stay apart when the meeting point's distance is at most
-/// `neck_ratio` times the smaller part's widest and at least `min_depth_px` below it (a
+/// `neck_ratio` times the smaller part's widest and at least `MIN_NECK_DEPTH_PX` below it (a
 /// neck), else they join (a bump on one head). Parts under `min_piece` px are given to the
 /// piece they grow into first. `None` when the region has fewer than two pieces of
 /// `min_piece` px; else the pieces in raster order, each in raster order.
 pub(crate) fn split_at_necks(
     px: &[(u32, u32)],
     neck_ratio: f32,
-    min_depth_px: f32,
     min_piece: usize,
 ) -> Option<Vec<Vec<(u32, u32)>>> {
     if neck_ratio <= 0.0 || px.len() < 2 * min_piece.max(1) {
@@ -391,7 +396,7 @@ pub(crate) fn split_at_necks(
     let neck_square = neck_ratio * neck_ratio;
     let is_neck = |meet: u32, widest: u32| {
         (meet as f32) <= neck_square * widest as f32
-            && (widest as f32).sqrt() - (meet as f32).sqrt() >= min_depth_px
+            && (widest as f32).sqrt() - (meet as f32).sqrt() >= MIN_NECK_DEPTH_PX
     };
     // Flooding with union-find over window indices; a root's `square` is its part's widest.
     const NONE: usize = usize::MAX;
@@ -493,10 +498,7 @@ pub(crate) fn split_at_concavities(
     if px.len() < 2 * min_piece.max(1) {
         return None;
     }
-    let (x0, y0, x1, y1) = px.iter().fold(None, |b, &(x, y)| {
-        let (a, b, c, d) = b.unwrap_or((x, y, x, y));
-        Some((a.min(x), b.min(y), c.max(x), d.max(y)))
-    })?;
+    let (x0, y0, x1, y1) = bounds(px)?;
     let mut mask = GrayImage::new(x1 - x0 + 3, y1 - y0 + 3);
     for &(x, y) in px {
         mask.put_pixel(x - x0 + 1, y - y0 + 1, Luma([255]));
@@ -693,7 +695,7 @@ mod tests {
     fn touching_heads_split_at_the_neck_and_single_ones_stay_whole() {
         // Two discs that overlap by 4 px: a neck about 20 px wide between two 25 px radii.
         let pair = discs(&[(60.0, 80.0, 25.0), (106.0, 80.0, 25.0)]);
-        let pieces = split_at_necks(&pair, 0.8, MIN_NECK_DEPTH_PX, 600).expect("two heads");
+        let pieces = split_at_necks(&pair, 0.8, 600).expect("two heads");
         assert_eq!(pieces.len(), 2);
         assert_eq!(pieces.iter().map(Vec::len).sum::<usize>(), pair.len());
         for (p, cx) in pieces.iter().zip([60.0, 106.0]) {
@@ -703,23 +705,17 @@ mod tests {
         }
         // Three in a row come apart into three.
         let row = discs(&[(40.0, 80.0, 20.0), (76.0, 80.0, 20.0), (112.0, 80.0, 20.0)]);
-        assert_eq!(
-            split_at_necks(&row, 0.8, MIN_NECK_DEPTH_PX, 600).map(|p| p.len()),
-            Some(3)
-        );
+        assert_eq!(split_at_necks(&row, 0.8, 600).map(|p| p.len()), Some(3));
         // A head with a bump (a blunt midpiece stump) is one head.
         let bump = discs(&[(80.0, 80.0, 25.0), (104.0, 80.0, 8.0)]);
-        assert_eq!(split_at_necks(&bump, 0.8, MIN_NECK_DEPTH_PX, 600), None);
+        assert_eq!(split_at_necks(&bump, 0.8, 600), None);
         // A wide overlap is no neck at this ratio, and is one at a looser one.
         let wide = discs(&[(60.0, 80.0, 25.0), (95.0, 80.0, 25.0)]);
-        assert_eq!(split_at_necks(&wide, 0.5, MIN_NECK_DEPTH_PX, 600), None);
-        assert_eq!(
-            split_at_necks(&wide, 0.9, MIN_NECK_DEPTH_PX, 600).map(|p| p.len()),
-            Some(2)
-        );
+        assert_eq!(split_at_necks(&wide, 0.5, 600), None);
+        assert_eq!(split_at_necks(&wide, 0.9, 600).map(|p| p.len()), Some(2));
         // Off, or a piece too small for a head: whole.
-        assert_eq!(split_at_necks(&pair, 0.0, MIN_NECK_DEPTH_PX, 600), None);
-        assert_eq!(split_at_necks(&pair, 0.8, MIN_NECK_DEPTH_PX, 2500), None);
+        assert_eq!(split_at_necks(&pair, 0.0, 600), None);
+        assert_eq!(split_at_necks(&pair, 0.8, 2500), None);
     }
 
     /// Filled ellipses `(cx, cy, a, b, angle)` in a 240x240 window, in raster order.
@@ -743,7 +739,7 @@ mod tests {
             (100.0, 155.0, 40.0, 26.0, -0.2),
         ];
         let pair = ellipses(&heads);
-        assert_eq!(split_at_necks(&pair, 0.8, MIN_NECK_DEPTH_PX, 600), None);
+        assert_eq!(split_at_necks(&pair, 0.8, 600), None);
         let pieces = split_at_concavities(&pair, 4.0, 600).expect("two heads");
         assert_eq!(pieces.len(), 2);
         assert_eq!(pieces.iter().map(Vec::len).sum::<usize>(), pair.len());

@@ -317,12 +317,7 @@ impl Heads<'_> {
     /// The heads a region splits into at its necks, when at least two pieces pass the filters
     /// as heads; a piece that may itself be overlapping heads is cut at its concavities.
     fn split_at_necks(&self, px: &[(u32, u32)]) -> Option<Vec<FoundHead>> {
-        let pieces = regions::split_at_necks(
-            px,
-            self.s.split_neck_ratio,
-            regions::MIN_NECK_DEPTH_PX,
-            self.s.min_area_px,
-        )?;
+        let pieces = regions::split_at_necks(px, self.s.split_neck_ratio, self.s.min_area_px)?;
         let mut heads = Vec::with_capacity(pieces.len());
         for p in pieces.iter().filter(|p| p.len() <= self.s.max_area_px) {
             let Some(f) = self.measure(p) else {
