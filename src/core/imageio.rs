@@ -57,7 +57,7 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, DecodeError> {
     let img = reader
         .decode()
         .map_err(|e| DecodeError::Invalid(e.to_string()))?;
-    Ok(img.to_rgb8())
+    Ok(img.into_rgb8())
 }
 
 /// A JPEG ends with its end-of-image marker `FF D9` (zero or newline padding after it allowed).

@@ -1,6 +1,8 @@
 //! Pose correction: find the head in a crop, measure its axis, resolve head from tail and cut
 //! an upright window around it. The trainer and the daemon both call this one implementation.
 
+use std::sync::Arc;
+
 use image::{GrayImage, ImageBuffer, Luma, Pixel, RgbImage};
 
 /// How heads differ from the background in an image.
@@ -161,14 +163,32 @@ fn dark_stain_f32(r: u8, g: u8, b: u8) -> u8 {
 pub struct StainMap {
     pub contrast: Contrast,
     pub map: GrayImage,
+    /// `map` smoothed as thresholding smooths it (`Thresholded`): head finding thresholds it,
+    /// and each patch's smoothed map is cut out of it (`cut_smoothed`).
+    pub smoothed: Arc<GrayImage>,
 }
 
 impl StainMap {
     pub fn new(img: &RgbImage, contrast: Contrast) -> Self {
+        let map = stain_map(img, contrast);
         Self {
             contrast,
-            map: stain_map(img, contrast),
+            smoothed: Arc::new(blur3(&map)),
+            map,
         }
+    }
+
+    /// The smoothed map of the patch whose map `raw` is (`cut` with the same arguments gave
+    /// it), cut out of this one's: inside the patch each pixel's neighbourhood is the same,
+    /// and its border, where the patch's own smoothing sees fewer neighbours, is smoothed
+    /// again from `raw`. The same pixels as smoothing `raw` itself.
+    pub fn cut_smoothed(&self, x0: u32, y0: u32, raw: &GrayImage) -> GrayImage {
+        let mut out = copy_rect(&self.smoothed, x0, y0, raw.width(), raw.height());
+        if out.dimensions() != raw.dimensions() {
+            return blur3(raw);
+        }
+        blur3_border(raw, &mut out);
+        out
     }
 
     /// The map `stain_map` makes of the `w` x `h` patch of the image at (`x0`, `y0`) with
@@ -260,6 +280,37 @@ fn blur3(img: &GrayImage) -> GrayImage {
     out
 }
 
+/// The mean of pixel (`x`, `y`) and its neighbours inside a non-empty image, rounded down:
+/// `blur3` at one pixel, the plain way.
+fn neighbourhood_mean(img: &GrayImage, x: u32, y: u32) -> Luma<u8> {
+    let (w, h) = img.dimensions();
+    let (mut sum, mut n) = (0u32, 0u32);
+    for yy in y.saturating_sub(1)..=(y + 1).min(h - 1) {
+        for xx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
+            sum += u32::from(img.get_pixel(xx, yy)[0]);
+            n += 1;
+        }
+    }
+    Luma([(sum / n.max(1)) as u8])
+}
+
+/// `blur3` of `img` on its one-pixel border only, written into `out` (the same size).
+fn blur3_border(img: &GrayImage, out: &mut GrayImage) {
+    let (w, h) = img.dimensions();
+    let mean = |x: u32, y: u32| neighbourhood_mean(img, x, y);
+    if w == 0 || h == 0 {
+        return;
+    }
+    for x in 0..w {
+        out.put_pixel(x, 0, mean(x, 0));
+        out.put_pixel(x, h - 1, mean(x, h - 1));
+    }
+    for y in 0..h {
+        out.put_pixel(0, y, mean(0, y));
+        out.put_pixel(w - 1, y, mean(w - 1, y));
+    }
+}
+
 /// Find the one head in a crop centred on a sperm cell (HuSHeM, SMIDS, MHSMA style).
 ///
 /// Threshold the stain map (Otsu), open it to cut the thin midpiece and tail off, keep the
@@ -275,39 +326,47 @@ pub fn find_head_in_stain(raw_stain: &GrayImage) -> Result<HeadRegion, PoseError
     if w < 8 || h < 8 {
         return Err(PoseError::Empty);
     }
-    let t = Thresholded::from_stain(raw_stain);
+    find_head(Thresholded::from_smoothed(Arc::new(blur3(raw_stain))))
+}
+
+/// `find_head_in_stain` given the stain map already smoothed (`StainMap::cut_smoothed`).
+pub fn find_head_in_smoothed(smoothed: GrayImage) -> Result<HeadRegion, PoseError> {
+    let (w, h) = smoothed.dimensions();
+    if w < 8 || h < 8 {
+        return Err(PoseError::Empty);
+    }
+    find_head(Thresholded::from_smoothed(Arc::new(smoothed)))
+}
+
+fn find_head(t: Thresholded) -> Result<HeadRegion, PoseError> {
+    let (w, h) = t.stain.dimensions();
     let (lo, hi) = t.range;
     if hi.saturating_sub(lo) < 12 {
         return Err(PoseError::NoContrast);
     }
     let k = ((w.min(h) as f32 / 45.0).round() as u8).clamp(2, 4);
     let min_area = ((w * h) as f32 * 0.004).max(20.0) as usize;
-    // Regions left by the opening, each with its area and centroid.
-    let regions = crate::core::regions::opened_regions(&t.stain, t.head_level, k, min_area);
+    // The region left by the opening that is large and near the centre.
     let (cx0, cy0) = (w as f64 / 2.0, h as f64 / 2.0);
     let diag = ((w * w + h * h) as f64).sqrt();
-    let mut best: Option<(usize, f64)> = None;
-    for (i, px) in regions.iter().enumerate() {
-        let n = px.len();
-        if n < min_area {
-            continue;
-        }
-        let (sx, sy) = px.iter().fold((0.0f64, 0.0f64), |(a, b), &(x, y)| {
-            (a + x as f64, b + y as f64)
-        });
-        let d = ((sx / n as f64 - cx0).powi(2) + (sy / n as f64 - cy0).powi(2)).sqrt() / diag;
-        let score = n as f64 / (1.0 + 4.0 * d).powi(2);
-        if best.is_none_or(|(_, s)| score > s) {
-            best = Some((i, score));
-        }
-    }
-    let Some((index, _)) = best else {
-        return Err(PoseError::NoHead {
-            largest_px: regions.iter().map(Vec::len).max().unwrap_or(0),
-        });
-    };
+    let score = |n: usize, d: f64| n as f64 / (1.0 + 4.0 * (d / diag)).powi(2);
+    let best = crate::core::regions::best_opened_region(
+        &t.stain,
+        t.head_level,
+        k,
+        min_area,
+        |n, cx, cy| score(n, ((cx - cx0).powi(2) + (cy - cy0).powi(2)).sqrt()),
+        |n, (x0, y0, x1, y1)| {
+            // The nearest a centroid inside the box can be to the centre (a hair nearer, so
+            // rounding never makes the bound smaller than a score).
+            let dx = (x0 as f64 - cx0).max(cx0 - x1 as f64).max(0.0);
+            let dy = (y0 as f64 - cy0).max(cy0 - y1 as f64).max(0.0);
+            score(n, (dx.hypot(dy) - 1e-6).max(0.0)) * (1.0 + 1e-9)
+        },
+    );
+    let region = best.map_err(|largest_px| PoseError::NoHead { largest_px })?;
     let mut mask = GrayImage::new(w, h);
-    for &(x, y) in &regions[index] {
+    for &(x, y) in &region {
         mask.put_pixel(x, y, Luma([255]));
     }
     fill_holes(&mut mask);
@@ -325,7 +384,7 @@ const TAIL_LEVEL: f32 = 0.3;
 /// the stain map against its level.
 pub(crate) struct Thresholded {
     /// Smoothed stain intensity.
-    pub stain: GrayImage,
+    pub stain: Arc<GrayImage>,
     /// Otsu's level of the stain map.
     pub otsu: u8,
     /// Otsu's level above the background level (at least 1).
@@ -341,9 +400,9 @@ pub(crate) struct Thresholded {
 impl Thresholded {
     /// Otsu splits the darkest stain (nucleus) from the rest; the acrosome and the tail take up
     /// less stain, so the head is cut at a level between background and Otsu's, and the tail is
-    /// looked for at a lower level still. `raw_stain` is the image's `stain_map`, unsmoothed.
-    pub(crate) fn from_stain(raw_stain: &GrayImage) -> Self {
-        let stain = blur3(raw_stain);
+    /// looked for at a lower level still. `stain` is the image's `stain_map` smoothed by
+    /// `blur3` (as `StainMap` keeps it).
+    pub(crate) fn from_smoothed(stain: Arc<GrayImage>) -> Self {
         let hist = histogram(stain.as_raw());
         let otsu = otsu_of(&hist);
         let bg = percentile(&hist, 0.3) as f32;
@@ -596,15 +655,20 @@ pub fn measure(
     let (mut plus, mut minus) = (0usize, 0usize);
     let xs = span(cx, w);
     let rows = box_rows(head, stain, offset, xs.clone(), span(cy, h));
+    let (p_max, t_max) = (0.3 * major.max(4.0), half + 0.7 * major);
     for (y, srow, mrow) in rows {
-        for ((x, &s), &m) in xs.clone().zip(srow).zip(mrow) {
+        // Only the columns of this row that can lie within both bands are looked at.
+        let cols = band_columns(y as f64 - cy, u, (p_max, t_max), cx, xs.clone());
+        let skip = (cols.start - xs.start) as usize;
+        let (srow, mrow) = (&srow[skip..], &mrow[skip..]);
+        for ((x, &s), &m) in cols.zip(srow).zip(mrow) {
             if s <= tail_level || m != 0 {
                 continue;
             }
             let (dx, dy) = (x as f64 - cx, y as f64 - cy);
             let t = dx * u.0 + dy * u.1;
             let p = (-dx * u.1 + dy * u.0).abs();
-            if p > 0.3 * major.max(4.0) {
+            if p > p_max {
                 continue;
             }
             // Skip the faint rim around the head (a pale acrosome reaches past the head mask):
@@ -656,6 +720,38 @@ pub fn measure(
         minor_px: minor as f32,
         polarity,
     }
+}
+
+/// The columns of `xs` on a row `dy` from the centre `cx` that may hold a pixel within `p_max`
+/// of the axis `u` and within `t_max` along it, a pixel wider on each side than the exact
+/// slabs (so rounding never drops one); the caller still tests every pixel.
+fn band_columns(
+    dy: f64,
+    u: (f64, f64),
+    (p_max, t_max): (f64, f64),
+    cx: f64,
+    xs: std::ops::Range<u32>,
+) -> std::ops::Range<u32> {
+    // Across the axis p = -dx·u.1 + dy·u.0, along it t = dx·u.0 + dy·u.1: each bound on |p|
+    // and |t| is a slab of dx (or the whole row, or none of it, when the coefficient is 0).
+    let slab = |coef: f64, offset: f64, bound: f64| -> Option<(f64, f64)> {
+        if coef.abs() < 1e-9 {
+            return (offset.abs() <= bound).then_some((f64::NEG_INFINITY, f64::INFINITY));
+        }
+        let (a, b) = ((-bound - offset) / coef, (bound - offset) / coef);
+        Some((a.min(b), a.max(b)))
+    };
+    let across = slab(-u.1, dy * u.0, p_max);
+    let along = slab(u.0, dy * u.1, t_max);
+    let (Some(a), Some(b)) = (across, along) else {
+        return xs.start..xs.start;
+    };
+    let (lo, hi) = (a.0.max(b.0) + cx - 1.0, a.1.min(b.1) + cx + 1.0);
+    if lo > hi {
+        return xs.start..xs.start;
+    }
+    let clip = |v: f64| v.clamp(xs.start as f64, xs.end as f64) as u32;
+    clip(lo.floor())..clip(hi.ceil() + 1.0).max(clip(lo.floor()))
 }
 
 /// Small changes to an upright cut, used by training-time augmentation (identity by default).
@@ -792,18 +888,83 @@ mod tests {
                 state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
                 Luma([(state >> 16) as u8])
             });
-            let want = GrayImage::from_fn(w, h, |x, y| {
-                let (mut sum, mut n) = (0u32, 0u32);
-                for yy in y.saturating_sub(1)..=(y + 1).min(h - 1) {
-                    for xx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
-                        sum += u32::from(img.get_pixel(xx, yy)[0]);
-                        n += 1;
-                    }
-                }
-                Luma([(sum / n) as u8])
-            });
+            let want = GrayImage::from_fn(w, h, |x, y| neighbourhood_mean(&img, x, y));
             assert_eq!(blur3(&img), want, "{w}x{h}");
         }
+    }
+
+    #[test]
+    fn a_patch_smoothed_map_cut_from_the_frame_is_the_patch_smoothed() {
+        let mut state = 11u32;
+        let mut next = || {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            state >> 16
+        };
+        let frame = RgbImage::from_fn(97, 61, |_, _| {
+            image::Rgb([next() as u8, next() as u8, next() as u8])
+        });
+        let map = StainMap::new(&frame, Contrast::Dark);
+        let rects = [
+            (0, 0, 97, 61),
+            (0, 0, 1, 1),
+            (96, 60, 1, 1),
+            (0, 0, 2, 5),
+            (95, 10, 2, 30),
+            (10, 59, 40, 2),
+            (30, 20, 3, 3),
+        ];
+        let random: Vec<_> = (0..200)
+            .map(|_| {
+                let (x0, y0) = (next() % 97, next() % 61);
+                (x0, y0, 1 + next() % (97 - x0), 1 + next() % (61 - y0))
+            })
+            .collect();
+        for &(x0, y0, w, h) in rects.iter().chain(&random) {
+            let raw = map.cut(Contrast::Dark, x0, y0, w, h).unwrap();
+            assert_eq!(
+                map.cut_smoothed(x0, y0, &raw),
+                blur3(&raw),
+                "{x0},{y0} {w}x{h}"
+            );
+        }
+    }
+
+    #[test]
+    fn band_columns_hold_every_pixel_within_both_bands() {
+        let mut state = 5u32;
+        let mut next = || {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            f64::from(state >> 8) / f64::from(1u32 << 24)
+        };
+        let mut checked = 0;
+        for i in 0..4000 {
+            // Axis angles at random and exactly along the rows and columns.
+            let a = if i % 10 == 0 {
+                f64::from(i % 40 / 10) * std::f64::consts::FRAC_PI_2
+            } else {
+                next() * std::f64::consts::TAU
+            };
+            let u = (a.cos(), a.sin());
+            let (p_max, t_max) = (1.0 + next() * 30.0, 1.0 + next() * 120.0);
+            let cx = next() * 200.0;
+            let dy = (next() - 0.5) * 300.0;
+            let xs = (next() * 50.0) as u32..(150.0 + next() * 100.0) as u32;
+            let cols = band_columns(dy, u, (p_max, t_max), cx, xs.clone());
+            assert!(cols.start >= xs.start && cols.end <= xs.end);
+            for x in xs {
+                let dx = f64::from(x) - cx;
+                let t = dx * u.0 + dy * u.1;
+                let p = (-dx * u.1 + dy * u.0).abs();
+                if p <= p_max && t.abs() < t_max {
+                    assert!(
+                        cols.contains(&x),
+                        "{x} not in {cols:?} (angle {a}, dy {dy})"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 10_000);
     }
 
     #[test]

@@ -57,22 +57,28 @@ impl Preprocessor {
     pub fn locate(&self, crop: &RgbImage) -> Located {
         let centre = (crop.width() as f32 / 2.0, crop.height() as f32 / 2.0);
         let stain = pose::stain_map(crop, self.spec.crop.contrast);
-        self.locate_in(&stain, None, centre, self.spec.crop.window_px)
+        self.locate_in(&stain, None, None, centre, self.spec.crop.window_px)
     }
 
     /// The one locating step, on the stain map of the image (`pose::stain_map` with the spec's
-    /// contrast), which serves the head search and the features. `hint` is the segmenter's
+    /// contrast), which serves the head search and the features; `smoothed`, when given, is
+    /// that map smoothed as the head search smooths it (cut out of the frame's). `hint` is the segmenter's
     /// head when the crop was cut around a field head: the crop path's own head is used only
     /// when it is that head. `centre` is the crop's nominal centre (where `PoseMode::Centre`
     /// cuts), `window` the side of the window in this image's pixels.
     fn locate_in(
         &self,
         stain: &GrayImage,
+        smoothed: Option<GrayImage>,
         hint: Option<HeadRegion>,
         centre: (f32, f32),
         window: f32,
     ) -> Located {
-        let found = pose::find_head_in_stain(stain).ok();
+        let found = match smoothed {
+            Some(s) => pose::find_head_in_smoothed(s),
+            None => pose::find_head_in_stain(stain),
+        }
+        .ok();
         let head = match hint {
             Some(h) => Some(found.filter(|f| same_head(f, &h)).unwrap_or(h)),
             None => found,
@@ -179,11 +185,17 @@ impl Preprocessor {
         let (patch, local, offset) = head_patch(frame, head, window * CROP_CONTEXT);
         let contrast = self.spec.crop.contrast;
         let (w, h) = patch.dimensions();
-        let patch_stain = stain
-            .and_then(|s| s.cut(contrast, offset.0, offset.1, w, h))
-            .unwrap_or_else(|| pose::stain_map(&patch, contrast));
+        let cut = stain.and_then(|s| {
+            let raw = s.cut(contrast, offset.0, offset.1, w, h)?;
+            let smoothed = s.cut_smoothed(offset.0, offset.1, &raw);
+            Some((raw, smoothed))
+        });
+        let (patch_stain, smoothed) = match cut {
+            Some((raw, smoothed)) => (raw, Some(smoothed)),
+            None => (pose::stain_map(&patch, contrast), None),
+        };
         let centre = local.centroid;
-        let loc = self.locate_in(&patch_stain, Some(local), centre, window);
+        let loc = self.locate_in(&patch_stain, smoothed, Some(local), centre, window);
         (patch, loc, offset)
     }
 

@@ -248,44 +248,103 @@ pub(crate) fn opened_regions(
     k: u8,
     min_area: usize,
 ) -> Vec<Vec<(u32, u32)>> {
-    let (w, h) = img.dimensions();
-    let pad = 2 * k as u32 + 2;
     let mut regions: Vec<Vec<(u32, u32)>> = Vec::new();
     for (b, runs) in blobs(img, above) {
-        if b.n < min_area {
-            continue;
-        }
-        let (x0, y0) = (b.x0.saturating_sub(pad), b.y0.saturating_sub(pad));
-        let (x1, y1) = ((b.x1 + pad).min(w - 1), (b.y1 + pad).min(h - 1));
-        let (lw, lh) = (x1 - x0 + 1, y1 - y0 + 1);
-        let mut local = GrayImage::new(lw, lh);
-        for (y, row) in local.rows_mut().enumerate() {
-            let src =
-                &img.as_raw()[((y0 as usize + y) * w as usize + x0 as usize)..][..lw as usize];
-            for (o, &v) in row.zip(src) {
-                o[0] = if v > above { 255 } else { 0 };
-            }
-        }
-        let opened = open_disc(&local, k);
-        // Keep what the opening left of this blob only (its neighbours have their own turn).
-        let mut mine = GrayImage::new(lw, lh);
-        for r in &runs {
-            for x in r.x0..=r.x1 {
-                if opened.get_pixel(x - x0, r.y - y0)[0] != 0 {
-                    mine.put_pixel(x - x0, r.y - y0, Luma([255]));
-                }
-            }
-        }
-        for (part, runs) in blobs(&mine, 0) {
-            let mut px: Vec<(u32, u32)> = Vec::with_capacity(part.n);
-            for r in runs {
-                px.extend((r.x0..=r.x1).map(|x| (x + x0, r.y + y0)));
-            }
-            regions.push(px);
+        if b.n >= min_area {
+            regions.extend(open_blob(img, above, k, &b, &runs));
         }
     }
     regions.sort_by_key(|px| px.first().map(|&(x, y)| (y, x)));
     regions
+}
+
+/// The opened region of `img` (as `opened_regions` makes them) with the highest `score`
+/// among those of at least `min_area` px, the first in raster order of its first pixel among
+/// equals; or, when none is that large, the size of the largest. `score(n, cx, cy)` takes a
+/// region's size and centroid; `bound(n, box)` must be at least the score of any region of at
+/// most `n` px with its centroid in the box `(x0, y0, x1, y1)`. A blob whose bound falls below
+/// the best score found is not opened at all, so the answer is the same as scoring every
+/// region while the blobs far from where the score is high cost one pass of labelling.
+pub(crate) fn best_opened_region(
+    img: &GrayImage,
+    above: u8,
+    k: u8,
+    min_area: usize,
+    score: impl Fn(usize, f64, f64) -> f64,
+    bound: impl Fn(usize, (u32, u32, u32, u32)) -> f64,
+) -> Result<Vec<(u32, u32)>, usize> {
+    let mut blobs: Vec<(f64, Blob, Vec<Run>)> = blobs(img, above)
+        .into_iter()
+        .filter(|(b, _)| b.n >= min_area)
+        .map(|(b, runs)| (bound(b.n, (b.x0, b.y0, b.x1, b.y1)), b, runs))
+        .collect();
+    // Most promising first, so the best score is known early.
+    blobs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut best: Option<(f64, Vec<(u32, u32)>)> = None;
+    let mut largest = 0;
+    for (most, b, runs) in &blobs {
+        if best.as_ref().is_some_and(|(s, _)| *most < *s) {
+            // Sorted: no later blob can reach the best either.
+            break;
+        }
+        for px in open_blob(img, above, k, b, runs) {
+            largest = largest.max(px.len());
+            if px.len() < min_area {
+                continue;
+            }
+            let n = px.len() as f64;
+            let (sx, sy) = px.iter().fold((0.0f64, 0.0f64), |(a, b), &(x, y)| {
+                (a + x as f64, b + y as f64)
+            });
+            let s = score(px.len(), sx / n, sy / n);
+            let first = |p: &[(u32, u32)]| p.first().map(|&(x, y)| (y, x));
+            let better = match &best {
+                None => true,
+                Some((bs, bp)) => s > *bs || (s == *bs && first(&px) < first(bp)),
+            };
+            if better {
+                best = Some((s, px));
+            }
+        }
+    }
+    best.map(|(_, px)| px).ok_or(largest)
+}
+
+/// The regions opening one blob (given by its box and runs) leaves of it: the blob is opened
+/// in a window padded by twice the radius, and only its own pixels are kept (its neighbours
+/// have their own turn). Regions in raster order of their first pixel.
+fn open_blob(img: &GrayImage, above: u8, k: u8, b: &Blob, runs: &[Run]) -> Vec<Vec<(u32, u32)>> {
+    let (w, h) = img.dimensions();
+    let pad = 2 * k as u32 + 2;
+    let (x0, y0) = (b.x0.saturating_sub(pad), b.y0.saturating_sub(pad));
+    let (x1, y1) = ((b.x1 + pad).min(w - 1), (b.y1 + pad).min(h - 1));
+    let (lw, lh) = (x1 - x0 + 1, y1 - y0 + 1);
+    let mut local = GrayImage::new(lw, lh);
+    for (y, row) in local.rows_mut().enumerate() {
+        let src = &img.as_raw()[((y0 as usize + y) * w as usize + x0 as usize)..][..lw as usize];
+        for (o, &v) in row.zip(src) {
+            o[0] = if v > above { 255 } else { 0 };
+        }
+    }
+    let opened = open_disc(&local, k);
+    let mut mine = GrayImage::new(lw, lh);
+    for r in runs {
+        for x in r.x0..=r.x1 {
+            if opened.get_pixel(x - x0, r.y - y0)[0] != 0 {
+                mine.put_pixel(x - x0, r.y - y0, Luma([255]));
+            }
+        }
+    }
+    blobs(&mine, 0)
+        .into_iter()
+        .map(|(part, runs)| {
+            let mut px: Vec<(u32, u32)> = Vec::with_capacity(part.n);
+            for r in runs {
+                px.extend((r.x0..=r.x1).map(|x| (x + x0, r.y + y0)));
+            }
+            px
+        })
+        .collect()
 }
 
 /// The 8 neighbours of pixel `p` of an image `w` wide (`p` off the border).
@@ -648,6 +707,71 @@ mod tests {
             }
         }
         m
+    }
+
+    #[test]
+    fn the_best_region_is_the_one_scoring_every_region_finds() {
+        let mut pruned = 0;
+        for seed in 0..300u64 {
+            let m = random_mask(seed);
+            let (w, h) = m.dimensions();
+            let mut rng = ChaCha8Rng::seed_from_u64(seed + 1000);
+            let (cx0, cy0) = (
+                rng.random_range(0.0..w as f64),
+                rng.random_range(0.0..h as f64),
+            );
+            let (k, min_area) = (rng.random_range(1..4u8), rng.random_range(5..120usize));
+            let diag = f64::from(w).hypot(f64::from(h));
+            let score = |n: usize, d: f64| n as f64 / (1.0 + 4.0 * (d / diag)).powi(2);
+            // Every region scored, the first of the best in raster order.
+            let all = opened_regions(&m, 0, k, min_area);
+            let mut want: Option<(usize, f64)> = None;
+            for (i, px) in all.iter().enumerate() {
+                if px.len() < min_area {
+                    continue;
+                }
+                let n = px.len() as f64;
+                let (sx, sy) = px.iter().fold((0.0, 0.0), |(a, b), &(x, y)| {
+                    (a + f64::from(x), b + f64::from(y))
+                });
+                let s = score(
+                    px.len(),
+                    ((sx / n - cx0).powi(2) + (sy / n - cy0).powi(2)).sqrt(),
+                );
+                if want.is_none_or(|(_, b)| s > b) {
+                    want = Some((i, s));
+                }
+            }
+            let opened = std::cell::Cell::new(0);
+            let got = best_opened_region(
+                &m,
+                0,
+                k,
+                min_area,
+                |n, cx, cy| {
+                    opened.set(opened.get() + 1);
+                    score(n, ((cx - cx0).powi(2) + (cy - cy0).powi(2)).sqrt())
+                },
+                |n, (x0, y0, x1, y1)| {
+                    let dx = (f64::from(x0) - cx0).max(cx0 - f64::from(x1)).max(0.0);
+                    let dy = (f64::from(y0) - cy0).max(cy0 - f64::from(y1)).max(0.0);
+                    score(n, (dx.hypot(dy) - 1e-6).max(0.0)) * (1.0 + 1e-9)
+                },
+            );
+            match (want, got) {
+                (Some((i, _)), Ok(px)) => assert_eq!(px, all[i], "seed {seed}"),
+                (None, Err(largest)) => assert_eq!(
+                    largest,
+                    all.iter().map(Vec::len).max().unwrap_or(0),
+                    "seed {seed}"
+                ),
+                (want, got) => panic!("seed {seed}: want {want:?}, got {:?}", got.map(|p| p.len())),
+            }
+            let big = all.iter().filter(|p| p.len() >= min_area).count();
+            pruned += big.saturating_sub(opened.get());
+        }
+        // The bound must have saved work somewhere, or the test shows nothing about it.
+        assert!(pruned > 0);
     }
 
     /// The pixels of filled discs (x, y, radius), each pixel once, in raster order.

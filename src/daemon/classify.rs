@@ -14,6 +14,7 @@ use crate::core::morphometry::head_size;
 use crate::core::preprocess::{Prepared, Preprocessor};
 use crate::daemon::check::{Base, ConfigError, bundled, invalid, positive, within};
 use crate::daemon::frame::{Cell, ModelRef, Verdict, Work};
+use crate::daemon::share::in_two;
 use crate::daemon::telemetry::CellDropReason;
 
 /// Class written for a cell whose top probability is below the threshold.
@@ -277,7 +278,8 @@ impl Classify for Classifier {
 pub fn prepare_cells(work: &mut Work, pre: &Preprocessor, um_per_px: f32) {
     let image = work.frame.image.clone();
     let stain = work.stain.take();
-    for c in &mut work.cells {
+    let mut heads = Vec::new();
+    for (i, c) in work.cells.iter_mut().enumerate() {
         let Some(head) = c.head.take() else {
             continue;
         };
@@ -285,7 +287,15 @@ pub fn prepare_cells(work: &mut Work, pre: &Preprocessor, um_per_px: f32) {
             c.size = head_size(&head, um_per_px);
             continue;
         }
-        let mut p = pre.head_in(&image, stain.as_deref(), &head, Some(um_per_px));
+        heads.push((i, head));
+    }
+    let prepared = in_two(&heads, |(_, head)| {
+        pre.head_in(&image, stain.as_deref(), head, Some(um_per_px))
+    });
+    for ((i, head), mut p) in heads.into_iter().zip(prepared) {
+        let Some(c) = work.cells.get_mut(i) else {
+            continue;
+        };
         let seen = p.head.take().unwrap_or(head);
         c.angle_deg = seen.angle_deg();
         c.size = head_size(&seen, um_per_px);

@@ -15,6 +15,7 @@ pub mod publish;
 pub mod report;
 pub mod segment;
 pub mod service;
+pub mod share;
 pub mod source;
 pub mod supervisor;
 pub mod telemetry;

@@ -25,6 +25,7 @@ use crate::daemon::publish::{Record, SinkError, Sinks};
 use crate::daemon::report::{Report, ReportRules, Tally};
 use crate::daemon::segment::{SegmentSettings, Verifier, VerifierError, segment_frame};
 use crate::daemon::service::Notify;
+use crate::daemon::share::frame_waiting;
 use crate::daemon::source::{self, FrameSource, Pull, SourceError, SourceNote};
 use crate::daemon::supervisor::{Reread, Supervisor, Swap};
 use crate::daemon::telemetry::{
@@ -207,7 +208,8 @@ where
             let t = tel.clone();
             let (rx, tx) = (rx.clone(), tx.clone());
             let h = spawn(format!("{name}-{i}"), move || {
-                for mut w in rx {
+                for mut w in &rx {
+                    frame_waiting(!rx.is_empty());
                     f(&mut w);
                     pass(&tx, w, &t);
                 }
@@ -220,9 +222,10 @@ where
     for (i, mut f) in workers.into_iter().enumerate() {
         let (to_worker, worker_in) = bounded::<Work>(1);
         let (worker_out, from_worker) = bounded::<Work>(2);
-        let t = tel.clone();
+        let (t, backlog) = (tel.clone(), rx.clone());
         let h = spawn(format!("{name}-{i}"), move || {
-            for mut w in worker_in {
+            for mut w in &worker_in {
+                frame_waiting(!worker_in.is_empty() || !backlog.is_empty());
                 f(&mut w);
                 pass(&worker_out, w, &t);
             }
@@ -317,6 +320,7 @@ fn start(ready: Ready, stop: &Arc<AtomicBool>) -> Result<(Stages, Settings), Run
     let mut handles = Vec::new();
     // A live source makes room by taking the oldest frame off its own queue.
     let oldest = (r.source.live || source.live()).then(|| segment_in.clone());
+    let backlog = segment_in.clone();
     let (t, stop) = (tel.clone(), stop.clone());
     let h = spawn("source", move || {
         source_stage(source, to_segment, oldest, &stop, &t)
@@ -341,7 +345,8 @@ fn start(ready: Ready, stop: &Arc<AtomicBool>) -> Result<(Stages, Settings), Run
     handles.push(("track".into(), h));
     let (t, pre) = (tel.clone(), classifier.preprocessor());
     let h = spawn("pose", move || {
-        pose_stage(pose_in, to_classify, swap_rx, pre, um, &t)
+        let queues = (pose_in, backlog);
+        pose_stage(queues, to_classify, swap_rx, pre, um, &t)
     })?;
     handles.push(("pose".into(), h));
     let c = &settings.reload.classify;
@@ -694,15 +699,16 @@ enum ToClassify {
     Swap(Box<Swap>),
 }
 
+/// `queues`: the stage's input and the pipeline's front queue (only looked at).
 fn pose_stage(
-    rx: Receiver<Work>,
+    (rx, backlog): (Receiver<Work>, Receiver<Work>),
     tx: Sender<ToClassify>,
     swaps: Receiver<Swap>,
     mut pre: Preprocessor,
     um_per_px: f32,
     tel: &Telemetry,
 ) {
-    for mut w in rx {
+    for mut w in &rx {
         if let Ok(swap) = swaps.try_recv() {
             pre = swap.classifier.preprocessor();
             if tx.send(ToClassify::Swap(Box::new(swap))).is_err() {
@@ -711,6 +717,7 @@ fn pose_stage(
             }
         }
         let t = Instant::now();
+        frame_waiting(!rx.is_empty() || !backlog.is_empty());
         prepare_cells(&mut w, &pre, um_per_px);
         w.times.pose_ms = t.elapsed().as_secs_f32() * 1e3;
         tel.latency(Stage::Pose, w.times.pose_ms);

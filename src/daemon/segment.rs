@@ -15,6 +15,7 @@ use crate::core::pose::{self, Contrast, HeadRegion, StainMap, Thresholded};
 use crate::core::regions;
 use crate::daemon::check::{Base, ConfigError, bundled, invalid, positive, within};
 use crate::daemon::frame::{Cell, Unclassified};
+use crate::daemon::share::in_two;
 use crate::daemon::source::DEFAULT_UM_PER_PX;
 
 /// Head verifier the embedded defaults use, relative to the project root.
@@ -226,11 +227,10 @@ pub fn find_heads_on(stain: &StainMap, s: &SegmentSettings) -> Vec<FoundHead> {
     if w < 16 || h < 16 {
         return Vec::new();
     }
-    let t = Thresholded::from_stain(&stain.map);
+    let t = Thresholded::from_smoothed(Arc::clone(&stain.smoothed));
     let mut regions =
         regions::opened_regions(&t.stain, t.head_level, s.open_radius_px, s.min_area_px);
     regions.retain(|px| px.len() >= s.min_area_px);
-    let mut found = Vec::with_capacity(regions.len());
     let heads = Heads {
         t: &t,
         s,
@@ -238,35 +238,11 @@ pub fn find_heads_on(stain: &StainMap, s: &SegmentSettings) -> Vec<FoundHead> {
         h,
         overlap_min_area: overlap_min_area(&regions, s),
     };
-    for (region, px) in regions.into_iter().enumerate() {
-        if let Some(pieces) = heads.split_at_necks(&px) {
-            found.extend(pieces_of(region, pieces));
-            continue;
-        }
-        if px.len() > s.max_area_px {
-            continue;
-        }
-        let measured = heads.measure(&px);
-        // Heads that overlap too much to leave a neck: a large region with notches in its
-        // outline.
-        if heads.may_overlap(px.len(), measured.as_ref())
-            && let Some(pieces) = heads.split_at_concavities(&px)
-        {
-            found.extend(pieces_of(region, pieces));
-            continue;
-        }
-        // A region that fails as a head, or looks like several (low solidity), may be one
-        // head with its midpiece.
-        match measured {
-            Some(f) if !f.touching => found.push(f),
-            measured => {
-                if let Some(f) = one_wide_head(&px, &t, s, w, h).or(measured) {
-                    found.push(f);
-                }
-            }
-        }
-    }
-    found
+    let regions: Vec<_> = regions.into_iter().enumerate().collect();
+    in_two(&regions, |(region, px)| heads.of_region(*region, px))
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// Share of the frame's median region area from which a region may be overlapping heads (most
@@ -304,6 +280,34 @@ struct Heads<'a> {
 }
 
 impl Heads<'_> {
+    /// The heads one region (number `region` of the frame's) holds: none, one, or the pieces
+    /// it splits into at its necks or its notches.
+    fn of_region(&self, region: usize, px: &[(u32, u32)]) -> Vec<FoundHead> {
+        if let Some(pieces) = self.split_at_necks(px) {
+            return pieces_of(region, pieces).collect();
+        }
+        if px.len() > self.s.max_area_px {
+            return Vec::new();
+        }
+        let measured = self.measure(px);
+        // Heads that overlap too much to leave a neck: a large region with notches in its
+        // outline.
+        if self.may_overlap(px.len(), measured.as_ref())
+            && let Some(pieces) = self.split_at_concavities(px)
+        {
+            return pieces_of(region, pieces).collect();
+        }
+        // A region that fails as a head, or looks like several (low solidity), may be one
+        // head with its midpiece.
+        match measured {
+            Some(f) if !f.touching => vec![f],
+            measured => one_wide_head(px, self.t, self.s, self.w, self.h)
+                .or(measured)
+                .into_iter()
+                .collect(),
+        }
+    }
+
     fn measure(&self, px: &[(u32, u32)]) -> Option<FoundHead> {
         measure_region(px, self.t, self.s, self.w, self.h)
     }
@@ -520,14 +524,11 @@ impl Verifier {
             return Ok(0);
         }
         let pre = self.model.preprocessor();
-        let inputs: Vec<_> = found
-            .iter()
-            .map(|f| {
-                let mut p = pre.head_in(frame, stain, &f.head, Some(um_per_px));
-                p.head = None;
-                p
-            })
-            .collect();
+        let inputs = in_two(found, |f| {
+            let mut p = pre.head_in(frame, stain, &f.head, Some(um_per_px));
+            p.head = None;
+            p
+        });
         let temperature = self.model.spec.temperature;
         let logits = self.model.logits(&inputs)?;
         let mut keep = logits.iter().map(|l| {
