@@ -72,6 +72,9 @@ fn main() {
             find_heads_on(&stain, &settings)
         });
         candidates += found.len();
+        let all: Vec<_> = found.iter().collect();
+        let vpre = verifier.model().preprocessor();
+        crop_path_parts(&mut clock, &frame, &stain, &all, &vpre, VERIFIER_PARTS);
         clock.time("head: verifier (crop path + network)", found.len(), || {
             verifier
                 .retain(&frame, Some(&stain), &mut found, UM_PER_PX)
@@ -88,7 +91,7 @@ fn main() {
         clock.time("head: classifier network", n, || {
             classifier.logits(&inputs).unwrap()
         });
-        crop_path_parts(&mut clock, &frame, &stain, &kept, &pre);
+        crop_path_parts(&mut clock, &frame, &stain, &kept, &pre, CLASSIFIER_PARTS);
     }
     println!(
         "{} frames from {}: {candidates} candidates, {heads} heads classified",
@@ -109,30 +112,47 @@ fn main() {
     }
 }
 
-/// The classifier's crop path again, in its parts.
+/// Names of the crop-path parts timed for each model.
+type Parts = [&'static str; 5];
+const VERIFIER_PARTS: Parts = [
+    "  verifier part: patch cut",
+    "  verifier part: patch stain map cut",
+    "  verifier part: head found again",
+    "  verifier part: window cut",
+    "  verifier part: shape features",
+];
+const CLASSIFIER_PARTS: Parts = [
+    "  classifier part: patch cut",
+    "  classifier part: patch stain map cut",
+    "  classifier part: head found again",
+    "  classifier part: window cut",
+    "  classifier part: shape features",
+];
+
+/// A model's crop path again, in its parts (not through `Preprocessor`, so with the
+/// patch map smoothed afresh).
 fn crop_path_parts(
     clock: &mut Clock,
     frame: &image::RgbImage,
     stain: &StainMap,
     kept: &[&spermscope::daemon::segment::FoundHead],
     pre: &spermscope::core::preprocess::Preprocessor,
+    names: Parts,
 ) {
     let spec = pre.spec();
     let scale = spec.crop.um_per_px.map_or(1.0, |t| t / UM_PER_PX);
     let window = spec.crop.window_px * scale;
     for h in kept {
-        let (patch, local, (x0, y0)) = clock.time("  part: patch cut", 1, || {
+        let (patch, local, (x0, y0)) = clock.time(names[0], 1, || {
             head_patch(frame, &h.head, window * CROP_CONTEXT)
         });
         let (w, hgt) = patch.dimensions();
-        let map = clock.time("  part: patch stain map cut", 1, || {
+        let map = clock.time(names[1], 1, || {
             stain.cut(spec.crop.contrast, x0, y0, w, hgt).unwrap()
         });
-        let found = clock.time("  part: head found again", 1, || {
-            pose::find_head_in_stain(&map).ok()
-        });
+        let found = clock.time(names[2], 1, || pose::find_head_in_stain(&map).ok());
         let head = found.unwrap_or(local);
-        clock.time("  part: window cut", 1, || {
+        clock.time(names[3], 1, || {
             pose::cut_window(
                 &patch,
                 &Cut::upright(&head, window),
@@ -140,7 +160,7 @@ fn crop_path_parts(
                 &Jitter::default(),
             )
         });
-        clock.time("  part: shape features", 1, || {
+        clock.time(names[4], 1, || {
             spermscope::core::morphometry::shape_features(&map, &head, window)
         });
     }
