@@ -297,17 +297,16 @@ fn neighbourhood_mean(img: &GrayImage, x: u32, y: u32) -> Luma<u8> {
 /// `blur3` of `img` on its one-pixel border only, written into `out` (the same size).
 fn blur3_border(img: &GrayImage, out: &mut GrayImage) {
     let (w, h) = img.dimensions();
-    let mean = |x: u32, y: u32| neighbourhood_mean(img, x, y);
     if w == 0 || h == 0 {
         return;
     }
     for x in 0..w {
-        out.put_pixel(x, 0, mean(x, 0));
-        out.put_pixel(x, h - 1, mean(x, h - 1));
+        out.put_pixel(x, 0, neighbourhood_mean(img, x, 0));
+        out.put_pixel(x, h - 1, neighbourhood_mean(img, x, h - 1));
     }
     for y in 0..h {
-        out.put_pixel(0, y, mean(0, y));
-        out.put_pixel(w - 1, y, mean(w - 1, y));
+        out.put_pixel(0, y, neighbourhood_mean(img, 0, y));
+        out.put_pixel(w - 1, y, neighbourhood_mean(img, w - 1, y));
     }
 }
 
@@ -322,11 +321,7 @@ pub fn find_head_in_crop(img: &RgbImage, contrast: Contrast) -> Result<HeadRegio
 /// `find_head_in_crop` on the crop's stain map (`stain_map`), for callers that use the map
 /// again (the shape features), so it is made once.
 pub fn find_head_in_stain(raw_stain: &GrayImage) -> Result<HeadRegion, PoseError> {
-    let (w, h) = raw_stain.dimensions();
-    if w < 8 || h < 8 {
-        return Err(PoseError::Empty);
-    }
-    find_head(Thresholded::from_smoothed(Arc::new(blur3(raw_stain))))
+    find_head_in_smoothed(blur3(raw_stain))
 }
 
 /// `find_head_in_stain` given the stain map already smoothed (`StainMap::cut_smoothed`).
@@ -335,11 +330,7 @@ pub fn find_head_in_smoothed(smoothed: GrayImage) -> Result<HeadRegion, PoseErro
     if w < 8 || h < 8 {
         return Err(PoseError::Empty);
     }
-    find_head(Thresholded::from_smoothed(Arc::new(smoothed)))
-}
-
-fn find_head(t: Thresholded) -> Result<HeadRegion, PoseError> {
-    let (w, h) = t.stain.dimensions();
+    let t = Thresholded::from_smoothed(Arc::new(smoothed));
     let (lo, hi) = t.range;
     if hi.saturating_sub(lo) < 12 {
         return Err(PoseError::NoContrast);

@@ -3,15 +3,16 @@
 //! latency is not one thread's whole frame. The stage threads themselves are `pipeline`'s.
 
 thread_local! {
-    /// Whether the stage on this thread has no frame waiting for it (`in_two` may share).
-    static IDLE_AFTER: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+    /// Whether the cores have room: no frame waits for the stage on this thread (`in_two` may
+    /// share).
+    static ROOM: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
 /// A stage says, before each frame, whether another frame is already waiting for it or at the
 /// pipeline's front (the source's queue): when one is, the cores are busy with the pipeline's
 /// own threads and `in_two` keeps to one thread.
 pub fn frame_waiting(waiting: bool) {
-    IDLE_AFTER.with(|c| c.set(!waiting));
+    ROOM.with(|c| c.set(!waiting));
 }
 
 /// `f` over `items`, in order, on two threads when there are enough items and cores and no
@@ -26,7 +27,7 @@ pub fn in_two<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<
     const MIN_ITEMS: usize = 4;
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from));
-    if items.len() < MIN_ITEMS || cores < 2 || !IDLE_AFTER.with(std::cell::Cell::get) {
+    if items.len() < MIN_ITEMS || cores < 2 || !ROOM.with(std::cell::Cell::get) {
         return items.iter().map(&f).collect();
     }
     let (first, second) = items.split_at(items.len() / 2);
