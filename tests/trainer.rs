@@ -394,3 +394,82 @@ fn init_fine_tunes_a_model_on_a_labs_classes() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("README.md"), "{err}");
 }
+
+/// Trains the smoke experiment (2 folds of seed 5 on 40 images) with extra arguments; the run's
+/// metrics, or its stderr when it fails.
+fn train_with(cfg: &Path, out: &Path, extra: &[&str]) -> Result<serde_json::Value, String> {
+    let mut args = vec!["--folds", "--limit", "40", "-q"];
+    args.extend_from_slice(extra);
+    common::train(env!("CARGO_BIN_EXE_spermscope-train"), cfg, out, &args)
+}
+
+#[test]
+fn distilled_student_learns_only_from_its_own_folds_teacher() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let teacher_cfg = experiment(dir.path(), true);
+    let teachers = dir.path().join("teacher");
+    let teacher = train_with(&teacher_cfg, &teachers, &["--fold-models"]).expect("teacher");
+    // Every fold's model is kept with a record of what it was tested on.
+    let folds = teachers.join("smoke.folds");
+    let mut digests = Vec::new();
+    let mut tested = 0;
+    for fit in ["s5-f1", "s5-f2"] {
+        assert!(folds.join(format!("{fit}.onnx")).is_file(), "{fit}.onnx");
+        let text = std::fs::read_to_string(folds.join(format!("{fit}.json"))).expect("record");
+        let record: serde_json::Value = serde_json::from_str(&text).expect("record json");
+        assert_eq!(record["fit"], fit);
+        tested += record["test_images"].as_u64().expect("test_images");
+        digests.push(record["test_sha256"].as_str().expect("digest").to_string());
+    }
+    assert_eq!(tested, 40);
+    assert_ne!(digests[0], digests[1]);
+
+    // The same experiment, learning from those teachers' soft targets alone.
+    let student_text = |folds: &Path| {
+        let base = std::fs::read_to_string(&teacher_cfg).expect("experiment");
+        format!(
+            "{}\n[distill]\nteacher = \"{}/{{fit}}.onnx\"\nfinal_teacher = \"{}\"\ntemperature = 3.0\nweight = 1.0\n",
+            base.replace("name = \"smoke\"", "name = \"student\""),
+            folds.display(),
+            teachers.join("smoke.onnx").display()
+        )
+    };
+    let student_cfg = dir.path().join("student.toml");
+    std::fs::write(&student_cfg, student_text(&folds)).expect("write student");
+    let student =
+        train_with(&student_cfg, &dir.path().join("student"), &[]).expect("distilled student");
+    let first_loss = |r: &serde_json::Value| r["final_model"]["history"][0]["train_loss"].as_f64();
+    assert!(first_loss(&student).is_some());
+    assert_ne!(
+        first_loss(&student),
+        first_loss(&teacher),
+        "the soft targets must change the loss"
+    );
+
+    // Another seed's folds have no teacher: refused, naming the missing record.
+    let err = train_with(&student_cfg, &dir.path().join("s6"), &["--seeds", "6"])
+        .expect_err("no teacher for seed 6");
+    assert!(
+        err.contains("s6-f1") && err.contains("--fold-models"),
+        "{err}"
+    );
+
+    // Teachers swapped between folds would have seen the student's test images: refused.
+    let swapped = dir.path().join("swapped");
+    std::fs::create_dir_all(&swapped).expect("mkdir");
+    for (from, to) in [("s5-f1", "s5-f2"), ("s5-f2", "s5-f1")] {
+        for ext in ["onnx", "json"] {
+            std::fs::copy(
+                folds.join(format!("{from}.{ext}")),
+                swapped.join(format!("{to}.{ext}")),
+            )
+            .expect("copy");
+        }
+    }
+    std::fs::write(&student_cfg, student_text(&swapped)).expect("write student");
+    let err = train_with(&student_cfg, &dir.path().join("sw"), &[]).expect_err("swapped");
+    assert!(
+        err.contains("tested on other images than fold s5-f1"),
+        "{err}"
+    );
+}

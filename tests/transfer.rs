@@ -10,7 +10,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use burn::prelude::*;
 use spermscope::offline::train::efficientnet::{
@@ -172,25 +171,9 @@ seeds = [4]
 /// Runs the trainer on 24 HuSHeM images (2 folds and the final model); `Err` with its stderr
 /// when the run stops (as `--stop-after` makes it).
 fn train(cfg: &Path, out: &Path, extra: &[&str]) -> Result<serde_json::Value, String> {
-    let run = Command::new(env!("CARGO_BIN_EXE_spermscope-train"))
-        .args([
-            "--config",
-            cfg.to_str().expect("utf8"),
-            "--folds",
-            "--limit",
-            "24",
-            "-q",
-        ])
-        .arg("--out")
-        .arg(out)
-        .args(extra)
-        .output()
-        .expect("spawn the trainer");
-    if !run.status.success() {
-        return Err(String::from_utf8_lossy(&run.stderr).into_owned());
-    }
-    let json = std::fs::read_to_string(out.join("lite.metrics.json")).expect("metrics");
-    Ok(serde_json::from_str(&json).expect("metrics json"))
+    let mut args = vec!["--folds", "--limit", "24", "-q"];
+    args.extend_from_slice(extra);
+    common::train(env!("CARGO_BIN_EXE_spermscope-train"), cfg, out, &args)
 }
 
 #[test]

@@ -67,6 +67,10 @@ struct Args {
     /// not the protocol's).
     #[arg(long)]
     max_folds: Option<usize>,
+    /// Keep every cross-validation fold's model in OUT/NAME.folds/ (s<seed>-f<fold>.onnx), with
+    /// a record of its test images: the teachers of a distilled student ([distill]).
+    #[arg(long)]
+    fold_models: bool,
     /// Check instead of training: fit this many images (one batch) and report whether the
     /// loss goes to about zero.
     #[arg(long, num_args = 0..=1, default_missing_value = "8")]
@@ -99,6 +103,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         resume: args.resume,
         stop_after: args.stop_after,
         max_folds: args.max_folds,
+        fold_models: args.fold_models,
         init: args.init.clone(),
         init_opts: InitOptions {
             dataset: args.dataset.clone(),

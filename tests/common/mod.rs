@@ -53,6 +53,36 @@ pub fn run_ok(c: &mut Command) -> Output {
     out
 }
 
+/// Runs the trainer (`bin`: `env!("CARGO_BIN_EXE_spermscope-train")`, which exists only with the
+/// `train` feature) as `--config CFG --out OUT ARGS...`; the run's metrics JSON
+/// (`OUT/<CFG's stem>.metrics.json`, so the experiment's name must be the file's), or its stderr
+/// when it fails.
+pub fn train(
+    bin: &str,
+    cfg: &Path,
+    out: &Path,
+    args: &[&str],
+) -> Result<serde_json::Value, String> {
+    let run = Command::new(bin)
+        .arg("--config")
+        .arg(cfg)
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .output()
+        .expect("spawn the trainer");
+    if !run.status.success() {
+        return Err(String::from_utf8_lossy(&run.stderr).into_owned());
+    }
+    let name = cfg
+        .file_stem()
+        .expect("stem")
+        .to_string_lossy()
+        .into_owned();
+    let json = std::fs::read_to_string(out.join(format!("{name}.metrics.json"))).expect("metrics");
+    Ok(serde_json::from_str(&json).expect("metrics json"))
+}
+
 /// Send SIGTERM to a child (the daemon drains, flushes and reports on it); the `kill` must
 /// succeed.
 pub fn sigterm(child: &Child) {

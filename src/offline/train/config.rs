@@ -44,6 +44,9 @@ pub struct Experiment {
     pub cv: CvConfig,
     #[serde(default)]
     pub finetune: FinetuneConfig,
+    /// Knowledge distillation: soft targets from a teacher model (off when absent).
+    #[serde(default)]
+    pub distill: Option<DistillConfig>,
     /// A trained model to start from instead of random weights (`spermscope-train --init`; not
     /// read from the file).
     #[serde(skip)]
@@ -430,7 +433,44 @@ impl Default for CvConfig {
     }
 }
 
+/// Soft targets from a trained teacher (`[distill]`): the loss is
+/// `(1 - weight) * cross-entropy(labels) + weight * T^2 * cross-entropy(teacher at T, student at T)`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// The teacher: an ONNX model exported by spermscope-train. `{fit}` is replaced by the fit's
+    /// name (`s<seed>-f<fold>` for a cross-validation fold, `final` for the final model), so
+    /// each fold learns from a teacher trained on that fold's training images only (written by
+    /// `--fold-models`, and checked against the record beside it).
+    pub teacher: String,
+    /// The final model's teacher, when it is not `teacher` with `{fit}` = `final` (e.g. the
+    /// teacher's own final model, trained on every image).
+    #[serde(default)]
+    pub final_teacher: Option<String>,
+    /// Softmax temperature of both teacher and student in the soft-target term.
+    #[serde(default = "default_distill_temperature")]
+    pub temperature: f32,
+    /// Share of the soft-target term in the loss, in (0, 1]; the labels' cross-entropy gets
+    /// the rest.
+    #[serde(default = "default_distill_weight")]
+    pub weight: f32,
+}
+
+fn default_distill_temperature() -> f32 {
+    4.0
+}
+
+fn default_distill_weight() -> f32 {
+    0.7
+}
+
 impl Experiment {
+    /// What `[distill]` adds to the fingerprint of a run's checkpoints: nothing when it is
+    /// absent, so checkpoints written before it existed still resume.
+    pub fn fingerprint(&self) -> String {
+        format!("{self:?}").replacen(", distill: None", "", 1)
+    }
+
     pub fn load(path: &Path) -> Result<Experiment, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -535,6 +575,17 @@ impl Experiment {
         }
         if self.cv.seeds.is_empty() {
             return bad("cv.seeds", "needs at least one seed");
+        }
+        if let Some(d) = &self.distill {
+            if d.teacher.trim().is_empty() {
+                return bad("distill.teacher", "must name an ONNX model");
+            }
+            if !(d.temperature > 0.0 && d.temperature <= 20.0) {
+                return bad("distill.temperature", "must be in (0, 20]");
+            }
+            if !(d.weight > 0.0 && d.weight <= 1.0) {
+                return bad("distill.weight", "must be in (0, 1]");
+            }
         }
         Ok(())
     }
@@ -658,5 +709,18 @@ mod tests {
         e.augment.noise_max_std = -1.0;
         let err = e.validate(p).unwrap_err().to_string();
         assert!(err.contains("augment.noise_max_std"), "{err}");
+        e.augment.noise_max_std = 0.0;
+        // Without [distill] the checkpoint fingerprint is the one runs had before it existed.
+        assert!(!e.fingerprint().contains("distill"));
+        let mut d: Experiment =
+            toml::from_str("name='a'\n[data]\ndataset='d'\n[distill]\nteacher='t/{fit}.onnx'\n")
+                .expect("distill");
+        assert!(d.validate(p).is_ok());
+        assert!(d.fingerprint().contains("t/{fit}.onnx"));
+        if let Some(c) = d.distill.as_mut() {
+            c.weight = 1.5;
+        }
+        let err = d.validate(p).unwrap_err().to_string();
+        assert!(err.contains("distill.weight"), "{err}");
     }
 }

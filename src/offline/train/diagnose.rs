@@ -76,6 +76,7 @@ pub fn overfit_batch(config: &Path, n: usize, steps: usize) -> Result<OverfitRep
         exp.train.seed,
         &ProgressBar::hidden(),
         None,
+        None,
     )?;
     let first = fitted.history.first().map_or(f64::NAN, |h| h.train_loss);
     let last = fitted.history.last().map_or(f64::NAN, |h| h.train_loss);

@@ -11,6 +11,7 @@ use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamWConfig, GradientsParams, LionConfig, ModuleOptimizer, SgdConfig};
 use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
 use image::RgbImage;
 use indicatif::ProgressBar;
 use rand::seq::SliceRandom;
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::augment;
 use super::checkpoint::{self, CheckpointError, Checkpoints, Saved};
-use super::config::{Balance, Experiment, Optimizer};
+use super::config::{Balance, DistillConfig, Experiment, Optimizer};
 use super::efficientnet;
 use super::finetune::{self, LrPolicy};
 use super::health::{self, EpochNorms, GradStats, GradTrouble};
@@ -477,6 +478,8 @@ struct Run<'a> {
     /// Training indexes by class (balanced sampling draws from them).
     by_class: Vec<Vec<usize>>,
     train_idx: &'a [usize],
+    /// The teacher's probabilities per item, and the distillation settings.
+    soft: Option<(&'a [Vec<f32>], &'a DistillConfig)>,
 }
 
 /// What one epoch of training left: the figures of its log without validation.
@@ -495,6 +498,7 @@ impl<'a> Run<'a> {
         train_idx: &'a [usize],
         spec: &'a ModelSpec,
         device: Device,
+        soft: Option<&'a [Vec<f32>]>,
     ) -> Self {
         let k = spec.classes.len();
         let by_class: Vec<Vec<usize>> = (0..k)
@@ -528,6 +532,7 @@ impl<'a> Run<'a> {
             loss_fn,
             by_class,
             train_idx,
+            soft: soft.zip(exp.distill.as_ref()),
         }
     }
 
@@ -619,9 +624,21 @@ impl<'a> Run<'a> {
         let labels: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), &self.device);
         let alpha = self.exp.augment.mixup_alpha;
+        let soft = self.soft.map(|(targets, cfg)| {
+            let k = self.spec.classes.len();
+            let t: Vec<f32> = chunk.iter().flat_map(|&i| targets[i].clone()).collect();
+            (
+                Tensor::<2>::from_data(TensorData::new(t, [n, k]), &self.device),
+                cfg,
+            )
+        });
         if alpha <= 0.0 {
             let logits = model.forward(x, f);
             let loss = self.loss_fn.forward(logits.clone(), y);
+            let loss = match soft {
+                Some((t, cfg)) => distilled(loss, logits.clone(), t, cfg),
+                None => loss,
+            };
             return (logits, loss, labels);
         }
         let lam = augment::mixup_weight(alpha, rng);
@@ -640,6 +657,13 @@ impl<'a> Run<'a> {
                 .loss_fn
                 .forward(logits.clone(), y.select(0, perm.clone()))
                 .mul_scalar(1.0 - lam);
+        let loss = match soft {
+            Some((t, cfg)) => {
+                let mixed = t.clone().mul_scalar(lam) + t.select(0, perm).mul_scalar(1.0 - lam);
+                distilled(loss, logits.clone(), mixed, cfg)
+            }
+            None => loss,
+        };
         (logits, loss, labels)
     }
 
@@ -666,6 +690,22 @@ impl<'a> Run<'a> {
 }
 
 /// Each layer whose gradient vanished or exploded over the epoch, warned about once.
+/// The distillation loss: `(1 - w) * hard + w * T^2 * CE(teacher at T, student at T)`, where
+/// `teacher` holds the teacher's probabilities at temperature T (`[n, classes]`). The T^2
+/// keeps the soft term's gradients on the scale of the hard one's.
+pub fn distilled(
+    hard: Tensor<1>,
+    logits: Tensor<2>,
+    teacher: Tensor<2>,
+    cfg: &DistillConfig,
+) -> Tensor<1> {
+    let t = cfg.temperature;
+    let w = cfg.weight;
+    let log_p = log_softmax(logits.div_scalar(t), 1);
+    let soft = (teacher * log_p).sum_dim(1).mean().neg().mul_scalar(t * t);
+    hard.mul_scalar(1.0 - w) + soft.mul_scalar(w)
+}
+
 fn judge_gradients(epoch: usize, stats: &[GradStats]) -> Vec<(String, GradTrouble)> {
     let mut warnings = Vec::new();
     for (s, trouble) in health::judge(stats) {
@@ -792,6 +832,7 @@ pub fn fit(
     seed: u64,
     bar: &ProgressBar,
     ckpt: Option<&FitCheckpoint>,
+    soft: Option<&[Vec<f32>]>,
 ) -> Result<Fitted, FitError> {
     let device = Device::flex().autodiff();
     device.seed(seed);
@@ -804,7 +845,7 @@ pub fn fit(
     let dir = ckpt.map(|c| c.all.run_dir(&c.run)).unwrap_or_default();
     let mut st: LoopState = checkpoint::parse_state(&state, &dir)?;
     let policy = LrPolicy::new(exp, &model).map_err(FitError::LrGroups)?;
-    let run = Run::new(exp, items, train_idx, spec, device.clone());
+    let run = Run::new(exp, items, train_idx, spec, device.clone(), soft);
     let t = &exp.train;
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(7));
     bar.set_length(t.epochs as u64);
@@ -970,6 +1011,52 @@ mod tests {
             .map(|e| log(e, 1.0 / e as f64, 1.0 / e as f64))
             .collect();
         assert_eq!(overfitting_from(&h), None);
+    }
+
+    #[test]
+    fn distillation_loss_is_the_weighted_sum_of_hard_and_tempered_soft_terms() {
+        let dev = Device::flex();
+        let logits = [[2.0f32, -1.0, 0.5], [0.0, 1.5, -0.5]];
+        let teacher = [[0.7f32, 0.1, 0.2], [0.2, 0.6, 0.2]];
+        let to2 =
+            |v: &[[f32; 3]; 2]| Tensor::<2>::from_data(TensorData::new(v.concat(), [2, 3]), &dev);
+        let hard = Tensor::<1>::from_data(TensorData::new(vec![0.9f32], [1]), &dev);
+        let cfg = |temperature, weight| DistillConfig {
+            teacher: String::new(),
+            final_teacher: None,
+            temperature,
+            weight,
+        };
+        // By hand: T^2 * mean over rows of -sum(teacher * log_softmax(logits / T)).
+        let soft = |t: f32| -> f32 {
+            let rows: Vec<f32> = logits
+                .iter()
+                .zip(&teacher)
+                .map(|(l, p)| {
+                    let z: Vec<f32> = l.iter().map(|v| v / t).collect();
+                    let lse = z.iter().map(|v| v.exp()).sum::<f32>().ln();
+                    -p.iter().zip(&z).map(|(p, z)| p * (z - lse)).sum::<f32>()
+                })
+                .collect();
+            t * t * rows.iter().sum::<f32>() / rows.len() as f32
+        };
+        for (t, w) in [(1.0, 1.0), (4.0, 0.7), (2.0, 0.25)] {
+            let got = distilled(hard.clone(), to2(&logits), to2(&teacher), &cfg(t, w))
+                .into_scalar::<f32>();
+            let want = (1.0 - w) * 0.9 + w * soft(t);
+            assert!((got - want).abs() < 1e-5, "T {t} w {w}: {got} vs {want}");
+        }
+        // With one-hot targets at T = 1 and weight 1 it is plain cross-entropy.
+        let one_hot = [[1.0f32, 0.0, 0.0], [0.0, 1.0, 0.0]];
+        let ce = CrossEntropyLossConfig::new()
+            .init(&dev)
+            .forward(
+                to2(&logits),
+                Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1], [2]), &dev),
+            )
+            .into_scalar::<f32>();
+        let got = distilled(hard, to2(&logits), to2(&one_hot), &cfg(1.0, 1.0)).into_scalar::<f32>();
+        assert!((got - ce).abs() < 1e-5, "{got} vs {ce}");
     }
 
     #[test]

@@ -250,6 +250,7 @@ pub fn adaptation_experiment(init: &ModelFile, dataset: PathBuf) -> Experiment {
         augment: AugmentConfig::default(),
         cv: CvConfig::default(),
         finetune: FinetuneConfig::default(),
+        distill: None,
         init: None,
     }
 }

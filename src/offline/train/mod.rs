@@ -5,6 +5,7 @@ pub mod augment;
 pub mod checkpoint;
 pub mod config;
 pub mod diagnose;
+pub mod distill;
 pub mod efficientnet;
 pub mod export;
 pub mod finetune;
@@ -59,6 +60,8 @@ pub enum TrainError {
     ResumeWithoutCheckpoints,
     #[error(transparent)]
     Init(#[from] init::InitError),
+    #[error(transparent)]
+    Distill(#[from] distill::DistillError),
     #[error("give an experiment file (--config), a model to start from (--init), or both")]
     NoExperiment,
     #[error("--init without --config needs --dataset (the lab's crops, one folder per class)")]
@@ -86,6 +89,9 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
     /// Cross-validate only the first N folds of each seed (pilot runs).
     pub max_folds: Option<usize>,
+    /// Keep every cross-validation fold's model, with a record of its test images, in
+    /// `OUT/NAME.folds/` (teachers for distillation, fold ensembles).
+    pub fold_models: bool,
     /// Start from this trained model (`--init`) instead of random weights.
     pub init: Option<PathBuf>,
     pub init_opts: init::InitOptions,
@@ -330,7 +336,7 @@ pub fn run(config: Option<&Path>, opts: &RunOptions) -> Result<RunReport, TrainE
             &items,
             &spec0,
             &multi,
-            (ckpts.as_ref(), opts.max_folds),
+            (ckpts.as_ref(), opts),
         )?)
     } else {
         None
@@ -391,7 +397,7 @@ fn open_checkpoints(
     }
     // The experiment after the command line's overrides, and the subset: a checkpoint of any
     // other run must not be continued as this one.
-    let fingerprint = format!("{exp:?}\nlimit {:?}", opts.limit);
+    let fingerprint = format!("{}\nlimit {:?}", exp.fingerprint(), opts.limit);
     let root = opts.out.join(format!("{}.checkpoints", exp.name));
     Ok(Some(Checkpoints::open(
         root,
@@ -497,15 +503,22 @@ fn fold_outcome(
     seed: u64,
     bar: &ProgressBar,
     ckpts: Option<&Checkpoints>,
-    run: String,
+    (record, keep): (distill::FoldRecord, Option<&Path>),
 ) -> Result<FoldOutcome, TrainError> {
+    let run = record.fit.clone();
     if let Some(c) = ckpts
         && let Some(done) = c.done::<FoldOutcome>(&run)?
         && done.test == test
     {
         tracing::info!(run, "fold done in an earlier session: its record is reused");
+        if let Some(dir) = keep
+            && !dir.join(format!("{run}.onnx")).is_file()
+        {
+            tracing::warn!(run, folder = %dir.display(), "--fold-models: this fold finished in a run without it, so its model was not kept");
+        }
         return Ok(done);
     }
+    let soft = distill::targets(exp, &run, Some(&record), items, train_idx, &spec0.classes)?;
     let mut spec = spec0.clone();
     normalise(exp, items, train_idx, &mut spec);
     let ckpt = ckpts.map(|all| FitCheckpoint {
@@ -521,6 +534,7 @@ fn fold_outcome(
         seed,
         bar,
         ckpt.as_ref(),
+        soft.as_deref(),
     )?;
     let outcome = FoldOutcome {
         test: test.to_vec(),
@@ -530,6 +544,13 @@ fn fold_outcome(
         images_per_second: fitted.images_per_second,
         history: fitted.history,
     };
+    // Kept before the fold is recorded as done, so a finished fold always has its model.
+    if let Some(dir) = keep {
+        let mut kept = spec.clone();
+        kept.name = format!("{}-{run}", spec.name);
+        let bytes = export::to_onnx(fitted.model, &kept)?;
+        distill::keep_fold_model(dir, &bytes, &record)?;
+    }
     if let Some(c) = ckpts {
         c.finish(&run, &outcome)?;
     }
@@ -542,8 +563,12 @@ fn cross_validate(
     items: &[Item],
     spec0: &ModelSpec,
     multi: &MultiProgress,
-    (ckpts, max_folds): (Option<&Checkpoints>, Option<usize>),
+    (ckpts, opts): (Option<&Checkpoints>, &RunOptions),
 ) -> Result<CvReport, TrainError> {
+    let max_folds = opts.max_folds;
+    let keep = opts
+        .fold_models
+        .then(|| distill::folds_dir(&opts.out, &exp.name));
     let started = Instant::now();
     let folds = match exp.cv.protocol {
         Protocol::GivenSplit => 1,
@@ -568,6 +593,8 @@ fn cross_validate(
         for fold in 0..run_folds {
             epoch_bar.set_prefix(format!("seed {seed} fold {}/{folds}", fold + 1));
             let (train_idx, val_idx, test) = fold_split(exp, items, &assign, fold, seed);
+            let run = format!("s{seed}-f{}", fold + 1);
+            let record = distill::FoldRecord::new(&run, &ds.root, items, &train_idx, &test);
             let o = fold_outcome(
                 exp,
                 items,
@@ -576,7 +603,7 @@ fn cross_validate(
                 seed * 1000 + fold as u64,
                 &epoch_bar,
                 ckpts,
-                format!("s{seed}-f{}", fold + 1),
+                (record, keep.as_deref()),
             )?;
             let truth: Vec<usize> = test.iter().map(|&i| items[i].label).collect();
             // Both ways once; the model's own setting picks which are its predictions.
@@ -734,6 +761,7 @@ fn train_final(
         all,
         run: "final".into(),
     });
+    let soft = distill::targets(exp, "final", None, items, &train_idx, &spec.classes)?;
     let fitted = fit::fit(
         exp,
         items,
@@ -743,6 +771,7 @@ fn train_final(
         seed,
         &bar,
         ckpt.as_ref(),
+        soft.as_deref(),
     )?;
     bar.finish_and_clear();
     // `all` is every item in order, so these logits are indexed by item.

@@ -681,6 +681,7 @@ fn train_and_score(
         exp.train.seed,
         &ProgressBar::hidden(),
         None,
+        None,
     )?;
     let logits = fit::predict(&fitted.model, items, test, &spec);
     let truth: Vec<usize> = test.iter().map(|&i| items[i].label).collect();
