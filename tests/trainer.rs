@@ -438,6 +438,19 @@ fn distilled_student_learns_only_from_its_own_folds_teacher() {
     std::fs::write(&student_cfg, student_text(&folds)).expect("write student");
     let student =
         train_with(&student_cfg, &dir.path().join("student"), &[]).expect("distilled student");
+    // Its metrics name the teacher of every fold and of the final model.
+    let teachers = student["cv"]["teachers"].as_array().expect("teachers");
+    assert_eq!(teachers.len(), 2);
+    assert_eq!(teachers[1]["fit"], "s5-f2");
+    assert!(
+        teachers[1]["path"]
+            .as_str()
+            .expect("path")
+            .ends_with("s5-f2.onnx")
+    );
+    assert_eq!(teachers[1]["sha256"].as_str().map(str::len), Some(64));
+    assert_eq!(student["final_model"]["teacher"]["fit"], "final");
+    assert!(teacher["cv"].get("teachers").is_none());
     let first_loss = |r: &serde_json::Value| r["final_model"]["history"][0]["train_loss"].as_f64();
     assert!(first_loss(&student).is_some());
     assert_ne!(

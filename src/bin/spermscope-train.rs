@@ -197,7 +197,18 @@ fn print_cv(cv: &train::CvReport) {
             .map(|a| format!("{a:.4}"))
             .collect::<Vec<_>>()
     );
+    for t in &cv.teachers {
+        print_teacher(&format!("fold {}", t.fit), t);
+    }
     println!("{}", cv.pooled.to_text());
+}
+
+fn print_teacher(what: &str, t: &spermscope::offline::train::distill::Teacher) {
+    println!(
+        "{what} distilled from {} (sha256 {})",
+        t.path.display(),
+        &t.sha256[..12.min(t.sha256.len())]
+    );
 }
 
 fn print_final(f: &train::FinalReport) {
@@ -211,6 +222,9 @@ fn print_final(f: &train::FinalReport) {
         f.seconds,
         f.images_per_second
     );
+    if let Some(t) = &f.teacher {
+        print_teacher("final model", t);
+    }
     if let Some(c) = &f.calibration {
         println!(
             "temperature {:.3} fitted on {} ({} images): ECE {:.3} -> {:.3}, label-free estimate {:.1}% vs accuracy {:.1}%",

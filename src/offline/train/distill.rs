@@ -125,6 +125,20 @@ pub fn teacher_path(cfg: &DistillConfig, fit: &str) -> PathBuf {
     }
 }
 
+/// Which teacher taught a fit: recorded in the student's metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Teacher {
+    pub fit: String,
+    pub path: PathBuf,
+    pub sha256: String,
+}
+
+/// A fit's soft targets (indexed by item) and their teacher.
+pub struct Taught {
+    pub targets: Vec<Vec<f32>>,
+    pub teacher: Teacher,
+}
+
 /// The soft targets of one fit when the experiment distills (`[distill]`), else `None`; the
 /// classes are the dataset's, in the student's order.
 pub fn targets(
@@ -134,7 +148,7 @@ pub fn targets(
     items: &[Item],
     idx: &[usize],
     classes: &[String],
-) -> Result<Option<Vec<Vec<f32>>>, DistillError> {
+) -> Result<Option<Taught>, DistillError> {
     exp.distill
         .as_ref()
         .map(|cfg| soft_targets(cfg, fit, expect, items, idx, classes))
@@ -151,7 +165,7 @@ pub fn soft_targets(
     items: &[Item],
     idx: &[usize],
     classes: &[String],
-) -> Result<Vec<Vec<f32>>, DistillError> {
+) -> Result<Taught, DistillError> {
     let path = teacher_path(cfg, fit);
     if let Some(want) = expect {
         check_record(&path, want)?;
@@ -194,7 +208,14 @@ pub fn soft_targets(
         }
     }
     tracing::info!(teacher = %path.display(), fit, images = idx.len(), "soft targets ready");
-    Ok(out)
+    Ok(Taught {
+        targets: out,
+        teacher: Teacher {
+            fit: fit.to_string(),
+            path,
+            sha256: model.sha256.clone(),
+        },
+    })
 }
 
 fn check_record(model: &Path, want: &FoldRecord) -> Result<(), DistillError> {

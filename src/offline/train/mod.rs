@@ -120,6 +120,9 @@ pub struct CvReport {
     /// All test predictions pooled.
     pub pooled: Scores,
     pub seconds: f64,
+    /// The teacher of every fold, in run order, when the folds were distilled.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub teachers: Vec<distill::Teacher>,
     /// The first seed's out-of-fold logits (item index, logits): validation data for a final
     /// model that keeps no validation split.
     #[serde(skip)]
@@ -167,6 +170,9 @@ pub struct FinalReport {
     pub overfitting_from_epoch: Option<usize>,
     /// The softmax temperature fitted on the validation split, stored in the model.
     pub calibration: Option<Calibration>,
+    /// The teacher whose soft targets it learned from (`[distill]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<distill::Teacher>,
 }
 
 /// The experiment's dataset (at most `limit` images, spread over it), its base spec, and
@@ -491,6 +497,9 @@ struct FoldOutcome {
     /// The fold's per-epoch figures (kept in the record, for diagnosis).
     #[serde(default)]
     history: Vec<fit::EpochLog>,
+    /// The teacher whose soft targets it learned from (`[distill]`).
+    #[serde(default)]
+    teacher: Option<distill::Teacher>,
 }
 
 /// Trains one fold (or reads its record) and predicts its test items.
@@ -518,7 +527,7 @@ fn fold_outcome(
         }
         return Ok(done);
     }
-    let soft = distill::targets(exp, &run, Some(&record), items, train_idx, &spec0.classes)?;
+    let taught = distill::targets(exp, &run, Some(&record), items, train_idx, &spec0.classes)?;
     let mut spec = spec0.clone();
     normalise(exp, items, train_idx, &mut spec);
     let ckpt = ckpts.map(|all| FitCheckpoint {
@@ -534,7 +543,7 @@ fn fold_outcome(
         seed,
         bar,
         ckpt.as_ref(),
-        soft.as_deref(),
+        taught.as_ref().map(|t| t.targets.as_slice()),
     )?;
     let outcome = FoldOutcome {
         test: test.to_vec(),
@@ -543,6 +552,7 @@ fn fold_outcome(
         best_epoch: fitted.best_epoch,
         images_per_second: fitted.images_per_second,
         history: fitted.history,
+        teacher: taught.map(|t| t.teacher),
     };
     // Kept before the fold is recorded as done, so a finished fold always has its model.
     if let Some(dir) = keep {
@@ -587,6 +597,7 @@ fn cross_validate(
     let (mut accs, mut f1s, mut seed_acc) = (Vec::new(), Vec::new(), Vec::new());
     let (mut plain, mut fused) = (Vec::new(), Vec::new());
     let mut out_of_fold = Vec::new();
+    let mut teachers = Vec::new();
     for (seed_no, &seed) in exp.cv.seeds.iter().enumerate() {
         let assign = test_folds(exp, ds, items, seed)?;
         let mut seed_conf = vec![vec![0usize; k]; k];
@@ -605,6 +616,7 @@ fn cross_validate(
                 ckpts,
                 (record, keep.as_deref()),
             )?;
+            teachers.extend(o.teacher.clone());
             let truth: Vec<usize> = test.iter().map(|&i| items[i].label).collect();
             // Both ways once; the model's own setting picks which are its predictions.
             plain.push(accuracy(&spec0.classes, &truth, &o.plain));
@@ -661,6 +673,7 @@ fn cross_validate(
         accuracy_mirror_fused: mean_std(&fused).0,
         pooled: Scores::from_confusion(&spec0.classes, pooled),
         seconds: started.elapsed().as_secs_f64(),
+        teachers,
         out_of_fold,
     })
 }
@@ -761,7 +774,7 @@ fn train_final(
         all,
         run: "final".into(),
     });
-    let soft = distill::targets(exp, "final", None, items, &train_idx, &spec.classes)?;
+    let taught = distill::targets(exp, "final", None, items, &train_idx, &spec.classes)?;
     let fitted = fit::fit(
         exp,
         items,
@@ -771,7 +784,7 @@ fn train_final(
         seed,
         &bar,
         ckpt.as_ref(),
-        soft.as_deref(),
+        taught.as_ref().map(|t| t.targets.as_slice()),
     )?;
     bar.finish_and_clear();
     // `all` is every item in order, so these logits are indexed by item.
@@ -832,5 +845,6 @@ fn train_final(
         overfitting_from_epoch: fit::overfitting_from(&history),
         history,
         calibration,
+        teacher: taught.map(|t| t.teacher),
     })
 }
