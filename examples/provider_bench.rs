@@ -1,7 +1,8 @@
 //! Crops a second for each bundled model at batch 1, 16, 64 and 256 on one execution provider
 //! (ONNX Runtime through the daemon's own `Model`), for the CPU-against-CUDA table of the
 //! README; `scripts/gpu-check` runs it for both on a GPU machine.
-//! `cargo run --release --example provider_bench -- cpu|cuda [THREADS] [SECONDS]`
+//! `cargo run --release --example provider_bench -- cpu|cuda [THREADS] [SECONDS] [MODEL.onnx...]`
+//! (without models: every bundled one)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,13 +30,17 @@ fn main() -> ExitCode {
         .nth(3)
         .and_then(|s| s.parse().ok())
         .unwrap_or(1.0);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
-    let mut paths: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
-        .collect();
-    paths.sort();
+    // Models named after the seconds, else every bundled one.
+    let mut paths: Vec<PathBuf> = std::env::args().skip(4).map(PathBuf::from).collect();
+    if paths.is_empty() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
+        paths = std::fs::read_dir(&root)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
+            .collect();
+        paths.sort();
+    }
     let opts = RuntimeOptions {
         provider,
         threads,
@@ -43,7 +48,7 @@ fn main() -> ExitCode {
     };
     println!("provider {provider:?}, {threads} intra-op thread(s), {seconds} s a cell");
     println!(
-        "{:<16} {:>10} {:>10} {:>10} {:>10}",
+        "{:<24} {:>10} {:>10} {:>10} {:>10}",
         "model", "batch 1", "16", "64", "256"
     );
     for path in &paths {
@@ -62,7 +67,7 @@ fn main() -> ExitCode {
             features: vec![0.0; spec.features.as_ref().map_or(0, |f| f.count)],
             head: None,
         };
-        let mut row = format!("{:<16}", spec.name);
+        let mut row = format!("{:<24}", spec.name);
         for batch in [1usize, 16, 64, 256] {
             let inputs = vec![crop.clone(); batch];
             for _ in 0..3 {

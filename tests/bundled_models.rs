@@ -28,6 +28,11 @@ fn committed_models_load_with_their_cards() {
             vec!["abnormal_sperm", "non-sperm", "normal_sperm"],
             3,
         ),
+        (
+            "smids-3class-lite0",
+            vec!["abnormal_sperm", "non-sperm", "normal_sperm"],
+            3,
+        ),
         ("mhsma-head", vec!["normal", "abnormal"], 1),
         ("head-verifier", vec!["head", "not_head"], 3),
     ] {
@@ -93,4 +98,16 @@ fn eval_reproduces_the_smids_model_accuracy() {
         (got - want).abs() <= 2.0 / n_want as f64,
         "eval {got} vs recorded {want}"
     );
+}
+
+/// The shipped teacher gives, through ONNX Runtime on the same SMIDS crops, the logits its
+/// training run recorded in burn (16 crops spread over the dataset).
+#[test]
+fn the_smids_teacher_reproduces_its_training_logits() {
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(models().join("smids-3class-lite0.metrics.json"))
+            .expect("metrics"),
+    )
+    .expect("json");
+    common::onnx_parity(&models().join("smids-3class-lite0.onnx"), &report);
 }

@@ -82,7 +82,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    spermscope::cli::init_logging("info");
+    spermscope::cli::init_logging("info,ort=warn");
     let args = Args::parse();
     spermscope::cli::exit("spermscope-train", run(&args))
 }
