@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use spermscope::core::calibration::argmax;
 use spermscope::core::dataset;
 use spermscope::core::model::softmax;
 
@@ -49,13 +50,6 @@ fn read_runs(dir: &Path, n: usize) -> Result<BTreeMap<String, Run>, String> {
         }
     }
     Ok(runs)
-}
-
-fn argmax(p: &[f32]) -> usize {
-    p.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i)
 }
 
 fn main() -> ExitCode {

@@ -74,7 +74,7 @@ impl FoldRecord {
 }
 
 /// sha256 over the sorted dataset-relative paths of `idx`.
-pub fn digest(root: &Path, items: &[Item], idx: &[usize]) -> String {
+fn digest(root: &Path, items: &[Item], idx: &[usize]) -> String {
     let mut names: Vec<String> = idx
         .iter()
         .map(|&i| {
@@ -91,7 +91,7 @@ pub fn digest(root: &Path, items: &[Item], idx: &[usize]) -> String {
         h.update(n.as_bytes());
         h.update(b"\n");
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    format!("{:x}", h.finalize())
 }
 
 /// The folder of a run's kept fold models: `OUT/NAME.folds`.
@@ -118,7 +118,7 @@ pub fn keep_fold_model(dir: &Path, onnx: &[u8], record: &FoldRecord) -> Result<(
 }
 
 /// The teacher of one fit: `{fit}` in the configured path replaced by its name.
-pub fn teacher_path(cfg: &DistillConfig, fit: &str) -> PathBuf {
+fn teacher_path(cfg: &DistillConfig, fit: &str) -> PathBuf {
     match (&cfg.final_teacher, fit) {
         (Some(t), "final") => PathBuf::from(t),
         _ => PathBuf::from(cfg.teacher.replace("{fit}", fit)),
@@ -158,7 +158,7 @@ pub fn targets(
 /// The teacher's probabilities at the distillation temperature for the items in `idx`, in the
 /// student's class order, indexed by item (empty for items outside `idx`). A fold's teacher
 /// (`expect` given) must carry a record showing it was tested on exactly this fold's images.
-pub fn soft_targets(
+fn soft_targets(
     cfg: &DistillConfig,
     fit: &str,
     expect: Option<&FoldRecord>,

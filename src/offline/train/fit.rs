@@ -626,7 +626,10 @@ impl<'a> Run<'a> {
         let alpha = self.exp.augment.mixup_alpha;
         let soft = self.soft.map(|(targets, cfg)| {
             let k = self.spec.classes.len();
-            let t: Vec<f32> = chunk.iter().flat_map(|&i| targets[i].clone()).collect();
+            let t: Vec<f32> = chunk
+                .iter()
+                .flat_map(|&i| targets[i].iter().copied())
+                .collect();
             (
                 Tensor::<2>::from_data(TensorData::new(t, [n, k]), &self.device),
                 cfg,
@@ -689,7 +692,6 @@ impl<'a> Run<'a> {
     }
 }
 
-/// Each layer whose gradient vanished or exploded over the epoch, warned about once.
 /// The distillation loss: `(1 - w) * hard + w * T^2 * CE(teacher at T, student at T)`, where
 /// `teacher` holds the teacher's probabilities at temperature T (`[n, classes]`). The T^2
 /// keeps the soft term's gradients on the scale of the hard one's.
@@ -706,6 +708,7 @@ pub fn distilled(
     hard.mul_scalar(1.0 - w) + soft.mul_scalar(w)
 }
 
+/// Each layer whose gradient vanished or exploded over the epoch, warned about once.
 fn judge_gradients(epoch: usize, stats: &[GradStats]) -> Vec<(String, GradTrouble)> {
     let mut warnings = Vec::new();
     for (s, trouble) in health::judge(stats) {
