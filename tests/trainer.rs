@@ -486,3 +486,84 @@ fn distilled_student_learns_only_from_its_own_folds_teacher() {
         "{err}"
     );
 }
+
+#[test]
+fn a_rotation_pretext_model_starts_a_classifier_fitted_on_its_own_statistics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The pretext learns quarter turns of SMIDS windows, labels ignored; same network as the
+    // smoke classifier.
+    let smoke = std::fs::read_to_string(experiment(dir.path(), true)).expect("experiment");
+    let pretext_text = smoke
+        .replace("name = \"smoke\"", "name = \"pretext\"")
+        .replace(
+            &common::dataset("hushem").display().to_string(),
+            &common::dataset("smids").display().to_string(),
+        )
+        .replace(
+            "normal_class = \"normal\"",
+            "normal_class = \"normal\"\npretext = \"rotation\"",
+        )
+        .replace("val_fraction = 0.2", "val_fraction = 0.0")
+        .replace("test_time_mirror = true", "test_time_mirror = false");
+    let pretext_cfg = dir.path().join("pretext.toml");
+    std::fs::write(&pretext_cfg, &pretext_text).expect("write pretext");
+    let bin = env!("CARGO_BIN_EXE_spermscope-train");
+    let pre_out = dir.path().join("pre");
+    let pre =
+        common::train(bin, &pretext_cfg, &pre_out, &["--limit", "24", "-q"]).expect("pretext");
+    let fin = &pre["final_model"];
+    assert_eq!(pre["images"], 24);
+    assert_eq!(fin["train_images"], 96, "each image once per turn");
+    assert_eq!(
+        fin["spec"]["classes"],
+        serde_json::json!(["turned-0", "turned-90", "turned-180", "turned-270"])
+    );
+    assert!(fin["spec"]["normal_class"].is_null());
+    assert!(
+        fin["calibration"].is_null(),
+        "a pretext fits no temperature"
+    );
+    let per_turn = fin["all_data"]["per_class"].as_array().expect("per class");
+    assert!(per_turn.iter().all(|c| c["support"] == 24), "{per_turn:?}");
+    common::onnx_parity(&pre_out.join("pretext.onnx"), &pre);
+    // Cross-validating a pretext is refused, naming why.
+    let err = common::train(bin, &pretext_cfg, &dir.path().join("f"), &["--folds", "-q"])
+        .expect_err("--folds");
+    assert!(err.contains("pretext") && err.contains("--folds"), "{err}");
+
+    // The classifier from it: HuSHeM's labels, its own normalisation, the pretext's weights.
+    let smoke_cfg = dir.path().join("smoke.toml");
+    let init = pre_out.join("pretext.onnx");
+    let tuned = train_with(
+        &smoke_cfg,
+        &dir.path().join("tuned"),
+        &["--init", init.to_str().expect("utf8")],
+    )
+    .expect("fine-tune from the pretext");
+    let scratch = train_with(&smoke_cfg, &dir.path().join("scratch"), &[]).expect("scratch");
+    let spec = |r: &serde_json::Value| r["final_model"]["spec"].clone();
+    assert_eq!(
+        spec(&tuned)["classes"],
+        serde_json::json!(["normal", "tapered", "pyriform", "amorphous"])
+    );
+    assert_eq!(spec(&tuned)["normal_class"], "normal");
+    assert_eq!(
+        spec(&tuned)["test_time_mirror"],
+        true,
+        "the classifier's own reading"
+    );
+    assert_eq!(spec(&tuned)["input"], spec(&scratch)["input"]);
+    assert_eq!(spec(&tuned)["features"], spec(&scratch)["features"]);
+    assert_ne!(spec(&tuned)["input"], spec(&pre)["input"]);
+    let first_loss = |r: &serde_json::Value| r["final_model"]["history"][0]["train_loss"].as_f64();
+    assert_ne!(
+        first_loss(&tuned),
+        first_loss(&scratch),
+        "the weights must differ"
+    );
+    assert_eq!(
+        tuned["cv"]["fold_accuracy"].as_array().map(Vec::len),
+        Some(2)
+    );
+    common::onnx_parity(&dir.path().join("tuned/smoke.onnx"), &tuned);
+}

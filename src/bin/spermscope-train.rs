@@ -225,6 +225,12 @@ fn print_final(f: &train::FinalReport) {
     if let Some(t) = &f.teacher {
         print_teacher("final model", t);
     }
+    if train::init::is_pretext(&f.spec) {
+        println!(
+            "pretext: the turn told right for {:.1}% of the training windows (unaugmented); fine-tune from it with --init",
+            100.0 * f.all_data.accuracy
+        );
+    }
     if let Some(c) = &f.calibration {
         println!(
             "temperature {:.3} fitted on {} ({} images): ECE {:.3} -> {:.3}, label-free estimate {:.1}% vs accuracy {:.1}%",

@@ -66,6 +66,29 @@ pub struct DataConfig {
     pub normal_class: Option<String>,
     /// Pixel scale of the images in µm/px, when known.
     pub um_per_px: Option<f32>,
+    /// A self-supervised pretext instead of the dataset's labels (unset: learn the labels).
+    /// `rotation`: every image is seen four times, its upright window turned by 0, 90, 180
+    /// and 270 degrees, and the network learns which turn it was; the exported model is a
+    /// starting point for `spermscope-train --init`, not a classifier. Needs
+    /// `train.val_fraction = 0` (the four turns of one image would fall on both sides of a
+    /// split) and no `--folds`.
+    #[serde(default)]
+    pub pretext: Option<Pretext>,
+}
+
+/// A self-supervised task that needs no labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pretext {
+    /// Tell the quarter turn of an upright window (Gidaris et al. 2018, on head crops).
+    Rotation,
+}
+
+impl Pretext {
+    /// The classes a pretext model is exported with: the turns, in label order. A model with
+    /// these classes is known as a pretext model when it is read back.
+    pub const ROTATION_CLASSES: [&'static str; 4] =
+        ["turned-0", "turned-90", "turned-180", "turned-270"];
 }
 
 fn default_label() -> String {
@@ -465,10 +488,12 @@ fn default_distill_weight() -> f32 {
 }
 
 impl Experiment {
-    /// What `[distill]` adds to the fingerprint of a run's checkpoints: nothing when it is
-    /// absent, so checkpoints written before it existed still resume.
+    /// What `[distill]` and `data.pretext` add to the fingerprint of a run's checkpoints:
+    /// nothing when they are absent, so checkpoints written before they existed still resume.
     pub fn fingerprint(&self) -> String {
-        format!("{self:?}").replacen(", distill: None", "", 1)
+        format!("{self:?}")
+            .replacen(", pretext: None", "", 1)
+            .replacen(", distill: None", "", 1)
     }
 
     pub fn load(path: &Path) -> Result<Experiment, ConfigError> {
@@ -575,6 +600,35 @@ impl Experiment {
         }
         if self.cv.seeds.is_empty() {
             return bad("cv.seeds", "needs at least one seed");
+        }
+        self.validate_tasks(path)
+    }
+
+    /// The pretext and distillation keys.
+    fn validate_tasks(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, reason: &str| {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        if self.data.pretext.is_some() {
+            if self.train.val_fraction > 0.0 {
+                return bad(
+                    "train.val_fraction",
+                    "must be 0 with data.pretext: the four turns of an image would fall on both sides of the split",
+                );
+            }
+            if self.distill.is_some() {
+                return bad("distill", "cannot teach a pretext (data.pretext)");
+            }
+            if self.model.test_time_mirror {
+                return bad(
+                    "model.test_time_mirror",
+                    "must be false with data.pretext: a mirrored quarter turn is the opposite turn",
+                );
+            }
         }
         if let Some(d) = &self.distill {
             if d.teacher.trim().is_empty() {
@@ -722,5 +776,31 @@ mod tests {
         }
         let err = d.validate(p).unwrap_err().to_string();
         assert!(err.contains("distill.weight"), "{err}");
+    }
+
+    #[test]
+    fn a_pretext_needs_no_validation_split_and_no_teacher() {
+        let p = Path::new("p.toml");
+        let text = "name='p'\n[data]\ndataset='d'\npretext='rotation'\n[train]\nval_fraction=0.0\n";
+        let e = Experiment::parse(text, p).expect("pretext");
+        assert_eq!(e.data.pretext, Some(Pretext::Rotation));
+        assert!(e.fingerprint().contains("Rotation"));
+        let err = Experiment::parse(&text.replace("0.0", "0.1"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train.val_fraction") && err.contains("four turns"),
+            "{err}"
+        );
+        let taught = format!("{text}[distill]\nteacher='t.onnx'\n");
+        let err = Experiment::parse(&taught, p).unwrap_err().to_string();
+        assert!(err.contains("'distill'"), "{err}");
+        let err = Experiment::parse(&text.replace("rotation", "jigsaw"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("jigsaw"), "{err}");
+        // Without a pretext the fingerprint is the one runs had before it existed.
+        let plain = Experiment::parse("name='p'\n[data]\ndataset='d'\n", p).expect("plain");
+        assert!(!plain.fingerprint().contains("pretext"));
     }
 }

@@ -35,12 +35,42 @@ use crate::core::preprocess::{Located, Preprocessor};
 use crate::core::spec::{FeatureSpec, ModelSpec};
 
 /// A training image with its head located and its raw features measured.
+#[derive(Clone)]
 pub struct Item {
     pub path: PathBuf,
     pub label: usize,
     pub split: Option<String>,
-    pub img: RgbImage,
+    /// Shared, so a pretext's four turns of one image hold its pixels once.
+    pub img: Arc<RgbImage>,
     pub loc: Located,
+    /// Quarter turns (clockwise) given to the upright window after it is cut: a rotation
+    /// pretext's label, 0 otherwise.
+    pub turns: u8,
+}
+
+/// Each item four times, turned by 0-3 quarter turns and labelled with the turn
+/// (`data.pretext = "rotation"`); the dataset's labels are dropped.
+pub fn rotation_pretext(items: Vec<Item>) -> Vec<Item> {
+    items
+        .into_iter()
+        .flat_map(|item| {
+            (0..4u8).map(move |turns| Item {
+                label: turns as usize,
+                turns,
+                ..item.clone()
+            })
+        })
+        .collect()
+}
+
+/// `window` turned clockwise by `turns` quarter turns.
+fn turned(window: RgbImage, turns: u8) -> RgbImage {
+    match turns % 4 {
+        1 => image::imageops::rotate90(&window),
+        2 => image::imageops::rotate180(&window),
+        3 => image::imageops::rotate270(&window),
+        _ => window,
+    }
 }
 
 /// Decode and locate every image (in parallel); unreadable images are returned as skipped.
@@ -59,8 +89,9 @@ pub fn load_items(ds: &Dataset, spec: &ModelSpec, bar: &ProgressBar) -> (Vec<Ite
                         path: s.path.clone(),
                         label: s.label,
                         split: s.split.clone(),
-                        img,
+                        img: Arc::new(img),
                         loc,
+                        turns: 0,
                     }
                 })
                 .map_err(|e| Skipped {
@@ -178,7 +209,7 @@ pub fn inputs(
                 }
                 None => pre.window(&item.img, &item.loc, &Jitter::default()),
             };
-            let p = pre.finish(&img, &item.loc);
+            let p = pre.finish(&turned(img, item.turns), &item.loc);
             (p.pixels, p.features)
         })
         .collect();
@@ -910,6 +941,77 @@ pub fn fit(
 mod tests {
     use super::*;
     use crate::offline::train::config::{NetConfig, TrainConfig};
+
+    /// A dark, lopsided head on a light field: every quarter turn of it looks different.
+    fn lopsided_head() -> RgbImage {
+        RgbImage::from_fn(96, 96, |x, y| {
+            let (dx, dy) = (x as f32 - 48.0, y as f32 - 44.0);
+            let body = (dx / 10.0).powi(2) + (dy / 16.0).powi(2) <= 1.0;
+            let knob = (x as f32 - 54.0).powi(2) + (y as f32 - 32.0).powi(2) <= 16.0;
+            if body || knob {
+                image::Rgb([70, 40, 120])
+            } else {
+                image::Rgb([220, 215, 225])
+            }
+        })
+    }
+
+    #[test]
+    fn a_rotation_pretext_labels_each_image_by_its_turn_and_turns_its_window() {
+        let exp = crate::offline::train::config::Experiment::parse(
+            "name='p'\n[data]\ndataset='d'\npretext='rotation'\n[train]\nval_fraction=0.0\n",
+            std::path::Path::new("p.toml"),
+        )
+        .expect("experiment");
+        let classes = crate::offline::train::config::Pretext::ROTATION_CLASSES.map(String::from);
+        let spec = crate::offline::train::base_spec(&exp, &classes);
+        let img = lopsided_head();
+        let loc = Preprocessor::new(Arc::new(spec.clone())).locate(&img);
+        assert!(loc.head.is_some(), "the synthetic head must be found");
+        let item = Item {
+            path: PathBuf::from("h.png"),
+            label: 3,
+            split: None,
+            img: Arc::new(img),
+            loc,
+            turns: 0,
+        };
+        let items = rotation_pretext(vec![item]);
+        let labels: Vec<(usize, u8)> = items.iter().map(|i| (i.label, i.turns)).collect();
+        assert_eq!(labels, [(0, 0), (1, 1), (2, 2), (3, 3)]);
+        let (px, _) = inputs(&items, &[0, 1, 2, 3], &spec, None);
+        let s = spec.input.size_px as usize;
+        let per = 3 * s * s;
+        let views: Vec<&[f32]> = px.chunks(per).collect();
+        // One clockwise quarter turn of a [3, s, s] tensor: out[c][y][x] = in[c][s-1-x][y].
+        let quarter = |t: &[f32]| -> Vec<f32> {
+            let mut out = vec![0.0; t.len()];
+            for c in 0..3 {
+                for y in 0..s {
+                    for x in 0..s {
+                        out[c * s * s + y * s + x] = t[c * s * s + (s - 1 - x) * s + y];
+                    }
+                }
+            }
+            out
+        };
+        let mut want = views[0].to_vec();
+        for k in 1..4 {
+            want = quarter(&want);
+            let worst = want
+                .iter()
+                .zip(views[k])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-4, "turn {k}: the window differs by {worst}");
+            let unturned = views[0]
+                .iter()
+                .zip(views[k])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(unturned > 0.5, "turn {k} left the window as it was");
+        }
+    }
 
     /// Eight 3x32x32 images: class 0 bright on the left, class 1 bright on the right.
     fn batch(device: &Device) -> (Tensor<4>, Tensor<1, Int>) {

@@ -9,7 +9,7 @@ use burn_store::burn_pack::{self, Bytes, DType};
 
 use super::config::{
     AugmentConfig, Backbone, CropConfig, CvConfig, DataConfig, Experiment, FinetuneConfig,
-    NetConfig, TrainConfig,
+    NetConfig, Pretext, TrainConfig,
 };
 use super::net::Net;
 use crate::core::onnx_proto;
@@ -235,6 +235,7 @@ pub fn adaptation_experiment(init: &ModelFile, dataset: PathBuf) -> Experiment {
             mhsma_label: "head".into(),
             normal_class: None,
             um_per_px: None,
+            pretext: None,
         },
         crop: CropConfig::default(),
         model: NetConfig::default(),
@@ -271,10 +272,16 @@ pub fn attach(
     exp.crop.size_px = s.input.size_px;
     exp.crop.channels = s.input.channels;
     exp.data.um_per_px = s.crop.um_per_px;
+    let mirror = exp.model.test_time_mirror;
     if exp.model.backbone == Backbone::SmallCnn {
         exp.model = init.net_config(&exp.model)?;
     }
-    exp.model.test_time_mirror = s.test_time_mirror;
+    // A classifier keeps its reading; a pretext model never had one (the experiment's holds).
+    exp.model.test_time_mirror = if is_pretext(s) {
+        mirror
+    } else {
+        s.test_time_mirror
+    };
     if let Some(n) = &opts.name {
         exp.name = n.clone();
     }
@@ -298,6 +305,15 @@ pub fn attach(
     }
     exp.init = Some(std::sync::Arc::new(init));
     Ok(exp)
+}
+
+/// Whether `spec` is a pretext model's (`data.pretext`): its classes are the pretext's, so
+/// what it learned is a starting point, not a classifier.
+pub fn is_pretext(spec: &crate::core::spec::ModelSpec) -> bool {
+    spec.classes
+        .iter()
+        .map(String::as_str)
+        .eq(Pretext::ROTATION_CLASSES)
 }
 
 /// The model's normal class if the lab has it, else the lab's class whose name starts with

@@ -31,7 +31,7 @@ use crate::core::spec::{
 use crate::offline::eval::Calibration;
 use crate::offline::metrics::{Scores, mean_std};
 use checkpoint::Checkpoints;
-use config::{Experiment, Protocol};
+use config::{Experiment, Pretext, Protocol};
 use fit::{FitCheckpoint, Item};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +66,10 @@ pub enum TrainError {
     NoExperiment,
     #[error("--init without --config needs --dataset (the lab's crops, one folder per class)")]
     InitWithoutDataset,
+    #[error(
+        "a pretext model (data.pretext) is not cross-validated: drop --folds, and measure it by the fine-tuning it starts (--init)"
+    )]
+    PretextFolds,
 }
 
 /// What the command line may change in an experiment.
@@ -186,17 +190,29 @@ fn load_data(
     if let Some(l) = limit {
         ds.spread(l);
     }
+    if exp.data.pretext.is_some() {
+        ds.classes = Pretext::ROTATION_CLASSES.map(String::from).to_vec();
+    }
     let spec = base_spec(exp, &ds.classes);
-    if let Some(i) = &exp.init {
-        tracing::info!(
+    match &exp.init {
+        Some(i) if init::is_pretext(&i.spec) => tracing::info!(
+            model = %i.path.display(),
+            classes = ?spec.classes,
+            "starting from a pretext model: its crop and weights are kept, the input normalisation is fitted on this dataset"
+        ),
+        Some(i) => tracing::info!(
             model = %i.path.display(),
             classes = ?spec.classes,
             "starting from a trained model: its crop, input normalisation and features are kept"
-        );
+        ),
+        None => {}
     }
-    let (items, skipped) = fit::load_items(&ds, &spec, bar);
+    let (mut items, skipped) = fit::load_items(&ds, &spec, bar);
     if items.is_empty() {
         return Err(TrainError::NoImages(ds.root.clone()));
+    }
+    if exp.data.pretext == Some(Pretext::Rotation) {
+        items = fit::rotation_pretext(items);
     }
     Ok((ds, spec, items, skipped))
 }
@@ -242,9 +258,11 @@ pub fn base_spec(exp: &Experiment, classes: &[String]) -> ModelSpec {
 }
 
 /// Fit the input normalisation on the training items, unless the run starts from a trained
-/// model, whose normalisation its weights expect.
+/// classifier, whose normalisation its weights expect. A pretext model's normalisation was
+/// fitted on other images (often another stain), so it is fitted again here: each dataset
+/// reaches the network standardised on its own statistics.
 fn normalise(exp: &Experiment, items: &[Item], train_idx: &[usize], spec: &mut ModelSpec) {
-    if exp.init.is_none() {
+    if exp.init.as_ref().is_none_or(|m| init::is_pretext(&m.spec)) {
         fit::fit_normalisation(items, train_idx, spec, exp.model.fixed_pixel_norm());
     }
 }
@@ -313,6 +331,9 @@ pub fn run(config: Option<&Path>, opts: &RunOptions) -> Result<RunReport, TrainE
         exp.cv.seeds = s.clone();
     }
     exp.validate(config_path)?;
+    if exp.data.pretext.is_some() && opts.folds {
+        return Err(TrainError::PretextFolds);
+    }
     if let (true, Some(v)) = (exp.model.pretrained, exp.model.backbone.lite()) {
         efficientnet::find_weights(v, exp.model.weights.as_deref())?;
     }
@@ -328,9 +349,14 @@ pub fn run(config: Option<&Path>, opts: &RunOptions) -> Result<RunReport, TrainE
             .with_prefix("images"),
     );
     let (ds, spec0, items, skipped) = load_data(&exp, opts.limit, &load_bar)?;
-    let heads_found = items.iter().filter(|i| i.loc.head.is_some()).count();
+    // A pretext sees each image four times; the images are counted once.
+    let images = items.iter().filter(|i| i.turns == 0).count();
+    let heads_found = items
+        .iter()
+        .filter(|i| i.turns == 0 && i.loc.head.is_some())
+        .count();
     tracing::info!(
-        images = items.len(),
+        images,
         skipped = skipped.len(),
         heads_found,
         "dataset ready"
@@ -365,7 +391,7 @@ pub fn run(config: Option<&Path>, opts: &RunOptions) -> Result<RunReport, TrainE
         config: config.map(Path::to_path_buf),
         init: opts.init.clone(),
         dataset: ds.root.clone(),
-        images: items.len(),
+        images,
         skipped: skipped
             .iter()
             .map(|s: &Skipped| format!("{}: {}", s.path.display(), s.reason))
@@ -687,7 +713,7 @@ fn final_temperature(
     all_logits: &[Vec<f32>],
     cv: Option<&CvReport>,
 ) -> Option<Calibration> {
-    if !exp.train.fit_temperature {
+    if !exp.train.fit_temperature || exp.data.pretext.is_some() {
         return None;
     }
     if !val_idx.is_empty() {
@@ -736,6 +762,18 @@ fn draw_final(
             tracing::warn!(path = %p.display(), error = %e, "confusion matrix not drawn");
         }
     }
+}
+
+/// The parity reference's images: up to 16 spread over the data, as a reader sees them (a
+/// pretext's turned copies left out), whose logits before export the exported model must give.
+fn parity_items(items: &[Item]) -> Vec<usize> {
+    let plain: Vec<usize> = (0..items.len()).filter(|&i| items[i].turns == 0).collect();
+    plain
+        .iter()
+        .copied()
+        .step_by((plain.len() / 16).max(1))
+        .take(16)
+        .collect()
 }
 
 fn train_final(
@@ -810,13 +848,7 @@ fn train_final(
         &items.iter().map(|i| i.label).collect::<Vec<_>>(),
         &all_logits.iter().map(|l| argmax(l)).collect::<Vec<_>>(),
     );
-    // Parity reference: the trained network's own logits on real crops, before export.
-    let parity_idx: Vec<usize> = all
-        .iter()
-        .copied()
-        .step_by((items.len() / 16).max(1))
-        .take(16)
-        .collect();
+    let parity_idx = parity_items(items);
     let parity_logits: Vec<Vec<f32>> = parity_idx.iter().map(|&i| all_logits[i].clone()).collect();
     let onnx_path = opts.out.join(format!("{}.onnx", exp.name));
     let title = exp.name.clone();
