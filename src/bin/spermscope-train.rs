@@ -18,7 +18,8 @@ struct Args {
     /// Start from this trained model (an ONNX file spermscope-train exported) instead of
     /// random weights: its network, crop, input normalisation and features are kept; the
     /// classes are those of the dataset (rows of classes the model knows by name, and of the
-    /// normal class, keep their weights).
+    /// normal class, keep their weights). From a pretext model (data.pretext) only the network,
+    /// crop and weights are kept: the normalisation is fitted on the dataset.
     #[arg(long)]
     init: Option<PathBuf>,
     /// The labelled crops to train on, one folder per class (replaces the experiment's).
