@@ -25,6 +25,15 @@ pub enum ConfigError {
     },
 }
 
+/// A refused value: `key` of the experiment at `path`, and why.
+fn invalid(path: &Path, key: &'static str, reason: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        path: path.to_path_buf(),
+        key,
+        reason: reason.to_string(),
+    })
+}
+
 /// One training experiment.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -516,13 +525,7 @@ impl Experiment {
 
     /// Check values without touching the file system.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |key: &'static str, reason: &str| {
-            Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                key,
-                reason: reason.to_string(),
-            })
-        };
+        let bad = |key: &'static str, reason: &str| invalid(path, key, reason);
         if self.name.is_empty() || self.name.contains('/') {
             return bad("name", "must be a plain file name");
         }
@@ -606,13 +609,7 @@ impl Experiment {
 
     /// The pretext and distillation keys.
     fn validate_tasks(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |key: &'static str, reason: &str| {
-            Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                key,
-                reason: reason.to_string(),
-            })
-        };
+        let bad = |key: &'static str, reason: &str| invalid(path, key, reason);
         if self.data.pretext.is_some() {
             if self.train.val_fraction > 0.0 {
                 return bad(
@@ -646,13 +643,7 @@ impl Experiment {
 
     /// The network and fine-tuning keys.
     fn validate_net(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |key: &'static str, reason: &str| {
-            Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                key,
-                reason: reason.to_string(),
-            })
-        };
+        let bad = |key: &'static str, reason: &str| invalid(path, key, reason);
         let m = &self.model;
         let f = &self.finetune;
         if m.backbone.lite().is_none() {

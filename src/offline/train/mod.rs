@@ -190,7 +190,7 @@ fn load_data(
     if let Some(l) = limit {
         ds.spread(l);
     }
-    if exp.data.pretext.is_some() {
+    if exp.data.pretext == Some(Pretext::Rotation) {
         ds.classes = Pretext::ROTATION_CLASSES.map(String::from).to_vec();
     }
     let spec = base_spec(exp, &ds.classes);
