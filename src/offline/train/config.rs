@@ -712,6 +712,7 @@ mod tests {
             root.join("transfer"),
             root.join("acquisitions"),
             root.join("adaptation"),
+            root.join("pretext"),
         ] {
             for e in std::fs::read_dir(&dir).expect("config/train exists") {
                 let p = e.expect("entry").path();
