@@ -87,18 +87,18 @@ fn balanced_counts(dir: &Path) -> Value {
 
 /// Every line of a records file, each a whole JSON record; the file ends with a newline.
 fn whole_records(path: &Path) -> Vec<Value> {
-    let bytes = std::fs::read(path).unwrap();
-    assert!(
-        bytes.is_empty() || bytes.ends_with(b"\n"),
-        "{} ends in a partial line",
-        path.display()
-    );
-    records_of(&bytes)
+    let (records, tail) = whole_records_and_tail(path);
+    assert_eq!(tail, 0, "{} ends in a partial line", path.display());
+    records
 }
 
-/// Each line of `bytes` parsed as a whole JSON record with a `kind`.
-fn records_of(bytes: &[u8]) -> Vec<Value> {
-    std::str::from_utf8(bytes)
+/// The records of a file that a killed writer may have left ending in part of a line
+/// (SIGKILL can cut a multi-page `write` short between pages), each line before the last
+/// newline parsed as a whole JSON record with a `kind`, and the length of that tail.
+fn whole_records_and_tail(path: &Path) -> (Vec<Value>, usize) {
+    let bytes = std::fs::read(path).unwrap();
+    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let records = std::str::from_utf8(&bytes[..whole])
         .unwrap()
         .lines()
         .enumerate()
@@ -108,15 +108,8 @@ fn records_of(bytes: &[u8]) -> Vec<Value> {
             assert!(r["kind"].is_string(), "line {}: {l}", i + 1);
             r
         })
-        .collect()
-}
-
-/// The records of a file that a killed writer may have left ending in part of a line
-/// (SIGKILL can cut a multi-page `write` short between pages), and the length of that tail.
-fn whole_records_and_tail(path: &Path) -> (Vec<Value>, usize) {
-    let bytes = std::fs::read(path).unwrap();
-    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    (records_of(&bytes[..whole]), bytes.len() - whole)
+        .collect();
+    (records, bytes.len() - whole)
 }
 
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
