@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use spermscope::core::calibration::argmax;
 use spermscope::core::dataset;
 use spermscope::core::model::softmax;
+use spermscope::offline::metrics::Scores;
 
 /// One run of one seed: the probabilities of every image (by index), from its test fold.
 type Run = Vec<Option<Vec<f32>>>;
@@ -99,14 +100,19 @@ fn main() -> ExitCode {
     }
     let all = runs.len();
     let full: Vec<usize> = (0..n).filter(|&i| covered[i] == all).collect();
-    let right = full
-        .iter()
-        .filter(|&&i| argmax(&sum[i]) == truth[i])
-        .count();
+    let t: Vec<usize> = full.iter().map(|&i| truth[i]).collect();
+    let p: Vec<usize> = full.iter().map(|&i| argmax(&sum[i])).collect();
+    let scores = Scores::new(&ds.classes, &t, &p);
+    let right = t.iter().zip(&p).filter(|(a, b)| a == b).count();
     println!(
-        "ensemble of {all} runs (mean probability) on the {} images every run tested: {right} right, accuracy {:.4}",
+        "ensemble of {all} runs (mean probability) on the {} images every run tested: {right} right, accuracy {:.4}, macro-F1 {:.4}",
         full.len(),
-        right as f64 / full.len().max(1) as f64
+        scores.accuracy,
+        scores.macro_f1
+    );
+    println!(
+        "confusion (rows: truth {:?}): {:?}",
+        ds.classes, scores.confusion
     );
     ExitCode::SUCCESS
 }

@@ -226,5 +226,20 @@ fn finetuned_lite0_resumes_to_the_same_weights_and_exports_with_parity() {
     let mean = a["spec"]["input"]["mean"][0].as_f64().expect("mean");
     assert!((mean - 127.0 / 255.0).abs() < 1e-6, "{mean}");
 
-    common::onnx_parity(&dir.path().join("whole").join("lite.onnx"), &whole);
+    let exported = dir.path().join("whole").join("lite.onnx");
+    common::onnx_parity(&exported, &whole);
+
+    // The exported model starts another run (--init): every weight finds its place, and the
+    // graph's own constants (ReLU6's bounds) are not taken for weights.
+    let init = exported.to_str().expect("utf8");
+    let again = train(
+        &cfg,
+        &dir.path().join("again"),
+        &["--init", init, "--epochs", "1", "--no-final"],
+    )
+    .expect("a run started from the exported Lite0");
+    assert_eq!(
+        again["cv"]["fold_accuracy"].as_array().map(Vec::len),
+        Some(2)
+    );
 }

@@ -320,7 +320,8 @@ pub enum BnMode {
 #[serde(deny_unknown_fields, default)]
 pub struct FinetuneConfig {
     /// Epochs at the start with the whole backbone frozen: only the classifier and the
-    /// morphometric branch learn, at `head_lr`. They count in `train.epochs`.
+    /// morphometric branch learn, at `head_lr`. They count in `train.epochs`; equal to it, the
+    /// backbone never trains (a linear probe of the pretrained features).
     pub head_epochs: usize,
     /// Learning rate of the head epochs (constant). Unset: `train.lr`.
     pub head_lr: Option<f64>,
@@ -676,8 +677,11 @@ impl Experiment {
                 return bad("crop.size_px", "must be at least 32 for efficientnet-lite");
             }
         }
-        if f.head_epochs >= self.train.epochs && f.head_epochs > 0 {
-            return bad("finetune.head_epochs", "must be below train.epochs");
+        if f.head_epochs > self.train.epochs {
+            return bad(
+                "finetune.head_epochs",
+                "must not exceed train.epochs (equal keeps the backbone frozen throughout)",
+            );
         }
         if f.head_lr.is_some_and(|lr| !(lr > 0.0 && lr < 1.0)) {
             return bad("finetune.head_lr", "must be in (0, 1)");

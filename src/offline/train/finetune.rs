@@ -128,6 +128,13 @@ mod tests {
         assert_eq!(first_trainable(&all, 9, 1), 9);
         assert_eq!(first_trainable(&all, 9, 2), 0);
         assert_eq!(first_trainable(&exp(""), 9, 0), 0);
+        // As many head epochs as epochs: a linear probe, the backbone never opens.
+        let probe = exp("[finetune]\nhead_epochs=10\nhead_lr=0.003\n");
+        assert!((0..10).all(|ep| first_trainable(&probe, 9, ep) == 9));
+        assert!((0..10).all(|ep| lr_at(&probe, ep as f64 + 0.5) == 0.003));
+        let too_many = "name='a'\n[data]\ndataset='d'\n[crop]\nsize_px=64\n[model]\nbackbone='efficientnet-lite0'\n[train]\nepochs=10\n[finetune]\nhead_epochs=11\n";
+        let err = Experiment::parse(too_many, Path::new("a.toml")).expect_err("refused");
+        assert!(err.to_string().contains("finetune.head_epochs"), "{err}");
     }
 
     #[test]
