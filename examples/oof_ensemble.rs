@@ -103,7 +103,7 @@ fn main() -> ExitCode {
     let t: Vec<usize> = full.iter().map(|&i| truth[i]).collect();
     let p: Vec<usize> = full.iter().map(|&i| argmax(&sum[i])).collect();
     let scores = Scores::new(&ds.classes, &t, &p);
-    let right = t.iter().zip(&p).filter(|(a, b)| a == b).count();
+    let right: usize = (0..k).map(|c| scores.confusion[c][c]).sum();
     println!(
         "ensemble of {all} runs (mean probability) on the {} images every run tested: {right} right, accuracy {:.4}, macro-F1 {:.4}",
         full.len(),

@@ -267,13 +267,21 @@ pub enum ModelFileError {
     },
 }
 
+/// A constant of the exported graph rather than a parameter: a single value under a node
+/// name (the bounds of an EfficientNet-Lite's ReLU6 are exported as `node_N_scalar`), where
+/// every parameter is named by its module path (`head.weight`).
+fn is_graph_constant(name: &str, w: &onnx_proto::Weight) -> bool {
+    !name.contains('.') && w.values.len() <= 1
+}
+
 /// A model file read without ONNX Runtime: its spec and its weights (what fine-tuning starts
 /// from).
 #[derive(Clone)]
 pub struct ModelFile {
     pub path: PathBuf,
     pub spec: ModelSpec,
-    /// Every float initializer of the graph, by name (the trainer's parameter paths).
+    /// Every float parameter of the graph, by name (the trainer's parameter paths); the graph's
+    /// own constants are left out.
     pub weights: BTreeMap<String, Weight>,
     /// FNV-1a of the file's bytes: a run's fingerprint names the weights by it.
     digest: u64,
@@ -307,11 +315,12 @@ impl ModelFile {
                 path: path.to_path_buf(),
             })?;
         let spec = ModelSpec::from_json(&json).map_err(spec_err)?;
-        let weights =
+        let mut weights =
             onnx_proto::float_initializers(&bytes).map_err(|error| ModelFileError::Weight {
                 path: path.to_path_buf(),
                 error,
             })?;
+        weights.retain(|name, w| !is_graph_constant(name, w));
         let digest = bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
             (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3)
         });

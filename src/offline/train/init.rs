@@ -50,13 +50,6 @@ pub trait FineTune {
     fn apply(&self, net: Net, mapping: &HeadMapping) -> Result<Net, InitError>;
 }
 
-/// A constant of the exported graph rather than a parameter: a single value under a node
-/// name (the bounds of an EfficientNet-Lite's ReLU6 are exported as `node_N_scalar`), where
-/// every parameter is named by its module path (`head.weight`).
-fn is_graph_constant(name: &str, w: &onnx_proto::Weight) -> bool {
-    !name.contains('.') && w.values.len() <= 1
-}
-
 fn arch_err(m: &ModelFile, reason: String) -> InitError {
     InitError::Architecture {
         path: m.path.clone(),
@@ -120,9 +113,8 @@ impl FineTune for ModelFile {
         let fresh = net.collect(None, None, false);
         let extra: Vec<&String> = self
             .weights
-            .iter()
-            .filter(|(k, w)| !is_graph_constant(k, w) && !fresh.iter().any(|t| &t.name == *k))
-            .map(|(k, _)| k)
+            .keys()
+            .filter(|k| !fresh.iter().any(|t| &t.name == *k))
             .collect();
         if !extra.is_empty() {
             return Err(arch_err(
